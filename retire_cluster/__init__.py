@@ -1,0 +1,7 @@
+"""retire-cluster: turn idle devices into one compute cluster."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,474 @@
+"""The ``retire-cluster`` command: main node, worker, and client commands.
+
+Client commands read ``--main`` / ``--token`` from ``RETIRE_CLUSTER_MAIN`` /
+``RETIRE_CLUSTER_TOKEN`` too, print tables for people and JSON with ``--json``,
+and exit non-zero with one sentence on any error.
+
+This module must import with the standard library and click alone (workers on
+Termux); the main node's modules are imported inside the ``main`` command.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import click
+
+from . import __version__
+from .protocol.errors import ProtocolError
+from .protocol.messages import PRIORITY_NAMES, REQUIREMENT_KEYS
+from .tables import format_bytes, format_table
+
+EXIT_ERROR = 1
+
+# -- helpers ---------------------------------------------------------------
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def _emit(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True))
+
+
+def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fn)
+    fn = click.option("--token", envvar="RETIRE_CLUSTER_TOKEN", default=None,
+                      help="Cluster token [env RETIRE_CLUSTER_TOKEN].")(fn)
+    fn = click.option("--main", "main_addr", envvar="RETIRE_CLUSTER_MAIN", default="127.0.0.1:8080",
+                      show_default=True, help="Main node HOST[:PORT] [env RETIRE_CLUSTER_MAIN].")(fn)
+    return fn
+
+
+def _client(main_addr: str, token: Optional[str]) -> Any:
+    from .client.sync import Client
+
+    try:
+        return Client(main_addr, token)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+
+
+def _call(fn: Callable[[], Any]) -> Any:
+    """Run a client call, turning every failure into one sentence and exit 1."""
+    from .client.sync import ClientError
+
+    try:
+        return fn()
+    except ProtocolError as exc:
+        hint = ""
+        if exc.code == "unauthorized":
+            hint = " (pass --token or set RETIRE_CLUSTER_TOKEN)"
+        _fail(f"{exc.message}{hint}")
+    except ClientError as exc:
+        _fail(str(exc))
+    except TimeoutError as exc:
+        _fail(f"{exc}; the main node may be overloaded or the task still running.")
+
+
+def parse_requirements(items: Sequence[str]) -> Dict[str, Any]:
+    """``key=value`` pairs for --requires into a requirements object."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not key=value, e.g. min_cpu_cores=2.",
+                                     param_hint="--requires")
+        if key not in REQUIREMENT_KEYS:
+            raise click.BadParameter(
+                f"unknown requirement {key!r}; use one of {', '.join(sorted(REQUIREMENT_KEYS))}.",
+                param_hint="--requires")
+        try:
+            if key == "min_cpu_cores":
+                out[key] = int(value)
+            elif key == "min_memory_gb":
+                out[key] = float(value)
+            elif key == "capabilities":
+                out[key] = [c.strip() for c in value.split(",") if c.strip()]
+            else:
+                out[key] = value
+        except ValueError:
+            raise click.BadParameter(f"{key} needs a number, got {value!r}.", param_hint="--requires") from None
+    return out
+
+
+def _priority(value: Optional[str]) -> Any:
+    if value is None:
+        return None
+    if value.isdigit():
+        number = int(value)
+        if 0 <= number <= 100:
+            return number
+    elif value.lower() in PRIORITY_NAMES:
+        return value.lower()
+    raise click.BadParameter("use low, normal, high, urgent or an integer 0-100.", param_hint="--priority")
+
+
+# -- the group ---------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="retire-cluster")
+def cli() -> None:
+    """Turn idle devices into one compute cluster.
+
+    Start `retire-cluster main` on an always-on box, run the `retire-cluster worker ...`
+    line it prints on every other device, then submit tasks.
+    """
+
+
+# -- main node ---------------------------------------------------------------
+
+_MAIN_OPTIONS = {
+    "host": "host", "port": "port", "data_dir": "data_dir",
+    "heartbeat_interval": "heartbeat_interval_s", "offline_timeout": "offline_timeout_s",
+    "insecure": "insecure", "log_level": "log_level", "log_file": "log_file",
+    "synchronous": "synchronous",
+}  # fmt: skip
+
+
+def _lan_address() -> str:
+    """The address other devices most likely reach this one at (no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only a route lookup
+            return str(s.getsockname()[0])
+    except OSError:
+        return socket.gethostname()
+
+
+@cli.command("main")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), envvar="RETIRE_CLUSTER_CONFIG",
+              help="JSON file with settings (keys as the long options, with underscores).")
+@click.option("--host", envvar="RETIRE_CLUSTER_HOST", help="Address to listen on.  [default: 0.0.0.0]")
+@click.option("--port", type=int, envvar="RETIRE_CLUSTER_PORT", help="TCP port.  [default: 8080]")
+@click.option("--data-dir", type=click.Path(file_okay=False), envvar="RETIRE_CLUSTER_DATA_DIR",
+              help="Database, token and logs.  [default: ./retire-cluster-data]")
+@click.option("--heartbeat-interval", type=float, envvar="RETIRE_CLUSTER_HEARTBEAT_INTERVAL",
+              help="Seconds between worker heartbeats.  [default: 60]")
+@click.option("--offline-timeout", type=float, envvar="RETIRE_CLUSTER_OFFLINE_TIMEOUT",
+              help="Seconds of silence before a device is offline and its tasks requeued.  [default: 300]")
+@click.option("--insecure", is_flag=True, default=None, envvar="RETIRE_CLUSTER_INSECURE",
+              help="No token auth; listens on 127.0.0.1 unless --host is given.")
+@click.option("--synchronous", type=click.Choice(["full", "normal"]), envvar="RETIRE_CLUSTER_SYNCHRONOUS",
+              help="SQLite durability: full survives power loss, normal only crashes.  [default: full]")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              envvar="RETIRE_CLUSTER_LOG_LEVEL", help="[default: info]")
+@click.option("--log-file", type=click.Path(dir_okay=False), envvar="RETIRE_CLUSTER_LOG_FILE",
+              help="Also log to this file, rotated at 10 MiB (5 kept).")
+def main_cmd(config_file: Optional[str], **options: Any) -> None:
+    """Start the main node (registry, scheduler, monitor, store) on TCP."""
+    from .main.config import ConfigError, MainConfig, normalise_keys
+    from .main.node import MainNode
+    from .runtime import run, setup_logging, stop_logging
+
+    try:
+        overrides: Dict[str, Any] = MainConfig.from_file(config_file) if config_file else {}
+        given = {_MAIN_OPTIONS[k]: v for k, v in options.items() if v is not None}
+        overrides.update(normalise_keys(given, source="the command line"))
+        host_given = "host" in overrides
+        if overrides.get("insecure") and not host_given:
+            overrides["host"] = "127.0.0.1"
+        config = MainConfig().with_overrides(overrides)
+    except (ConfigError, TypeError, ValueError) as exc:
+        _fail(str(exc), 2)
+    setup_logging(config.log_level, config.log_file)
+
+    async def serve() -> None:
+        import asyncio
+
+        node = MainNode(config)
+        try:
+            await node.start()
+        except OSError as exc:
+            _fail(f"cannot listen on {config.host}:{config.port} ({exc.strerror or exc}); "
+                  "is another main node running? Choose another --port.")
+        host, port = node.address
+        shown = _lan_address() if host in ("0.0.0.0", "::", "") else host
+        click.echo(f"retire-cluster main node {__version__} listening on {host}:{port}")
+        click.echo(f"data dir: {config.data_dir.resolve()}")
+        if config.insecure:
+            click.echo("WARNING: --insecure: no token auth; anyone who can reach this port controls the "
+                       f"cluster.{'' if host_given else ' Listening on 127.0.0.1 only (give --host to change).'}")
+            click.echo(f"Join a device with:\n  retire-cluster worker --main {shown}:{port}")
+        else:
+            click.echo(f"Join a device with:\n  retire-cluster worker --main {shown}:{port} --token {node.token}")
+        sys.stdout.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        click.echo("stopping: finishing writes...")
+        await node.stop()
+
+    try:
+        run(serve())
+    finally:
+        stop_logging()
+
+
+@cli.command("token")
+@click.option("--data-dir", type=click.Path(file_okay=False), envvar="RETIRE_CLUSTER_DATA_DIR",
+              default="retire-cluster-data", show_default=True, help="The main node's data dir.")
+def token_cmd(data_dir: str) -> None:
+    """Print the cluster token of a main node's data dir."""
+    path = Path(data_dir) / "token"
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        token = ""
+    if not token:
+        _fail(f"no token in {data_dir}; start `retire-cluster main --data-dir {data_dir}` once to create it.")
+    click.echo(token)
+
+
+# -- worker ------------------------------------------------------------------
+
+
+@cli.command("worker")
+@click.option("--main", "main_addr", envvar="RETIRE_CLUSTER_MAIN", required=True,
+              help="Main node HOST[:PORT] [env RETIRE_CLUSTER_MAIN].")
+@click.option("--token", envvar="RETIRE_CLUSTER_TOKEN", help="Cluster token [env RETIRE_CLUSTER_TOKEN].")
+@click.option("--device-id", envvar="RETIRE_CLUSTER_DEVICE_ID",
+              help="Device id.  [default: hostname-based, saved in the data dir]")
+@click.option("--role", default="worker", show_default=True, help="Role advertised (requirements match it).")
+@click.option("--allow", multiple=True, type=click.Choice(["python_eval", "command"]),
+              help="Enable a task type that runs code on this device (repeatable).")
+@click.option("--max-tasks", type=int, help="Concurrent tasks.  [default: CPU cores]")
+@click.option("--capability", "capabilities", multiple=True, help="Extra capability to advertise (repeatable).")
+@click.option("--data-dir", type=click.Path(file_okay=False), envvar="RETIRE_CLUSTER_WORKER_DIR",
+              help="Device id and worker state.  [default: ~/.retire-cluster/worker]")
+@click.option("--heartbeat-interval", type=float, help="Override the main node's heartbeat interval.")
+@click.option("--burst", is_flag=True, help="Exit once idle after running at least one task.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def worker_cmd(main_addr: str, token: Optional[str], device_id: Optional[str], role: str,
+               allow: Sequence[str], max_tasks: Optional[int], capabilities: Sequence[str],
+               data_dir: Optional[str], heartbeat_interval: Optional[float], burst: bool,
+               log_level: str) -> None:
+    """Join a main node and run the tasks it assigns."""
+    from .runtime import run, setup_logging
+    from .worker.agent import Agent
+    from .worker.config import WorkerConfig, default_data_dir, parse_main_address
+
+    try:
+        host, port = parse_main_address(main_addr)
+        config = WorkerConfig(
+            main_host=host, main_port=port, token=token, device_id=device_id, role=role,
+            allow=frozenset(allow), max_tasks=max_tasks,
+            data_dir=Path(data_dir) if data_dir else default_data_dir(),
+            heartbeat_interval_s=heartbeat_interval, capabilities=tuple(capabilities), burst=burst,
+        )  # fmt: skip
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    setup_logging(log_level)
+
+    async def serve() -> int:
+        import asyncio
+
+        agent = Agent(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop)
+        click.echo(f"worker {agent.device_id} joining {host}:{port} "
+                   f"(task types: {', '.join(agent.executor.task_types)}; slots: {config.slots})")
+        sys.stdout.flush()
+        return await agent.run()
+
+    sys.exit(run(serve()))
+
+
+# -- client commands -----------------------------------------------------------
+
+
+@cli.command("submit")
+@click.argument("task_type")
+@click.option("--payload", default="{}", show_default=True, help="Task payload, a JSON object.")
+@click.option("--priority", help="low, normal, high, urgent or 0-100.  [default: normal]")
+@click.option("--timeout", type=float, help="Seconds before the task ends as timeout.  [default: 3600]")
+@click.option("--requires", multiple=True, metavar="KEY=VALUE",
+              help=f"Requirement (repeatable): {', '.join(sorted(REQUIREMENT_KEYS))}.")
+@click.option("--max-retries", type=click.IntRange(0, 100), help="Retries after a lost device.  [default: 3]")
+@click.option("--idempotency-key", help="Submitting twice with the same key returns the first task.")
+@click.option("--wait", is_flag=True, help="Wait for the result and print it.")
+@client_options
+def submit_cmd(task_type: str, payload: str, priority: Optional[str], timeout: Optional[float],
+               requires: Sequence[str], max_retries: Optional[int], idempotency_key: Optional[str],
+               wait: bool, main_addr: str, token: Optional[str], as_json: bool) -> None:
+    """Submit a task of TASK_TYPE (echo, sleep, python_eval, command, ...)."""
+    try:
+        body = json.loads(payload)
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc}); pass an object such as "
+                                 "'{\"message\": \"hi\"}'.", param_hint="--payload") from None
+    if not isinstance(body, dict):
+        raise click.BadParameter("must be a JSON object such as '{\"message\": \"hi\"}'.", param_hint="--payload")
+    if timeout is not None and timeout <= 0:
+        raise click.BadParameter("must be more than 0 seconds.", param_hint="--timeout")
+    options = {
+        "priority": _priority(priority), "timeout": timeout, "requirements": parse_requirements(requires),
+        "max_retries": max_retries, "idempotency_key": idempotency_key,
+    }  # fmt: skip
+    if not options["requirements"]:
+        options["requirements"] = None
+    with _client(main_addr, token) as client:
+        task_id = _call(lambda: client.submit(task_type, body, **options))
+        if not wait:
+            if as_json:
+                _emit({"task_id": task_id})
+            else:
+                click.echo(task_id)
+            return
+        record = _call(lambda: client.wait(task_id))
+    if as_json:
+        _emit(record)
+    else:
+        _print_outcome(record)
+    if record.get("status") != "completed":
+        sys.exit(EXIT_ERROR)
+
+
+def _print_outcome(record: Dict[str, Any]) -> None:
+    result = record.get("result") or {}
+    if record.get("status") == "completed":
+        output = result.get("output")
+        click.echo("" if output is None else output)
+        if result.get("truncated"):
+            click.echo("(output truncated)", err=True)
+        return
+    reason = record.get("error") or result.get("error") or "no details"
+    click.echo(f"task {record.get('task_id')} {record.get('status')}: {reason}", err=True)
+    if result.get("stderr"):
+        click.echo(result["stderr"].rstrip(), err=True)
+
+
+@cli.command("status")
+@client_options
+def status_cmd(main_addr: str, token: Optional[str], as_json: bool) -> None:
+    """Cluster summary: devices and tasks by state."""
+    with _client(main_addr, token) as client:
+        status = _call(client.cluster_status)
+    if as_json:
+        _emit(status)
+        return
+    devices, tasks, slots = status["devices"], status["tasks"], status.get("slots", {})
+    click.echo(f"devices: {devices.get('online', 0)} online, {devices.get('offline', 0)} offline; "
+               f"slots: {slots.get('busy', 0)}/{slots.get('total', 0)} busy")
+    click.echo(format_table(["state", "tasks"], [[k, str(v)] for k, v in tasks.items()]))
+
+
+@cli.command("devices")
+@click.option("--status", type=click.Choice(["online", "offline"]), help="Only devices in this state.")
+@client_options
+def devices_cmd(status: Optional[str], main_addr: str, token: Optional[str], as_json: bool) -> None:
+    """List devices."""
+    with _client(main_addr, token) as client:
+        devices = _call(lambda: client.devices(status))
+    if as_json:
+        _emit(devices)
+        return
+    if not devices:
+        click.echo("no devices yet; start `retire-cluster worker --main ... --token ...` on one.")
+        return
+    rows = []
+    for d in devices:
+        info, hw, metrics = d.get("device_info", {}), d.get("hardware_specs", {}), d.get("system_metrics", {})
+        cpu = metrics.get("cpu_usage")
+        rows.append([
+            d["device_id"], d["status"] + ("" if d.get("connected") or d["status"] == "offline" else " (away)"),
+            str(info.get("role", "")), str(info.get("platform", "")), str(hw.get("cpu_cores", "")),
+            format_bytes(hw.get("memory_total")), "-" if cpu is None else f"{cpu:.0f}%",
+            f"{d.get('active_tasks', 0)}/{d.get('max_concurrent_tasks', 0)}", str(d.get("last_seen") or "-"),
+        ])  # fmt: skip
+    click.echo(format_table(["device", "status", "role", "platform", "cores", "memory", "cpu", "tasks",
+                             "last seen"], rows))
+
+
+@cli.command("tasks")
+@click.option("--status", type=click.Choice(["pending", "assigned", "running", "completed", "failed",
+                                             "cancelled", "timeout"]), help="Only tasks in this state.")
+@click.option("--device", help="Only tasks assigned to this device.")
+@click.option("--type", "task_type", help="Only tasks of this type.")
+@click.option("--limit", type=click.IntRange(1, 10000), default=100, show_default=True)
+@client_options
+def tasks_cmd(status: Optional[str], device: Optional[str], task_type: Optional[str], limit: int,
+              main_addr: str, token: Optional[str], as_json: bool) -> None:
+    """List tasks, newest first."""
+    with _client(main_addr, token) as client:
+        tasks = _call(lambda: client.tasks(status=status, device_id=device, task_type=task_type, limit=limit))
+    if as_json:
+        _emit(tasks)
+        return
+    if not tasks:
+        click.echo("no tasks")
+        return
+    rows = [[t["task_id"], t["task_type"], t["status"], str(t["priority"]), str(t.get("attempt", 0)),
+             str(t.get("assigned_device") or "-"), str(t.get("created_at") or "-")] for t in tasks]
+    click.echo(format_table(["task", "type", "status", "priority", "attempt", "device", "created"], rows))
+
+
+@cli.command("task")
+@click.argument("task_id")
+@client_options
+def task_cmd(task_id: str, main_addr: str, token: Optional[str], as_json: bool) -> None:
+    """Show one task with its result and attempts."""
+    with _client(main_addr, token) as client:
+        record = _call(lambda: client.status(task_id))
+    if as_json:
+        _emit(record)
+        return
+    result = record.get("result") or {}
+    fields = [
+        ("task", record["task_id"]), ("type", record["task_type"]), ("status", record["status"]),
+        ("priority", record["priority"]), ("attempt", record.get("attempt")),
+        ("device", record.get("assigned_device") or "-"), ("created", record.get("created_at")),
+        ("started", record.get("started_at") or "-"), ("finished", record.get("finished_at") or "-"),
+        ("payload", json.dumps(record.get("payload"), ensure_ascii=False)),
+    ]  # fmt: skip
+    if record.get("error"):
+        fields.append(("error", record["error"]))
+    if "output" in result:
+        fields.append(("output", result.get("output")))
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        click.echo(f"{key:<{width}}  {value}")
+    attempts: List[Dict[str, Any]] = record.get("attempts") or []
+    if attempts:
+        click.echo("")
+        click.echo(format_table(["attempt", "device", "assigned", "finished", "outcome"],
+                                [[str(a["attempt"]), a["device_id"], str(a.get("assigned_at") or "-"),
+                                  str(a.get("finished_at") or "-"), str(a.get("outcome") or "-")]
+                                 for a in attempts]))
+
+
+@cli.command("cancel")
+@click.argument("task_id")
+@client_options
+def cancel_cmd(task_id: str, main_addr: str, token: Optional[str], as_json: bool) -> None:
+    """Cancel a pending or running task."""
+    with _client(main_addr, token) as client:
+        result = _call(lambda: client.cancel(task_id))
+    if as_json:
+        _emit(result)
+    else:
+        click.echo(f"task {task_id} cancelled")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="retire-cluster")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+
+__all__ = ["cli", "main", "parse_requirements"]

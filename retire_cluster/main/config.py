@@ -1,0 +1,128 @@
+"""Settings of the main node, in one dataclass.
+
+The CLI builds a :class:`MainConfig` from, in increasing precedence: the
+defaults below, a JSON file (``--config``), ``RETIRE_CLUSTER_*`` environment
+variables and command-line flags; tests build one directly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..protocol.framing import DEFAULT_MAX_FRAME_BYTES
+
+__all__ = ["DEFAULT_PORT", "ConfigError", "MainConfig"]
+
+DEFAULT_PORT = 8080
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class MainConfig:
+    """Everything the main node can be told.
+
+    Attributes:
+        host: address to listen on; ``0.0.0.0`` for every interface.
+        port: TCP port; 0 picks a free one (tests).
+        data_dir: holds the database, the token and logs.
+        heartbeat_interval_s: what workers are told to use.
+        offline_timeout_s: a device silent for this long is offline and loses
+            its tasks to the queue.
+        insecure: no token auth (listens on 127.0.0.1 unless host is set).
+        max_frame_bytes: the largest accepted frame.
+        monitor_interval_s: how often the monitor looks for late devices and
+            expired tasks.
+        synchronous: SQLite ``synchronous`` pragma, ``full`` or ``normal``.
+        default_max_retries: used when a submission gives none.
+        log_level, log_file: logging.
+    """
+
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    data_dir: Path = field(default_factory=lambda: Path("retire-cluster-data"))
+    heartbeat_interval_s: float = 60.0
+    offline_timeout_s: float = 300.0
+    insecure: bool = False
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    monitor_interval_s: float = 1.0
+    synchronous: str = "full"
+    default_max_retries: int = 3
+    log_level: str = "info"
+    log_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.log_file is not None:
+            object.__setattr__(self, "log_file", Path(self.log_file))
+        if not 0 <= int(self.port) <= 65535:
+            raise ConfigError(f"port {self.port} is out of range; use 0-65535.")
+        if self.heartbeat_interval_s <= 0:
+            raise ConfigError("heartbeat_interval must be greater than 0 seconds.")
+        if self.offline_timeout_s <= self.heartbeat_interval_s:
+            raise ConfigError(
+                "offline_timeout must be longer than heartbeat_interval, "
+                "or every device would flap offline between heartbeats."
+            )
+        if self.max_frame_bytes < 1024:
+            raise ConfigError("max_frame_bytes must be at least 1024.")
+        if self.synchronous not in ("full", "normal"):
+            raise ConfigError("synchronous must be 'full' or 'normal'.")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ConfigError("log_level must be debug, info, warning, error or critical.")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "cluster.db"
+
+    @property
+    def token_path(self) -> Path:
+        return self.data_dir / "token"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> dict[str, Any]:
+        """Read settings from a JSON object file; returns the overrides found.
+
+        Keys are the attribute names; the CLI spellings (``heartbeat_interval``,
+        ``offline_timeout``) are accepted too.
+        """
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}.") from None
+        except ValueError as exc:
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}.") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object.")
+        return normalise_keys(raw, source=str(path))
+
+    def with_overrides(self, overrides: dict[str, Any]) -> MainConfig:
+        return replace(self, **overrides)
+
+
+_ALIASES = {
+    "heartbeat_interval": "heartbeat_interval_s",
+    "offline_timeout": "offline_timeout_s",
+    "monitor_interval": "monitor_interval_s",
+}
+
+
+def normalise_keys(raw: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """Map CLI-style keys to attribute names and refuse unknown ones."""
+    names = set(MainConfig.field_names())
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = _ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
+        if name not in names:
+            raise ConfigError(f"unknown setting {key!r} in {source}; known: {', '.join(sorted(names))}.")
+        out[name] = value
+    return out

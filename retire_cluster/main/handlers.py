@@ -1,0 +1,374 @@
+"""One method per request type: check what the node's state allows, change it, answer.
+
+A handler returns the ``ack`` result (a dict), or an awaitable of it when the
+answer has to wait for a commit or a read; it raises a
+:class:`RemoteProtocolError` for an ``error`` reply. The node sends the reply.
+Messages reach a handler already validated against their JSON Schema.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Union
+
+from ..protocol.errors import Conflict, Forbidden, InvalidMessage, NotFound, NotRegistered
+from ..protocol.messages import (
+    ACTIVE_STATUSES,
+    DeviceStatus,
+    Message,
+    TaskStatus,
+    parse_priority,
+)
+from ..protocol.messages import DEFAULT_TASK_TIMEOUT_S as DEFAULT_TIMEOUT_S
+from .registry import Device
+from .store import Store
+from .tasks import Task
+
+if TYPE_CHECKING:
+    from .node import MainNode
+    from .server import Connection
+
+__all__ = ["Handlers"]
+
+log = logging.getLogger("retire_cluster.main")
+
+Result = Union[dict[str, Any], Awaitable[dict[str, Any]]]
+
+
+class Handlers:
+    """The request handlers of a :class:`MainNode`."""
+
+    def __init__(self, node: MainNode) -> None:
+        self.node = node
+        self._table: dict[str, Callable[[Connection, Message], Result]] = {
+            "register": self.register,
+            "heartbeat": self.heartbeat,
+            "task_result": self.task_result,
+            "task_progress": self.task_progress,
+            "task_submit": self.task_submit,
+            "task_status": self.task_status,
+            "task_cancel": self.task_cancel,
+            "task_list": self.task_list,
+            "list_devices": self.list_devices,
+            "cluster_status": self.cluster_status,
+            "subscribe": self.subscribe,
+        }
+
+    def handle(self, conn: Connection, msg: Message) -> Result:
+        handler = self._table.get(msg.message_type)
+        if handler is None:
+            # Valid schema but not a request the main node takes (task_assign, task_update).
+            raise InvalidMessage(
+                f"{msg.message_type} is sent by the main node, not to it.", path="$.message_type"
+            )
+        if conn.device_id is not None and msg.sender_id != conn.device_id:
+            raise Forbidden(
+                f"This connection is registered as {conn.device_id!r}; "
+                "open a new connection to speak for another device."
+            )
+        return handler(conn, msg)
+
+    def _device(self, conn: Connection) -> Device:
+        if conn.device_id is None:
+            raise NotRegistered("Send register on this connection first.")
+        device = self.node.registry.get(conn.device_id)
+        assert device is not None
+        return device
+
+    # -- worker -----------------------------------------------------------
+
+    def register(self, conn: Connection, msg: Message) -> Result:
+        node, data, now = self.node, msg.data, self.node.clock()
+        device = node.registry.get_or_create(msg.sender_id)
+        if device.conn is not None and device.conn is not conn:
+            log.info("device %s re-registered from a new connection; closing the old one", device.device_id)
+            device.conn.device_id = None
+            device.conn.close()
+        conn.device_id = device.device_id
+        device.conn = conn
+        info = dict(data["device_info"])
+        device.device_info = info
+        device.hardware_specs = dict(data["hardware_specs"])
+        device.capabilities = frozenset(data.get("capabilities", ()))
+        device.task_types = frozenset(data.get("task_types", ("echo", "sleep")))
+        cores = int(device.hardware_specs.get("cpu_cores") or 1)
+        device.max_tasks = int(data.get("max_concurrent_tasks") or cores)
+        device.accepting = bool(data.get("accepting", True))
+        device.reason = data.get("reason")
+        device.status = DeviceStatus.ONLINE
+        device.last_seen = now
+        if not device.registered_at:
+            device.registered_at = now
+        self._reconcile(device, data.get("running_tasks", []), now)
+        log.info("device %s registered from %s", device.device_id, conn.peer)
+
+        async def committed() -> dict[str, Any]:
+            await node.write([Store.upsert_device(device)])
+            node.schedule_soon()
+            return {
+                "device_id": device.device_id,
+                "heartbeat_interval": node.config.heartbeat_interval_s,
+                "offline_timeout": node.config.offline_timeout_s,
+                "max_frame_bytes": node.config.max_frame_bytes,
+            }
+
+        return committed()
+
+    def _reconcile(self, device: Device, reported: list[dict[str, Any]], now: float) -> None:
+        """Keep reported tasks the device still holds; take back the rest."""
+        node = self.node
+        claims = {(r["task_id"], int(r["attempt"])) for r in reported}
+        for task_id in sorted(device.running):
+            task = node.tasks.get(task_id)
+            if task is None:
+                device.running.discard(task_id)
+            elif (task_id, task.attempt) not in claims:
+                node.requeue(task, "worker_lost", now)
+        for task_id, attempt in claims:
+            task = node.lookup(task_id)
+            if task is None or not task.held_by(device.device_id, attempt):
+                # Stale work the device should drop.
+                if device.conn is not None:
+                    node.send_cancel_to(device.conn, device.device_id, task_id, attempt, "not_yours")
+
+    def heartbeat(self, conn: Connection, msg: Message) -> Result:
+        device = self._device(conn)
+        data = msg.data
+        node = self.node
+        was_available = device.can_take_work
+        device.last_seen = node.clock()
+        if device.status is not DeviceStatus.ONLINE:
+            device.status = DeviceStatus.ONLINE
+        metrics = data.get("system_metrics")
+        if isinstance(metrics, dict):
+            device.metrics = metrics
+        if "accepting" in data:
+            device.accepting = bool(data["accepting"])
+            device.reason = data.get("reason")
+        node.touch(device)
+        if device.can_take_work and not was_available:
+            node.schedule_soon()
+        return {"active_tasks": len(device.running)}
+
+    def task_progress(self, conn: Connection, msg: Message) -> Result:
+        device = self._device(conn)
+        data = msg.data
+        task = self.node.lookup(data["task_id"])
+        if task is None or not task.ever_held_by(device.device_id):
+            raise Forbidden("This device does not hold that task.")
+        if not task.held_by(device.device_id, int(data["attempt"])):
+            return {"stale": True}
+        if task.status is TaskStatus.ASSIGNED:
+            self.mark_running(task)
+        if "progress" in data:
+            task.progress = float(data["progress"])
+        self.node.publish(task)
+        return {}
+
+    def mark_running(self, task: Task) -> None:
+        now = self.node.clock()
+        task.move(TaskStatus.RUNNING)
+        task.started_at = now
+        current = task.current_attempt()
+        if current is not None:
+            current.started_at = now
+        self.node.write(Store.update_task(task)).add_done_callback(lambda _f: self.node.publish(task))
+
+    def task_result(self, conn: Connection, msg: Message) -> Result:
+        device = self._device(conn)
+        data = msg.data
+        task = self.node.lookup(data["task_id"])
+        if task is None:
+            return self._result_for_old_task(device, data)
+        return self._apply_result(device, task, data)
+
+    async def _result_for_old_task(self, device: Device, data: dict[str, Any]) -> dict[str, Any]:
+        task = await self.node.store.get_task(data["task_id"])
+        if task is None:
+            raise NotFound(f"No task {data['task_id']!r}.")
+        result = self._apply_result(device, task, data)
+        assert isinstance(result, dict)
+        return result
+
+    def _apply_result(self, device: Device, task: Task, data: dict[str, Any]) -> Result:
+        node, now = self.node, self.node.clock()
+        attempt = int(data["attempt"])
+        if not task.held_by(device.device_id, attempt):
+            if task.ever_held_by(device.device_id):
+                # Stale attempt, or a duplicate of a recorded result: changes nothing.
+                return {"task_id": task.task_id, "stale": True}
+            raise Forbidden("This device does not hold that task; results are accepted only from it.")
+        result = data.get("result") or {}
+        status = data["status"]
+        exec_s = data.get("execution_time")
+        if status == "completed":
+            fut = node.finish(task, TaskStatus.COMPLETED, now, result=result, execution_time_s=exec_s)
+        elif status == "failed":
+            error = result.get("error") or f"exit code {result.get('exit_code')}"
+            fut = node.finish(task, TaskStatus.FAILED, now, result=result, error=error, execution_time_s=exec_s)
+        elif status == "timeout":
+            if task.retry_on_timeout and task.retries_left:
+                node.requeue(task, "timeout", now)
+                fut = node.write([])
+            else:
+                fut = node.finish(
+                    task, TaskStatus.TIMEOUT, now, result=result,
+                    error=f"timed out after {task.timeout_s:g} s on {device.device_id}",
+                    execution_time_s=exec_s,
+                )  # fmt: skip
+        else:  # cancelled by the worker itself (owner policy, shutdown): hand it back
+            node.requeue(task, "handed_back", now, handback=True)
+            fut = node.write([])
+
+        async def committed() -> dict[str, Any]:
+            await fut
+            return {"task_id": task.task_id, "status": task.status.value}
+
+        return committed()
+
+    def on_assign_reply(self, conn: Connection, msg: Message) -> None:
+        """A worker answered a task_assign: accepted (running) or refused (handed back)."""
+        ref = conn.pending_assigns.pop(str(msg.data.get("original_message_id")), None)
+        if ref is None or conn.device_id is None:
+            return
+        task = self.node.lookup(ref[0])
+        if task is None or not task.held_by(conn.device_id, ref[1]):
+            return
+        if msg.message_type == "ack":
+            if task.status is TaskStatus.ASSIGNED:
+                self.mark_running(task)
+        else:
+            log.info(
+                "device %s refused task %s: %s", conn.device_id, task.task_id, msg.data.get("error")
+            )
+            self.node.requeue(task, "refused", self.node.clock(), handback=True)
+
+    # -- client -----------------------------------------------------------
+
+    def task_submit(self, conn: Connection, msg: Message) -> Result:
+        node = self.node
+        spec = msg.data["task"]
+        try:
+            priority = parse_priority(spec.get("priority", "normal"))
+        except ValueError as exc:
+            raise InvalidMessage(str(exc), path="$.data.task.priority") from None
+        key = spec.get("idempotency_key")
+        if key is not None and key in node._idempotency:
+            existing_id = node._idempotency[key]
+
+            async def existing() -> dict[str, Any]:
+                await node.store.flush()
+                return {"task_id": existing_id, "existing": True}
+
+            return existing()
+        now = node.clock()
+        task = Task(
+            task_id=node.new_task_id(),
+            task_type=spec["task_type"],
+            payload=spec.get("payload", {}),
+            priority=priority,
+            timeout_s=float(spec.get("timeout", DEFAULT_TIMEOUT_S)),
+            requirements=spec.get("requirements", {}),
+            max_retries=int(spec.get("max_retries", node.config.default_max_retries)),
+            retry_on_timeout=bool(spec.get("retry_on_timeout", False)),
+            idempotency_key=key,
+            created_at=now,
+            seq=node.next_seq(),
+        )
+        if key is not None:
+            node._idempotency[key] = task.task_id
+        fut = node.write([Store.insert_task(task)])
+
+        async def committed() -> dict[str, Any]:
+            try:
+                await fut
+            except BaseException:
+                if key is not None:
+                    node._idempotency.pop(key, None)
+                raise
+            node.tasks[task.task_id] = task
+            node.scheduler.push(task)
+            node.schedule_soon()
+            node.publish(task)
+            return {"task_id": task.task_id}
+
+        return committed()
+
+    async def task_status(self, conn: Connection, msg: Message) -> dict[str, Any]:
+        task = await self.node.fetch(msg.data["task_id"])
+        if task is None:
+            raise NotFound(f"No task {msg.data['task_id']!r}; `retire-cluster tasks` lists them.")
+        return {"task": task.to_record()}
+
+    def task_cancel(self, conn: Connection, msg: Message) -> Result:
+        node = self.node
+        task = node.lookup(msg.data["task_id"])
+        if task is None:
+            return self._cancel_old(msg.data["task_id"])
+        if task.terminal:
+            raise Conflict(f"Task {task.task_id} already ended ({task.status.value}); nothing to cancel.")
+        if task.status in ACTIVE_STATUSES:
+            node.send_cancel(task, "cancelled")
+        fut = node.finish(task, TaskStatus.CANCELLED, node.clock(), error="cancelled by request")
+
+        async def committed() -> dict[str, Any]:
+            await fut
+            return {"task_id": task.task_id, "status": task.status.value}
+
+        return committed()
+
+    async def _cancel_old(self, task_id: str) -> dict[str, Any]:
+        task = await self.node.store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"No task {task_id!r}; `retire-cluster tasks` lists them.")
+        live = self.node.lookup(task_id)
+        if live is not None and not live.terminal:  # it came into memory while we read
+            raise Conflict(f"Task {task_id} changed while cancelling; try again.")
+        raise Conflict(f"Task {task_id} already ended ({task.status.value}); nothing to cancel.")
+
+    async def task_list(self, conn: Connection, msg: Message) -> dict[str, Any]:
+        data = msg.data
+        tasks = await self.node.store.list_tasks(
+            status=data.get("status"),
+            device_id=data.get("device_id"),
+            task_type=data.get("task_type"),
+            limit=int(data.get("limit", 100)),
+        )
+        records = []
+        for stored in tasks:
+            live = self.node.lookup(stored.task_id)
+            records.append((live or stored).to_record())
+        return {"tasks": records}
+
+    def list_devices(self, conn: Connection, msg: Message) -> Result:
+        status = msg.data.get("status")
+        devices = sorted(self.node.registry, key=lambda d: d.device_id)
+        return {
+            "devices": [d.to_record() for d in devices if status is None or d.status.value == status]
+        }
+
+    async def cluster_status(self, conn: Connection, msg: Message) -> dict[str, Any]:
+        node = self.node
+        counts = await node.store.count_tasks()
+        devices = node.registry.counts()
+        slots = sum(d.max_tasks for d in node.registry if d.online)
+        busy = sum(len(d.running) for d in node.registry if d.online)
+        return {
+            "devices": devices,
+            "tasks": counts,
+            "queue_length": counts.get("pending", 0),
+            "slots": {"total": slots, "busy": busy},
+            "uptime": round(node.clock() - node.started_at, 3),
+        }
+
+    def subscribe(self, conn: Connection, msg: Message) -> Result:
+        task_ids = msg.data.get("task_ids")
+        self.node.subscribe(conn, task_ids)
+        return {"subscribed": "all" if task_ids is None else len(task_ids)}
+
+    # -- replies to what the main node pushed ------------------------------
+
+    def on_reply(self, conn: Connection, msg: Message) -> None:
+        if conn.pending_assigns:
+            self.on_assign_reply(conn, msg)

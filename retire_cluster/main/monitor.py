@@ -1,0 +1,70 @@
+"""Who is late: devices past ``offline_timeout`` and tasks past their lease.
+
+No I/O and no clock of its own: :meth:`Monitor.due` takes ``now`` and answers.
+The node calls it from a small loop driven by its injected clock; tests call it
+(through ``MainNode.tick(now)``) with whatever time they like.
+
+Task leases sit in a heap of (deadline, task id, attempt); an entry whose task
+has since moved on (finished, or reassigned under a new attempt) is dropped
+when it surfaces, so nothing has to be removed eagerly.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .registry import Device, Registry
+from .tasks import Task
+
+__all__ = ["Due", "Monitor"]
+
+
+@dataclass
+class Due:
+    """What the node must act on now."""
+
+    offline: list[Device]
+    expired: list[Task]
+
+
+class Monitor:
+    """Deadlines of devices and task leases.
+
+    Args:
+        registry: the devices.
+        offline_timeout_s: silence after which a device is offline.
+        lease_grace_s: how long past a task's ``timeout`` (counted from its
+            assignment) the main node waits for the worker's own timeout result
+            before it expires the lease itself.
+    """
+
+    def __init__(
+        self, registry: Registry, *, offline_timeout_s: float, lease_grace_s: float = 5.0
+    ) -> None:
+        self.registry = registry
+        self.offline_timeout_s = offline_timeout_s
+        self.lease_grace_s = lease_grace_s
+        self._leases: list[tuple[float, str, int]] = []
+
+    def watch(self, task: Task) -> None:
+        """Start the lease of a task that was just assigned."""
+        assert task.assigned_at is not None
+        deadline = task.assigned_at + task.timeout_s + self.lease_grace_s
+        heapq.heappush(self._leases, (deadline, task.task_id, task.attempt))
+
+    def due(self, now: float, lookup: Callable[[str], Task | None]) -> Due:
+        """Devices to declare offline and task leases that expired at ``now``."""
+        expired: list[Task] = []
+        leases = self._leases
+        while leases and leases[0][0] <= now:
+            _, task_id, attempt = heapq.heappop(leases)
+            task = lookup(task_id)
+            if task is not None and task.attempt == attempt and task.assigned_device is not None:
+                if not task.terminal:
+                    expired.append(task)
+        return Due(self.registry.late(now, self.offline_timeout_s), expired)
+
+    def __len__(self) -> int:
+        return len(self._leases)

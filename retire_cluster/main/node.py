@@ -1,0 +1,546 @@
+"""The main node: wiring of server, registry, scheduler, monitor and store.
+
+Theory of operation: all live state (devices, unfinished tasks, the queue) is
+in memory and changed only from the event loop, so no locks are needed. Every
+change that matters is written through the store's group commit, and whatever
+the change leads to (an ``ack``, a ``task_assign``, a ``task_update``) is sent
+only once that commit resolved. After a crash, :meth:`MainNode.start` rebuilds
+the memory from the database: unfinished tasks go back to the queue or stay
+with their device, and devices that were online get ``offline_timeout`` to
+reconnect before their tasks are taken back.
+
+Time comes from the injected ``clock`` (epoch seconds). The monitor loop calls
+:meth:`tick` with it; tests call :meth:`tick` with whatever time they want.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..protocol.codec import BadFrame, Event, encode
+from ..protocol.errors import (
+    InternalError,
+    InvalidJSON,
+    RemoteProtocolError,
+    Unauthorized,
+)
+from ..protocol.messages import (
+    REPLY_TYPES,
+    DeviceStatus,
+    Message,
+    TaskStatus,
+    ack,
+    error_reply,
+    new_message_id,
+    utc_timestamp,
+)
+from ..protocol.validation import MessageValidator
+from .config import MainConfig
+from .handlers import Handlers
+from .monitor import Monitor
+from .registry import Device, Registry
+from .scheduler import Scheduler
+from .server import Connection, Server
+from .store import Op, Store
+from .tasks import Attempt, Task
+
+__all__ = ["MainNode", "load_or_create_token"]
+
+log = logging.getLogger("retire_cluster.main")
+
+NODE_ID = "main-node"
+RECENT_TASKS = 10_000
+
+
+def load_or_create_token(config: MainConfig) -> str:
+    """The cluster token from the data dir, created (mode 0600) on first start."""
+    path = config.token_path
+    if path.exists():
+        token = path.read_text(encoding="utf-8").strip()
+        if token:
+            return token
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(token + "\n")
+    return token
+
+
+class MainNode:
+    """One main node. ``await start()``, then ``await stop()``.
+
+    Args:
+        config: settings; ``port=0`` picks a free port (see :attr:`address`).
+        clock: epoch seconds; tests pass a fake one and call :meth:`tick`.
+        run_monitor: start the loop that calls :meth:`tick` every
+            ``monitor_interval_s``; tests driving time themselves pass False.
+    """
+
+    def __init__(
+        self,
+        config: MainConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        run_monitor: bool = True,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.token: str | None = None
+        self.registry = Registry()
+        self.scheduler = Scheduler()
+        self.monitor = Monitor(self.registry, offline_timeout_s=config.offline_timeout_s)
+        self.store = Store(config.db_path, synchronous=config.synchronous)
+        self.server = Server(self)
+        self.validator = MessageValidator()
+        self.handlers = Handlers(self)
+        self.address: tuple[str, int] = (config.host, config.port)
+        self.started_at = 0.0
+        #: unfinished tasks, plus the most recently finished ones
+        self.tasks: dict[str, Task] = {}
+        self._recent: OrderedDict[str, Task] = OrderedDict()
+        self._idempotency: dict[str, str] = {}
+        self._seq = 0
+        self._run_monitor = run_monitor
+        self._monitor_task: asyncio.Task[None] | None = None
+        self._schedule_pending = False
+        self._dirty_devices: set[str] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._subs_all: set[Connection] = set()
+        self._subs: dict[str, set[Connection]] = {}
+        self._stopping = False
+        self.stopped = asyncio.Event()
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store, recover state, listen, start the monitor."""
+        if not self.config.insecure:
+            self.token = load_or_create_token(self.config)
+        await self.store.open()
+        now = self.clock()
+        self.started_at = now
+        await self._recover(now)
+        self.address = await self.server.start(self.config.host, self.config.port)
+        if self._run_monitor:
+            self._monitor_task = asyncio.get_running_loop().create_task(
+                self._monitor_loop(), name="monitor"
+            )
+        self.schedule_soon()
+        log.info("main node listening on %s:%d", *self.address)
+
+    async def _recover(self, now: float) -> None:
+        """Rebuild memory from the store after a (clean or unclean) stop."""
+        for device in await self.store.load_devices():
+            if device.online:
+                # Restart grace: it gets offline_timeout from now to reconnect.
+                device.last_seen = now
+            self.registry.add(device)
+        tasks = await self.store.load_unfinished_tasks()
+        self._seq = await self.store.max_seq()
+        for task in tasks:
+            self.tasks[task.task_id] = task
+            if task.idempotency_key:
+                self._idempotency[task.idempotency_key] = task.task_id
+            if task.status is TaskStatus.PENDING:
+                self.scheduler.push(task)
+                continue
+            device = self.registry.get(task.assigned_device or "")
+            if device is None or not device.online:
+                self.requeue(task, "worker_lost", now)
+            else:
+                device.running.add(task.task_id)
+                self.monitor.watch(task)
+        for key, task_id in await self.store.idempotency_keys():
+            self._idempotency.setdefault(key, task_id)
+        if tasks:
+            log.info("recovered %d unfinished tasks", len(tasks))
+
+    async def stop(self) -> None:
+        """Stop accepting, finish writes, close the database."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.server.stop_accepting()
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            try:
+                await self._monitor_task
+            except asyncio.CancelledError:
+                pass
+        self._flush_heartbeats()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.server.close()
+        await self.store.close()
+        self.stopped.set()
+        log.info("main node stopped")
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.monitor_interval_s)
+            try:
+                self.tick(self.clock())
+            except Exception:
+                log.exception("monitor tick failed")
+
+    def tick(self, now: float) -> None:
+        """Act on everything due at ``now``: offline devices, expired leases."""
+        due = self.monitor.due(now, self.lookup)
+        for device in due.offline:
+            self.device_offline(device, now)
+        for task in due.expired:
+            self.expire(task, now)
+        self._flush_heartbeats()
+
+    # -- connections ------------------------------------------------------
+
+    def connection_made(self, conn: Connection) -> None:
+        self.server.connections.add(conn)
+
+    def connection_lost(self, conn: Connection) -> None:
+        self.server.connections.discard(conn)
+        self._subs_all.discard(conn)
+        for task_id in conn.subscribed:
+            subs = self._subs.get(task_id)
+            if subs is not None:
+                subs.discard(conn)
+                if not subs:
+                    del self._subs[task_id]
+        if conn.device_id is not None:
+            device = self.registry.get(conn.device_id)
+            if device is not None and device.conn is conn:
+                # Stays online until offline_timeout: it may come back.
+                device.conn = None
+                log.info("device %s disconnected", device.device_id)
+
+    def token_ok(self, token: str | None) -> bool:
+        if self.token is None:
+            return True
+        return token is not None and hmac.compare_digest(token.encode(), self.token.encode())
+
+    def dispatch(self, conn: Connection, event: Event) -> None:
+        """Handle one received event; every request gets exactly one reply."""
+        if isinstance(event, BadFrame):
+            self._refuse(conn, event)
+            return
+        msg = event
+        if not conn.authenticated:
+            if not self.token_ok(msg.auth_token):
+                self.reply_error(
+                    conn,
+                    msg.message_id,
+                    Unauthorized("Send the cluster token in auth_token; "
+                                 "`retire-cluster token` on the main node prints it."),
+                )
+                return
+            conn.authenticated = True
+        if msg.message_type in REPLY_TYPES:
+            self.handlers.on_reply(conn, msg)
+            return
+        try:
+            self.validator.validate(msg)
+            result = self.handlers.handle(conn, msg)
+        except RemoteProtocolError as exc:
+            self.reply_error(conn, msg.message_id, exc)
+            return
+        except Exception:
+            self._internal(conn, msg)
+            return
+        if isinstance(result, Awaitable):
+            self.spawn(self._finish_async(conn, msg, result))
+        else:
+            conn.send(ack(msg.message_id, result, timestamp=utc_timestamp(self.clock())))
+
+    async def _finish_async(self, conn: Connection, msg: Message, pending: Awaitable[Any]) -> None:
+        try:
+            result = await pending
+        except RemoteProtocolError as exc:
+            self.reply_error(conn, msg.message_id, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._internal(conn, msg)
+        else:
+            conn.send(ack(msg.message_id, result, timestamp=utc_timestamp(self.clock())))
+
+    def _internal(self, conn: Connection, msg: Message) -> None:
+        ref = uuid.uuid4().hex[:12]
+        log.exception("internal error [%s] handling %s from %s", ref, msg.message_type, conn.peer)
+        self.reply_error(
+            conn,
+            msg.message_id,
+            InternalError(f"Internal error (reference {ref}); the main node's log has the details."),
+        )
+
+    def _refuse(self, conn: Connection, bad: BadFrame) -> None:
+        error: RemoteProtocolError = bad.error
+        if not conn.authenticated:
+            if self.token_ok(bad.auth_token) and bad.auth_token is not None:
+                conn.authenticated = True
+            elif not isinstance(error, InvalidJSON) and not error.close:
+                error = Unauthorized("Send the cluster token in auth_token; "
+                                     "`retire-cluster token` on the main node prints it.")
+        self.reply_error(conn, bad.message_id, error)
+        if error.close or (not conn.authenticated and isinstance(error, InvalidJSON)):
+            conn.close()
+
+    def reply_error(self, conn: Connection, message_id: str | None, exc: Exception) -> None:
+        if isinstance(exc, RemoteProtocolError | InternalError):
+            code, text, path = exc.code, exc.message, exc.path
+        else:  # pragma: no cover - callers pass protocol errors
+            code, text, path = "internal", "Internal error.", None
+        conn.send(error_reply(message_id, code, text, path=path, timestamp=utc_timestamp(self.clock())))
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- lookups ----------------------------------------------------------
+
+    def lookup(self, task_id: str) -> Task | None:
+        """A task held in memory (unfinished, or recently finished)."""
+        return self.tasks.get(task_id) or self._recent.get(task_id)
+
+    async def fetch(self, task_id: str) -> Task | None:
+        """A task from memory or, failing that, from the store."""
+        return self.lookup(task_id) or await self.store.get_task(task_id)
+
+    def new_task_id(self) -> str:
+        return secrets.token_hex(8)
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    # -- state changes ----------------------------------------------------
+
+    def write(self, ops: list[Op]) -> asyncio.Future[None]:
+        return self.store.write(ops)
+
+    def schedule_soon(self) -> None:
+        """Run a scheduling pass at the end of this loop pass (coalesced)."""
+        if not self._schedule_pending and not self._stopping:
+            self._schedule_pending = True
+            asyncio.get_running_loop().call_soon(self._schedule)
+
+    def _schedule(self) -> None:
+        self._schedule_pending = False
+        if self._stopping:
+            return
+        plan = self.scheduler.pick(self.registry.available())
+        if not plan:
+            return
+        now = self.clock()
+        ops: list[Op] = []
+        sent: list[tuple[Task, Device, int]] = []
+        for task, device in plan:
+            task.move(TaskStatus.ASSIGNED)
+            task.attempt += 1
+            task.assigned_device = device.device_id
+            task.assigned_at = now
+            task.started_at = None
+            task.progress = None
+            task.attempts.append(Attempt(task.attempt, device.device_id, now))
+            device.running.add(task.task_id)
+            self.monitor.watch(task)
+            ops.extend(Store.update_task(task))
+            sent.append((task, device, task.attempt))
+        self.write(ops).add_done_callback(lambda fut: self._send_assignments(fut, sent))
+
+    def _send_assignments(
+        self, fut: asyncio.Future[None], sent: list[tuple[Task, Device, int]]
+    ) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            log.error("assignments not committed; their leases will expire and requeue them")
+            return
+        for task, device, attempt in sent:
+            if not task.held_by(device.device_id, attempt):
+                continue  # cancelled or lost in the meantime
+            conn = device.conn
+            if conn is not None and not conn.closed:
+                mid = new_message_id()
+                conn.pending_assigns[mid] = (task.task_id, attempt)
+                conn.send(
+                    Message(
+                        "task_assign",
+                        mid,
+                        NODE_ID,
+                        {"task": task.assignment()},
+                        target_id=device.device_id,
+                        timestamp=utc_timestamp(self.clock()),
+                    )
+                )
+            self.publish(task)
+
+    def requeue(self, task: Task, outcome: str, now: float, *, handback: bool = False) -> None:
+        """Take a task back from its device: to the queue, or failed when out of retries."""
+        self._release(task, outcome, now)
+        if handback:
+            task.handbacks += 1
+        if not handback and not task.retries_left:
+            self.finish(
+                task,
+                TaskStatus.FAILED,
+                now,
+                error=f"{outcome}: gave up after {task.attempts_used} attempts "
+                f"(max_retries {task.max_retries})",
+                released=True,
+            )
+            return
+        task.move(TaskStatus.PENDING)
+        task.assigned_device = None
+        task.assigned_at = None
+        task.started_at = None
+        task.progress = None
+        self.write(Store.update_task(task)).add_done_callback(lambda _f: self.publish(task))
+        self.scheduler.push(task)
+        self.schedule_soon()
+
+    def _release(self, task: Task, outcome: str, now: float) -> None:
+        """Free the device slot and close the current attempt."""
+        device = self.registry.get(task.assigned_device or "")
+        if device is not None:
+            device.running.discard(task.task_id)
+        current = task.current_attempt()
+        if current is not None and current.finished_at is None:
+            current.finished_at = now
+            current.outcome = outcome
+
+    def finish(
+        self,
+        task: Task,
+        status: TaskStatus,
+        now: float,
+        *,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+        execution_time_s: float | None = None,
+        released: bool = False,
+    ) -> asyncio.Future[None]:
+        """Move a task to a terminal state; the future resolves once committed."""
+        if not released:
+            self._release(task, status.value, now)
+        task.move(status)
+        task.finished_at = now
+        if result is not None:
+            task.result = result
+        if error is not None:
+            task.error = error
+        if execution_time_s is not None:
+            task.execution_time_s = execution_time_s
+        self.tasks.pop(task.task_id, None)
+        self._recent[task.task_id] = task
+        if len(self._recent) > RECENT_TASKS:
+            self._recent.popitem(last=False)
+        fut = self.write(Store.update_task(task))
+        fut.add_done_callback(lambda _f: self.publish(task))
+        self.schedule_soon()
+        return fut
+
+    def expire(self, task: Task, now: float) -> None:
+        """The lease of ``task`` ran out: stop it on its device, then retry or end it."""
+        self.send_cancel(task, "timeout")
+        if task.retry_on_timeout and task.attempts_used <= task.max_retries:
+            self.requeue(task, "timeout", now)
+        else:
+            self.finish(
+                task,
+                TaskStatus.TIMEOUT,
+                now,
+                error=f"no result within the task timeout of {task.timeout_s:g} s",
+            )
+
+    def send_cancel(self, task: Task, reason: str) -> None:
+        """Tell the device holding ``task`` to stop it (if it is connected)."""
+        device = self.registry.get(task.assigned_device or "")
+        if device is not None and device.conn is not None:
+            self.send_cancel_to(device.conn, device.device_id, task.task_id, task.attempt, reason)
+
+    def send_cancel_to(
+        self, conn: Connection, device_id: str, task_id: str, attempt: int, reason: str
+    ) -> None:
+        conn.send(
+            Message(
+                "task_cancel",
+                new_message_id(),
+                NODE_ID,
+                {"task_id": task_id, "attempt": attempt, "reason": reason},
+                target_id=device_id,
+                timestamp=utc_timestamp(self.clock()),
+            )
+        )
+
+    def device_offline(self, device: Device, now: float) -> None:
+        """A device missed heartbeats for offline_timeout: take its tasks back."""
+        log.warning("device %s offline (silent for %.0f s)", device.device_id, now - device.last_seen)
+        device.status = DeviceStatus.OFFLINE
+        if device.conn is not None:
+            device.conn.close()
+            device.conn = None
+        for task_id in sorted(device.running):
+            task = self.tasks.get(task_id)
+            if task is None:
+                device.running.discard(task_id)
+                continue
+            self.requeue(task, "worker_lost", now)
+        self._dirty_devices.discard(device.device_id)
+        self.write([Store.touch_device(device)])
+
+    def touch(self, device: Device) -> None:
+        """Remember to write this device's heartbeat at the next tick."""
+        self._dirty_devices.add(device.device_id)
+
+    def _flush_heartbeats(self) -> None:
+        if not self._dirty_devices or not self.store.is_open:
+            return
+        ops = []
+        for device_id in self._dirty_devices:
+            device = self.registry.get(device_id)
+            if device is not None:
+                ops.append(Store.touch_device(device))
+        self._dirty_devices.clear()
+        if ops:
+            self.write(ops)
+
+    # -- subscriptions ----------------------------------------------------
+
+    def subscribe(self, conn: Connection, task_ids: list[str] | None) -> None:
+        if task_ids is None:
+            conn.subscribed_all = True
+            self._subs_all.add(conn)
+            return
+        for task_id in task_ids:
+            conn.subscribed.add(task_id)
+            self._subs.setdefault(task_id, set()).add(conn)
+
+    def publish(self, task: Task) -> None:
+        """Push ``task_update`` to the connections subscribed to this task."""
+        targets = self._subs_all | self._subs.get(task.task_id, set())
+        if not targets:
+            return
+        frame = encode(
+            Message(
+                "task_update",
+                new_message_id(),
+                NODE_ID,
+                {"task": task.to_record()},
+                timestamp=utc_timestamp(self.clock()),
+            )
+        )
+        for conn in targets:
+            conn.send_bytes(frame)
+        if task.terminal:
+            for conn in self._subs.pop(task.task_id, set()):
+                conn.subscribed.discard(task.task_id)

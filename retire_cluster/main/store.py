@@ -1,0 +1,469 @@
+"""The only SQL in the project: SQLite in WAL mode through aiosqlite.
+
+Theory of operation: the node keeps the live state in memory and the store
+keeps it durable. Writes are queued with :meth:`Store.write`, which returns a
+future; one writer task commits everything queued so far in a single
+transaction and then resolves those futures, so a burst of N submissions costs
+one commit, not N (group commit). Callers send their acknowledgements only
+after the future resolves: nothing is acknowledged before it is on disk.
+
+Reads that must see earlier writes call :meth:`Store.flush` first. SQL uses
+placeholders only. The schema carries a version (``PRAGMA user_version``) and
+is brought up to date by :data:`MIGRATIONS` on open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from ..protocol.messages import TERMINAL_STATUSES, DeviceStatus, TaskStatus
+from .registry import Device
+from .tasks import Attempt, Task
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Store"]
+
+log = logging.getLogger("retire_cluster.store")
+
+Op = tuple[str, Sequence[Any]]
+
+MIGRATIONS: list[str] = [
+    # 1: initial schema
+    """
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        device_info TEXT NOT NULL,
+        hardware_specs TEXT NOT NULL,
+        capabilities TEXT NOT NULL,
+        task_types TEXT NOT NULL,
+        max_tasks INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        registered_at REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        metrics TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE TABLE tasks (
+        task_id TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        task_type TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        timeout_s REAL NOT NULL,
+        requirements TEXT NOT NULL,
+        max_retries INTEGER NOT NULL,
+        retry_on_timeout INTEGER NOT NULL DEFAULT 0,
+        idempotency_key TEXT,
+        status TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        handbacks INTEGER NOT NULL DEFAULT 0,
+        assigned_device TEXT,
+        result TEXT,
+        error TEXT,
+        execution_time_s REAL,
+        created_at REAL NOT NULL,
+        assigned_at REAL,
+        started_at REAL,
+        finished_at REAL
+    );
+    CREATE INDEX tasks_status ON tasks(status);
+    CREATE INDEX tasks_device ON tasks(assigned_device);
+    CREATE INDEX tasks_type ON tasks(task_type);
+    CREATE INDEX tasks_seq ON tasks(seq);
+    CREATE UNIQUE INDEX tasks_idempotency ON tasks(idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE task_attempts (
+        task_id TEXT NOT NULL REFERENCES tasks(task_id),
+        attempt INTEGER NOT NULL,
+        device_id TEXT NOT NULL,
+        assigned_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        outcome TEXT,
+        PRIMARY KEY (task_id, attempt)
+    );
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_TASK_COLUMNS = (
+    "task_id, seq, task_type, payload, priority, timeout_s, requirements, max_retries, "
+    "retry_on_timeout, idempotency_key, status, attempt, handbacks, assigned_device, result, "
+    "error, execution_time_s, created_at, assigned_at, started_at, finished_at"
+)
+_INSERT_TASK = f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({', '.join('?' * 21)})"
+_UPDATE_TASK = (
+    "UPDATE tasks SET status=?, attempt=?, handbacks=?, assigned_device=?, result=?, error=?, "
+    "execution_time_s=?, assigned_at=?, started_at=?, finished_at=? WHERE task_id=?"
+)
+_UPSERT_ATTEMPT = (
+    "INSERT INTO task_attempts (task_id, attempt, device_id, assigned_at, started_at, "
+    "finished_at, outcome) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(task_id, attempt) DO UPDATE "
+    "SET started_at=excluded.started_at, finished_at=excluded.finished_at, outcome=excluded.outcome"
+)
+_UPSERT_DEVICE = (
+    "INSERT INTO devices (device_id, device_info, hardware_specs, capabilities, task_types, "
+    "max_tasks, status, registered_at, last_seen, metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT(device_id) DO UPDATE SET device_info=excluded.device_info, "
+    "hardware_specs=excluded.hardware_specs, capabilities=excluded.capabilities, "
+    "task_types=excluded.task_types, max_tasks=excluded.max_tasks, status=excluded.status, "
+    "registered_at=excluded.registered_at, last_seen=excluded.last_seen, metrics=excluded.metrics"
+)
+_TOUCH_DEVICE = "UPDATE devices SET status=?, last_seen=?, metrics=? WHERE device_id=?"
+
+
+def _j(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _unj(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+class Store:
+    """SQLite persistence of tasks, attempts and devices.
+
+    Args:
+        path: the database file (created with its directory).
+        synchronous: ``full`` (default; survives power loss) or ``normal``
+            (survives a crash of the process, not of the machine).
+    """
+
+    def __init__(self, path: Path, *, synchronous: str = "full") -> None:
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self._db: aiosqlite.Connection | None = None
+        self._queue: list[Op] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self.commits = 0
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open (creating or migrating) the database and start the writer."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(str(self.path), isolation_level=None)
+        self._db = db
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute(f"PRAGMA synchronous={'FULL' if self.synchronous == 'full' else 'NORMAL'}")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA busy_timeout=5000")
+        await self._migrate(db)
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name="store-writer")
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        async with db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} was written by a newer retire-cluster (schema {version}); upgrade first."
+            )
+        for number in range(version, SCHEMA_VERSION):
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        await db.execute(statement)
+                await db.execute(f"PRAGMA user_version={number + 1}")
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            log.info("database schema migrated to version %d", number + 1)
+
+    async def close(self) -> None:
+        """Commit what is queued, stop the writer and close the database."""
+        if self._db is None:
+            return
+        self._closing = True
+        self._wakeup.set()
+        if self._writer is not None:
+            await self._writer
+        await self._db.close()
+        self._db = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None and not self._closing
+
+    # -- writing ----------------------------------------------------------
+
+    def write(self, ops: Sequence[Op]) -> asyncio.Future[None]:
+        """Queue statements for the next group commit; the future resolves after it."""
+        if self._db is None or self._closing:
+            raise RuntimeError("store is closed")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.extend(ops)
+        self._waiters.append(fut)
+        self._wakeup.set()
+        return fut
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed."""
+        if self._queue or self._waiters:
+            await self.write([])
+
+    async def _write_loop(self) -> None:
+        assert self._db is not None
+        db = self._db
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if not self._waiters and not self._queue:
+                if self._closing:
+                    return
+                continue
+            ops, waiters = self._queue, self._waiters
+            self._queue, self._waiters = [], []
+            try:
+                await self._commit(db, ops)
+            except Exception as exc:  # a disk error: every waiter must hear it
+                log.exception("commit of %d statements failed", len(ops))
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            else:
+                self.commits += 1
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(None)
+            if self._closing and not self._queue and not self._waiters:
+                return
+
+    @staticmethod
+    async def _commit(db: aiosqlite.Connection, ops: list[Op]) -> None:
+        if not ops:
+            return
+        await db.execute("BEGIN")
+        try:
+            i = 0
+            while i < len(ops):  # consecutive statements with the same SQL go as one executemany
+                sql = ops[i][0]
+                j = i + 1
+                while j < len(ops) and ops[j][0] == sql:
+                    j += 1
+                if j - i == 1:
+                    await db.execute(sql, ops[i][1])
+                else:
+                    await db.executemany(sql, [op[1] for op in ops[i:j]])
+                i = j
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+
+    # -- statements (built here so SQL stays in this module) --------------
+
+    @staticmethod
+    def insert_task(task: Task) -> Op:
+        return (
+            _INSERT_TASK,
+            (
+                task.task_id, task.seq, task.task_type, _j(task.payload), task.priority,
+                task.timeout_s, _j(task.requirements), task.max_retries,
+                int(task.retry_on_timeout), task.idempotency_key, task.status.value,
+                task.attempt, task.handbacks, task.assigned_device, _j(task.result), task.error,
+                task.execution_time_s, task.created_at, task.assigned_at, task.started_at,
+                task.finished_at,
+            ),
+        )  # fmt: skip
+
+    @staticmethod
+    def update_task(task: Task) -> list[Op]:
+        """The task row, plus its current attempt row when it has one."""
+        ops: list[Op] = [
+            (
+                _UPDATE_TASK,
+                (
+                    task.status.value, task.attempt, task.handbacks, task.assigned_device,
+                    _j(task.result), task.error, task.execution_time_s, task.assigned_at,
+                    task.started_at, task.finished_at, task.task_id,
+                ),
+            )  # fmt: skip
+        ]
+        if task.attempts:
+            a = task.attempts[-1]
+            ops.append(
+                (
+                    _UPSERT_ATTEMPT,
+                    (task.task_id, a.attempt, a.device_id, a.assigned_at, a.started_at,
+                     a.finished_at, a.outcome),
+                )  # fmt: skip
+            )
+        return ops
+
+    @staticmethod
+    def upsert_device(device: Device) -> Op:
+        return (
+            _UPSERT_DEVICE,
+            (
+                device.device_id, _j(device.device_info), _j(device.hardware_specs),
+                _j(sorted(device.capabilities)), _j(sorted(device.task_types)), device.max_tasks,
+                device.status.value, device.registered_at, device.last_seen, _j(device.metrics),
+            ),
+        )  # fmt: skip
+
+    @staticmethod
+    def touch_device(device: Device) -> Op:
+        return (_TOUCH_DEVICE, (device.status.value, device.last_seen, _j(device.metrics), device.device_id))
+
+    # -- reading ----------------------------------------------------------
+
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("store is closed")
+        return self._db
+
+    async def load_unfinished_tasks(self) -> list[Task]:
+        """Every task not in a terminal state, with its attempts (for recovery)."""
+        terminal = tuple(s.value for s in TERMINAL_STATUSES)
+        marks = ", ".join("?" * len(terminal))
+        rows = await self._conn().execute_fetchall(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status NOT IN ({marks}) ORDER BY seq", terminal
+        )
+        tasks = [_task_from_row(r) for r in rows]
+        if tasks:
+            by_id = {t.task_id: t for t in tasks}
+            attempt_rows = await self._conn().execute_fetchall(
+                "SELECT a.task_id, a.attempt, a.device_id, a.assigned_at, a.started_at, "
+                "a.finished_at, a.outcome FROM task_attempts a JOIN tasks t USING (task_id) "
+                f"WHERE t.status NOT IN ({marks}) ORDER BY a.task_id, a.attempt",
+                terminal,
+            )
+            for row in attempt_rows:
+                by_id[row[0]].attempts.append(Attempt(*row[1:]))
+        return tasks
+
+    async def max_seq(self) -> int:
+        rows = await self._conn().execute_fetchall("SELECT COALESCE(MAX(seq), 0) FROM tasks")
+        return int(list(rows)[0][0])
+
+    async def get_task(self, task_id: str) -> Task | None:
+        await self.flush()
+        rows = list(
+            await self._conn().execute_fetchall(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id=?", (task_id,)
+            )
+        )
+        if not rows:
+            return None
+        task = _task_from_row(rows[0])
+        attempt_rows = await self._conn().execute_fetchall(
+            "SELECT attempt, device_id, assigned_at, started_at, finished_at, outcome "
+            "FROM task_attempts WHERE task_id=? ORDER BY attempt",
+            (task_id,),
+        )
+        task.attempts = [Attempt(*r) for r in attempt_rows]
+        return task
+
+    async def find_idempotent(self, key: str) -> Task | None:
+        await self.flush()
+        rows = list(
+            await self._conn().execute_fetchall(
+                "SELECT task_id FROM tasks WHERE idempotency_key=?", (key,)
+            )
+        )
+        return await self.get_task(rows[0][0]) if rows else None
+
+    async def idempotency_keys(self) -> list[tuple[str, str]]:
+        """(key, task_id) of every task submitted with an idempotency key."""
+        rows = await self._conn().execute_fetchall(
+            "SELECT idempotency_key, task_id FROM tasks WHERE idempotency_key IS NOT NULL"
+        )
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    async def list_tasks(
+        self,
+        *,
+        status: str | None = None,
+        device_id: str | None = None,
+        task_type: str | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        """Tasks newest first, filtered."""
+        await self.flush()
+        where, args = [], []
+        if status is not None:
+            where.append("status=?")
+            args.append(status)
+        if device_id is not None:
+            where.append("assigned_device=?")
+            args.append(device_id)
+        if task_type is not None:
+            where.append("task_type=?")
+            args.append(task_type)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._conn().execute_fetchall(
+            f"SELECT {_TASK_COLUMNS} FROM tasks {clause} ORDER BY seq DESC LIMIT ?",
+            (*args, int(limit)),
+        )
+        return [_task_from_row(r) for r in rows]
+
+    async def count_tasks(self) -> dict[str, int]:
+        await self.flush()
+        out = {s.value: 0 for s in TaskStatus}
+        for status, n in await self._conn().execute_fetchall(
+            "SELECT status, COUNT(*) FROM tasks GROUP BY status"
+        ):
+            out[status] = int(n)
+        return out
+
+    async def load_devices(self) -> list[Device]:
+        rows = await self._conn().execute_fetchall(
+            "SELECT device_id, device_info, hardware_specs, capabilities, task_types, max_tasks, "
+            "status, registered_at, last_seen, metrics FROM devices"
+        )
+        return [
+            Device(
+                device_id=r[0],
+                device_info=_unj(r[1]) or {},
+                hardware_specs=_unj(r[2]) or {},
+                capabilities=frozenset(_unj(r[3]) or ()),
+                task_types=frozenset(_unj(r[4]) or ()),
+                max_tasks=int(r[5]),
+                status=DeviceStatus(r[6]),
+                registered_at=float(r[7]),
+                last_seen=float(r[8]),
+                metrics=_unj(r[9]) or {},
+            )
+            for r in rows
+        ]
+
+    async def integrity_check(self) -> str:
+        rows = list(await self._conn().execute_fetchall("PRAGMA integrity_check"))
+        return str(rows[0][0])
+
+
+def _task_from_row(r: Sequence[Any]) -> Task:
+    return Task(
+        task_id=r[0],
+        seq=int(r[1]),
+        task_type=r[2],
+        payload=_unj(r[3]) or {},
+        priority=int(r[4]),
+        timeout_s=float(r[5]),
+        requirements=_unj(r[6]) or {},
+        max_retries=int(r[7]),
+        retry_on_timeout=bool(r[8]),
+        idempotency_key=r[9],
+        status=TaskStatus(r[10]),
+        attempt=int(r[11]),
+        handbacks=int(r[12]),
+        assigned_device=r[13],
+        result=_unj(r[14]),
+        error=r[15],
+        execution_time_s=r[16],
+        created_at=float(r[17]),
+        assigned_at=r[18],
+        started_at=r[19],
+        finished_at=r[20],
+    )

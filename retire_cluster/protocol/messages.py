@@ -1,0 +1,221 @@
+"""Messages as they appear on the wire, and the enumerations they use.
+
+A :class:`Message` is the envelope of DESIGN.md: ``message_type``,
+``message_id``, ``sender_id``, optional ``target_id``, ``timestamp``, ``data``
+and ``auth_token``. The content of ``data`` is checked against the JSON Schema
+of its message type (see :mod:`retire_cluster.protocol.validation`) and kept as
+a plain dict: the schemas are the one description of every field, and a second
+description as dataclasses would drift from them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "CLIENT_MESSAGE_TYPES",
+    "DEFAULT_TASK_TIMEOUT_S",
+    "PRIORITY_NAMES",
+    "REPLY_TYPES",
+    "REQUIREMENT_KEYS",
+    "TERMINAL_STATUSES",
+    "WORKER_MESSAGE_TYPES",
+    "DeviceStatus",
+    "Message",
+    "MessageType",
+    "TaskStatus",
+    "ack",
+    "error_reply",
+    "new_message_id",
+    "parse_priority",
+    "utc_timestamp",
+]
+
+
+class MessageType(str, Enum):
+    REGISTER = "register"
+    HEARTBEAT = "heartbeat"
+    TASK_ASSIGN = "task_assign"
+    TASK_RESULT = "task_result"
+    TASK_PROGRESS = "task_progress"
+    TASK_CANCEL = "task_cancel"
+    TASK_SUBMIT = "task_submit"
+    TASK_STATUS = "task_status"
+    TASK_LIST = "task_list"
+    LIST_DEVICES = "list_devices"
+    CLUSTER_STATUS = "cluster_status"
+    SUBSCRIBE = "subscribe"
+    TASK_UPDATE = "task_update"
+    ACK = "ack"
+    ERROR = "error"
+
+
+#: Replies: they answer a request and never get a reply themselves.
+REPLY_TYPES = frozenset({MessageType.ACK.value, MessageType.ERROR.value})
+#: What a worker sends after ``register``.
+WORKER_MESSAGE_TYPES = frozenset(
+    {"register", "heartbeat", "task_result", "task_progress", "ack", "error"}
+)
+#: What a client sends.
+CLIENT_MESSAGE_TYPES = frozenset(
+    {
+        "task_submit",
+        "task_status",
+        "task_cancel",
+        "task_list",
+        "list_devices",
+        "cluster_status",
+        "subscribe",
+    }
+)
+
+
+class TaskStatus(str, Enum):
+    PENDING = "pending"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+
+
+TERMINAL_STATUSES = frozenset(
+    {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMEOUT}
+)
+#: Held by a device right now.
+ACTIVE_STATUSES = frozenset({TaskStatus.ASSIGNED, TaskStatus.RUNNING})
+
+
+class DeviceStatus(str, Enum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+PRIORITY_NAMES: dict[str, int] = {"low": 1, "normal": 5, "high": 10, "urgent": 20}
+REQUIREMENT_KEYS = frozenset(
+    {"min_cpu_cores", "min_memory_gb", "platform", "architecture", "role", "capabilities"}
+)
+DEFAULT_TASK_TIMEOUT_S = 3600.0
+
+
+def parse_priority(value: Any) -> int:
+    """Turn ``low|normal|high|urgent`` or an integer 0-100 into an integer.
+
+    Raises:
+        ValueError: with a sentence saying what is accepted.
+    """
+    if isinstance(value, bool):
+        raise ValueError("priority must be low, normal, high, urgent or an integer 0-100")
+    if isinstance(value, int):
+        if 0 <= value <= 100:
+            return value
+    elif isinstance(value, str):
+        name = value.strip().lower()
+        if name in PRIORITY_NAMES:
+            return PRIORITY_NAMES[name]
+        if name.isdigit() and 0 <= int(name) <= 100:
+            return int(name)
+    raise ValueError(
+        f"priority {value!r} is not valid; use low, normal, high, urgent or an integer 0-100"
+    )
+
+
+def utc_timestamp(epoch_s: float | None = None) -> str:
+    """RFC 3339 UTC timestamp with milliseconds (``2024-01-15T10:30:00.000Z``)."""
+    dt = (
+        datetime.now(timezone.utc)
+        if epoch_s is None
+        else datetime.fromtimestamp(epoch_s, timezone.utc)
+    )
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+_ID_PREFIX = os.urandom(4).hex()
+_id_counter = itertools.count(1)
+
+
+def new_message_id() -> str:
+    """A message id unique within this process (and very likely beyond it)."""
+    return f"{_ID_PREFIX}-{next(_id_counter)}"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One frame's envelope. ``data`` is the type-specific content."""
+
+    message_type: str
+    message_id: str
+    sender_id: str
+    data: dict[str, Any] = field(default_factory=dict)
+    target_id: str | None = None
+    timestamp: str | None = None
+    auth_token: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object for this message (optional fields left out when unset)."""
+        out: dict[str, Any] = {
+            "message_type": self.message_type,
+            "message_id": self.message_id,
+            "sender_id": self.sender_id,
+            "data": self.data,
+        }
+        if self.target_id is not None:
+            out["target_id"] = self.target_id
+        if self.timestamp is not None:
+            out["timestamp"] = self.timestamp
+        if self.auth_token is not None:
+            out["auth_token"] = self.auth_token
+        return out
+
+
+def ack(
+    original_message_id: str | None,
+    result: Any = None,
+    *,
+    sender_id: str = "main-node",
+    timestamp: str | None = None,
+) -> Message:
+    """The ``ack`` reply to a request."""
+    return Message(
+        message_type="ack",
+        message_id=new_message_id(),
+        sender_id=sender_id,
+        data={
+            "original_message_id": original_message_id,
+            "result": {} if result is None else result,
+        },
+        timestamp=timestamp,
+    )
+
+
+def error_reply(
+    original_message_id: str | None,
+    code: str,
+    error: str,
+    *,
+    path: str | None = None,
+    sender_id: str = "main-node",
+    timestamp: str | None = None,
+) -> Message:
+    """The ``error`` reply to a request."""
+    data: dict[str, Any] = {
+        "original_message_id": original_message_id,
+        "code": code,
+        "error": error,
+    }
+    if path is not None:
+        data["path"] = path
+    return Message(
+        message_type="error",
+        message_id=new_message_id(),
+        sender_id=sender_id,
+        data=data,
+        timestamp=timestamp,
+    )

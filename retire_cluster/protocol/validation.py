@@ -1,0 +1,113 @@
+"""Check messages against the JSON Schemas in ``schemas/``.
+
+The schemas (JSON Schema 2020-12, one file per message type plus
+``common.json``) are the published description of the wire format. They ship
+inside the wheel as ``retire_cluster/schemas/``; in a source checkout they are
+read from the top-level ``schemas/`` directory.
+
+jsonschema is needed here; the worker never imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidMessage, UnknownMessageType
+from .messages import Message
+
+__all__ = ["SCHEMA_BASE_URI", "MessageValidator", "load_schemas", "schema_dir"]
+
+SCHEMA_BASE_URI = "https://retire-cluster.invalid/schemas/"
+
+
+def schema_dir() -> Path:
+    """The directory holding the schema files (installed or source checkout)."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "schemas", here.parent / "schemas"):
+        if (candidate / "common.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        "retire_cluster schemas not found; reinstall the package (pip install retire-cluster)."
+    )
+
+
+@lru_cache(maxsize=1)
+def load_schemas() -> dict[str, dict[str, Any]]:
+    """Every schema by name (file name without ``.json``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(schema_dir().glob("*.json")):
+        out[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+    return out
+
+
+def _json_path(error: Any) -> str:
+    path = "$"
+    for part in error.absolute_path:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+class MessageValidator:
+    """Validates whole messages (envelope and ``data``) by ``message_type``.
+
+    Args:
+        types: the message types to accept; others raise UnknownMessageType.
+            Defaults to every type that has a schema.
+    """
+
+    def __init__(self, types: frozenset[str] | None = None) -> None:
+        from jsonschema import Draft202012Validator
+        from referencing import Registry, Resource
+
+        schemas = load_schemas()
+        registry: Registry[Any] = Registry().with_resources(
+            (schema["$id"], Resource.from_contents(schema)) for schema in schemas.values()
+        )
+        names = set(schemas) - {"common"}
+        if types is not None:
+            names &= set(types)
+        self._validators = {
+            name: Draft202012Validator(schemas[name], registry=registry) for name in names
+        }
+
+    @property
+    def types(self) -> frozenset[str]:
+        return frozenset(self._validators)
+
+    def validate_obj(self, obj: dict[str, Any]) -> None:
+        """Validate a decoded JSON object.
+
+        Raises:
+            UnknownMessageType: no schema for its ``message_type``.
+            InvalidMessage: with ``path`` set to the JSON path of the first error.
+        """
+        mtype = obj.get("message_type")
+        validator = self._validators.get(mtype) if isinstance(mtype, str) else None
+        if validator is None:
+            raise UnknownMessageType(
+                f"Unknown message_type {mtype!r}; see protocol/PROTOCOL.md for the list."
+            )
+        error = next(iter(validator.iter_errors(obj)), None)
+        if error is None:
+            return
+        best = _deepest(error)
+        path = _json_path(best)
+        raise InvalidMessage(f"{path}: {_short(best.message)}", path=path)
+
+    def validate(self, message: Message) -> None:
+        """Validate a :class:`Message`; see :meth:`validate_obj`."""
+        self.validate_obj(message.to_wire())
+
+
+def _deepest(error: Any) -> Any:
+    """The most specific sub-error (jsonschema reports oneOf/allOf failures at the top)."""
+    while error.context:
+        error = max(error.context, key=lambda e: len(e.absolute_path))
+    return error
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,80 @@
+"""Process-level helpers shared by the main node and the worker: event loop, logging.
+
+Python 3.9 syntax, standard library only (uvloop when importable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import logging.handlers
+import queue
+import sys
+from pathlib import Path
+from typing import Any, Coroutine, Optional, TypeVar
+
+__all__ = ["run", "setup_logging", "uvloop_available"]
+
+T = TypeVar("T")
+
+
+def uvloop_available() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on a fresh event loop: uvloop when importable, asyncio's otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    uvloop.install()  # pragma: no cover - Python < 3.11 workers
+    return asyncio.run(main)  # pragma: no cover
+
+
+_listener: Optional[logging.handlers.QueueListener] = None
+
+
+def setup_logging(level: str = "info", log_file: Optional[Path] = None) -> None:
+    """Log to stderr, and to a rotating file (10 MiB x 5) when ``log_file`` is set.
+
+    The file is written by a QueueListener thread so a slow disk never stalls
+    the event loop.
+    """
+    global _listener
+    root = logging.getLogger()
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    stderr = logging.StreamHandler()
+    stderr.setFormatter(fmt)
+    root.addHandler(stderr)
+    if log_file is not None:
+        log_file = Path(log_file)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        rotating = logging.handlers.RotatingFileHandler(
+            log_file, maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8"
+        )
+        rotating.setFormatter(fmt)
+        q: "queue.SimpleQueue[logging.LogRecord]" = queue.SimpleQueue()
+        root.addHandler(logging.handlers.QueueHandler(q))
+        if _listener is not None:
+            _listener.stop()
+        _listener = logging.handlers.QueueListener(q, rotating)
+        _listener.start()
+
+
+def stop_logging() -> None:
+    """Flush the file log (call before exit)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None

@@ -1,0 +1,394 @@
+"""The worker's connection to the main node: register, heartbeat, run what is assigned.
+
+Theory of operation: one persistent TCP connection. After ``register`` the
+main node pushes ``task_assign`` and ``task_cancel`` on it; the agent answers
+each assignment at once (ack, or error to hand it back), runs accepted tasks
+concurrently up to its slots, and sends ``task_result``. A result stays in the
+*outbox* until the main node acknowledges it; if the connection drops, the
+agent reconnects with exponential backoff and jitter, re-registers reporting
+every task it still holds (running, or finished with the result not yet
+acknowledged) and sends the outbox again, so a reconnect neither loses a
+result nor makes the main node run a task twice.
+
+Python 3.9 syntax and the standard library only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from ..protocol.codec import MessageStream, encode
+from ..protocol.errors import ProtocolError, error_from_code
+from ..protocol.messages import Message, ack, error_reply, new_message_id, utc_timestamp
+from .config import WorkerConfig, load_or_create_device_id
+from .executor import Executor, Outcome
+from .profiler import Profiler
+
+__all__ = ["Agent", "FatalError"]
+
+log = logging.getLogger("retire_cluster.worker")
+
+#: Frames from the main node may be as large as what it accepts; leave room.
+INBOUND_FRAME_LIMIT = 4 * 1024 * 1024
+REQUEST_TIMEOUT_S = 30.0
+
+
+class FatalError(Exception):
+    """Retrying cannot help (the token was refused); the worker exits."""
+
+
+@dataclass
+class Running:
+    task: Dict[str, Any]
+    job: "asyncio.Task[Any]"
+
+    @property
+    def attempt(self) -> int:
+        return int(self.task["attempt"])
+
+
+class Agent:
+    """One worker device.
+
+    Args:
+        config: the worker's settings.
+        profiler, executor: replaceable for tests.
+    """
+
+    def __init__(self, config: WorkerConfig, *, profiler: Optional[Profiler] = None,
+                 executor: Optional[Executor] = None) -> None:
+        self.config = config
+        self.device_id = config.device_id or load_or_create_device_id(config.data_dir)
+        self.profiler = profiler or Profiler(config.role, config.data_dir, config.capabilities)
+        self.executor = executor or Executor(config.task_types, output_limit_bytes=config.output_limit_bytes)
+        self.running: Dict[str, Running] = {}
+        self.outbox: Dict[Tuple[str, int], Dict[str, Any]] = {}
+        self.heartbeat_interval_s = config.heartbeat_interval_s or 60.0
+        self.max_frame_bytes = 1024 * 1024
+        self.tasks_finished = 0
+        self.registered = asyncio.Event()
+        self._writer: Optional[asyncio.StreamWriter] = None
+        self._pending: Dict[str, "asyncio.Future[Message]"] = {}
+        self._stopping = asyncio.Event()
+        self._last_activity = time.time()
+
+    # -- lifecycle --------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish (running tasks are cancelled and reported)."""
+        self._stopping.set()
+
+    async def run(self) -> int:
+        """Connect, serve, reconnect until stopped. Returns the exit code."""
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    reader, writer = await asyncio.open_connection(
+                        self.config.main_host, self.config.main_port, limit=INBOUND_FRAME_LIMIT
+                    )
+                except OSError as exc:
+                    failures += 1
+                    delay = self._backoff(failures)
+                    log.warning("cannot reach main node %s:%d (%s); retrying in %.1f s",
+                                self.config.main_host, self.config.main_port, exc.strerror or exc, delay)
+                    await self._sleep_unless_stopped(delay)
+                    continue
+                try:
+                    await self._session(reader, writer)
+                    failures = 0
+                except FatalError as exc:
+                    log.error("%s", exc)
+                    return 2
+                except (ConnectionError, OSError, asyncio.TimeoutError, ProtocolError) as exc:
+                    failures += 1
+                    log.warning("connection to main node lost (%s)", exc or type(exc).__name__)
+                finally:
+                    self.registered.clear()
+                    self._writer = None
+                    for fut in self._pending.values():
+                        if not fut.done():
+                            fut.set_exception(ConnectionError("connection closed"))
+                    self._pending.clear()
+                    writer.close()
+                if self._burst_done():
+                    break
+                if not self._stopping.is_set():
+                    await self._sleep_unless_stopped(self._backoff(max(failures, 1)))
+        finally:
+            await self._cancel_all()
+        return 0
+
+    def _backoff(self, failures: int) -> float:
+        """Exponential from reconnect_min_s to reconnect_max_s, with full jitter above the minimum."""
+        lo, hi = self.config.reconnect_min_s, self.config.reconnect_max_s
+        ceiling = min(hi, lo * (2 ** min(failures - 1, 16)))
+        return lo + random.random() * (ceiling - lo)
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    def _burst_done(self) -> bool:
+        return (
+            self.config.burst and self.tasks_finished > 0 and not self.running and not self.outbox
+        )
+
+    async def _cancel_all(self) -> None:
+        jobs = [r.job for r in self.running.values()]
+        for job in jobs:
+            job.cancel()
+        if jobs:
+            await asyncio.gather(*jobs, return_exceptions=True)
+
+    # -- one connection ---------------------------------------------------
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        stream = MessageStream(INBOUND_FRAME_LIMIT)
+        read_task = asyncio.ensure_future(self._read_loop(reader, stream))
+        stop_task = asyncio.ensure_future(self._stopping.wait())
+        try:
+            try:
+                reply = await self._request("register", self._register_data(), wait_for=read_task)
+            except ProtocolError as exc:
+                if exc.code == "unauthorized":
+                    raise FatalError(
+                        "The main node refused the token; run `retire-cluster token` on the "
+                        "main node and pass it with --token."
+                    ) from None
+                raise
+            result = reply.data.get("result") or {}
+            if self.config.heartbeat_interval_s is None and result.get("heartbeat_interval"):
+                self.heartbeat_interval_s = float(result["heartbeat_interval"])
+            if result.get("max_frame_bytes"):
+                self.max_frame_bytes = int(result["max_frame_bytes"])
+            self.registered.set()
+            log.info("registered with %s:%d as %s (%s)", self.config.main_host, self.config.main_port,
+                     self.device_id, ", ".join(self.executor.task_types))
+            for key in list(self.outbox):
+                self._spawn(self._deliver(key))
+            next_beat = time.monotonic() + self.heartbeat_interval_s
+            while True:
+                if self._burst_done():
+                    return
+                wait_s = max(0.0, next_beat - time.monotonic())
+                if self.config.burst:
+                    wait_s = min(wait_s, 0.1)  # notice idleness promptly
+                done, _ = await asyncio.wait({read_task, stop_task}, timeout=wait_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if read_task in done:
+                    read_task.result()  # raises what ended the connection
+                    raise ConnectionError("main node closed the connection")
+                if stop_task in done:
+                    await self._shutdown_gracefully()
+                    return
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.heartbeat_interval_s
+                    self._send(self._message("heartbeat", self._heartbeat_data()))
+        finally:
+            for t in (read_task, stop_task):
+                t.cancel()
+            await asyncio.gather(read_task, stop_task, return_exceptions=True)
+
+    async def _shutdown_gracefully(self) -> None:
+        """Stop running tasks (they are handed back) and deliver what is in the outbox."""
+        await self._cancel_all()
+        deadline = time.monotonic() + 5.0
+        while self.outbox and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def _read_loop(self, reader: asyncio.StreamReader, stream: MessageStream) -> None:
+        while True:
+            data = await reader.read(65536)
+            for event in stream.feed(data):
+                if isinstance(event, Message):
+                    self._on_message(event)
+                else:
+                    log.warning("bad frame from main node: %s", event.error)
+            if not data:
+                raise ConnectionError("main node closed the connection")
+
+    def _message(self, message_type: str, data: Dict[str, Any], message_id: Optional[str] = None) -> Message:
+        return Message(message_type, message_id or new_message_id(), self.device_id, data,
+                       timestamp=utc_timestamp(), auth_token=self.config.token)
+
+    def _send(self, message: Message) -> None:
+        if self._writer is None or self._writer.is_closing():
+            raise ConnectionError("not connected")
+        self._writer.write(encode(message))
+
+    async def _request(self, message_type: str, data: Dict[str, Any],
+                       wait_for: "Optional[asyncio.Future[Any]]" = None) -> Message:
+        """Send a request and wait for its reply; an error reply raises its ProtocolError."""
+        msg = self._message(message_type, data)
+        fut: "asyncio.Future[Message]" = asyncio.get_running_loop().create_future()
+        self._pending[msg.message_id] = fut
+        self._send(msg)
+        assert self._writer is not None
+        await self._writer.drain()
+        waiters = {fut} if wait_for is None else {fut, wait_for}
+        done, _ = await asyncio.wait(waiters, timeout=REQUEST_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        if fut not in done:
+            self._pending.pop(msg.message_id, None)
+            if wait_for is not None and wait_for in done:
+                wait_for.result()
+                raise ConnectionError("main node closed the connection")
+            raise asyncio.TimeoutError(f"no reply to {message_type} within {REQUEST_TIMEOUT_S:g} s")
+        reply = fut.result()
+        if reply.message_type == "error":
+            raise error_from_code(str(reply.data.get("code")), str(reply.data.get("error")))
+        return reply
+
+    # -- what the main node sends -----------------------------------------
+
+    def _on_message(self, msg: Message) -> None:
+        kind = msg.message_type
+        if kind in ("ack", "error"):
+            fut = self._pending.pop(str(msg.data.get("original_message_id")), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif kind == "task_assign":
+            self._on_assign(msg)
+        elif kind == "task_cancel":
+            self._on_cancel(msg)
+        else:
+            log.debug("ignoring %s from main node", kind)
+
+    def _on_assign(self, msg: Message) -> None:
+        task = msg.data.get("task")
+        if not isinstance(task, dict) or "task_id" not in task or "attempt" not in task:
+            self._send(error_reply(msg.message_id, "invalid_message", "task_assign without a task.",
+                                   sender_id=self.device_id))
+            return
+        task_id, attempt = str(task["task_id"]), int(task["attempt"])
+        held = self.running.get(task_id)
+        if held is not None and held.attempt == attempt or (task_id, attempt) in self.outbox:
+            self._send(ack(msg.message_id, {"task_id": task_id}, sender_id=self.device_id))
+            return
+        if not self.executor.can_run(str(task.get("task_type"))):
+            self._send(error_reply(msg.message_id, "forbidden",
+                                   f"task type {task.get('task_type')!r} is not enabled on this worker.",
+                                   sender_id=self.device_id))
+            return
+        if len(self.running) >= self.config.slots:
+            self._send(error_reply(msg.message_id, "overloaded", "all task slots are busy.",
+                                   sender_id=self.device_id))
+            return
+        if held is not None:  # an older attempt of the same task: it was taken from us
+            held.job.cancel()
+        self._send(ack(msg.message_id, {"task_id": task_id}, sender_id=self.device_id))
+        job = asyncio.ensure_future(self._run_task(task))
+        self.running[task_id] = Running(task, job)
+
+    def _on_cancel(self, msg: Message) -> None:
+        task_id = str(msg.data.get("task_id"))
+        attempt = msg.data.get("attempt")
+        held = self.running.get(task_id)
+        if held is not None and (attempt is None or int(attempt) == held.attempt):
+            log.info("cancelling task %s (%s)", task_id, msg.data.get("reason", "cancelled"))
+            held.job.cancel()
+
+    # -- running tasks ----------------------------------------------------
+
+    async def _run_task(self, task: Dict[str, Any]) -> None:
+        task_id, attempt = str(task["task_id"]), int(task["attempt"])
+        self._last_activity = time.time()
+
+        def progress(percent: float, message: str) -> None:
+            try:
+                self._send(self._message("task_progress", {"task_id": task_id, "attempt": attempt,
+                                                           "progress": percent, "message": message[:1024]}))
+            except ConnectionError:
+                pass
+
+        try:
+            outcome = await self.executor.run(task, progress)
+        except asyncio.CancelledError:
+            outcome = Outcome("cancelled", error="cancelled on the worker")
+        except Exception as exc:  # a bug in a task type must not kill the worker
+            log.exception("task %s crashed the executor", task_id)
+            outcome = Outcome("failed", error=f"worker error: {type(exc).__name__}: {exc}")
+        finally:
+            current = self.running.get(task_id)
+            if current is not None and current.attempt == attempt:
+                del self.running[task_id]
+        self._last_activity = time.time()
+        key = (task_id, attempt)
+        self.outbox[key] = self._fit({
+            "task_id": task_id,
+            "attempt": attempt,
+            "status": outcome.status,
+            "execution_time": outcome.execution_time_s,
+            "result": outcome.result(),
+        })
+        self.tasks_finished += 1
+        if self.registered.is_set():
+            await self._deliver(key)
+
+    async def _deliver(self, key: Tuple[str, int]) -> None:
+        """Send one outbox result; it leaves the outbox once acknowledged."""
+        data = self.outbox.get(key)
+        if data is None:
+            return
+        try:
+            await self._request("task_result", data)
+        except (ConnectionError, asyncio.TimeoutError):
+            return  # re-sent after the next register
+        except ProtocolError as exc:
+            log.warning("main node refused result of %s: %s", key[0], exc)
+        self.outbox.pop(key, None)
+
+    def _spawn(self, coro: Any) -> None:
+        asyncio.ensure_future(coro)
+
+    def _fit(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        """Trim output so the task_result frame fits the main node's max_frame_bytes."""
+        limit = self.max_frame_bytes - 1024  # envelope and margin
+        result = data["result"]
+        for _ in range(8):
+            size = len(encode(self._message("task_result", data)))
+            if size <= limit:
+                return data
+            excess = size - limit
+            field = max(("output", "stderr", "stdout"), key=lambda k: len(result.get(k) or ""))
+            text = result.get(field) or ""
+            if not text:
+                break
+            keep = max(0, len(text.encode("utf-8")) - excess - 64)
+            result[field] = text.encode("utf-8")[:keep].decode("utf-8", errors="ignore")
+            result["truncated"] = True
+        return data
+
+    # -- message contents -------------------------------------------------
+
+    def held_tasks(self) -> "list[Dict[str, Any]]":
+        held = {(tid, r.attempt) for tid, r in self.running.items()} | set(self.outbox)
+        return [{"task_id": tid, "attempt": att} for tid, att in sorted(held)]
+
+    def _register_data(self) -> Dict[str, Any]:
+        return {
+            "device_info": self.profiler.device_info(),
+            "hardware_specs": self.profiler.hardware_specs(),
+            "capabilities": self.profiler.capabilities(),
+            "task_types": self.executor.task_types,
+            "max_concurrent_tasks": self.config.slots,
+            "running_tasks": self.held_tasks(),
+            "accepting": True,
+        }
+
+    def _heartbeat_data(self) -> Dict[str, Any]:
+        return {
+            "system_metrics": self.profiler.system_metrics(),
+            "status": "online",
+            "active_tasks": len(self.running),
+            "last_activity": utc_timestamp(self._last_activity),
+            "accepting": True,
+        }

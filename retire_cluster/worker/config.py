@@ -1,0 +1,143 @@
+"""Settings of a worker, and its stable device id.
+
+Python 3.9 syntax and the standard library only: this runs on old phones.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import FrozenSet, Optional, Tuple
+
+__all__ = [
+    "BUILTIN_TYPES",
+    "DEFAULT_MAIN_PORT",
+    "OPT_IN_TYPES",
+    "WorkerConfig",
+    "default_data_dir",
+    "load_or_create_device_id",
+    "parse_main_address",
+]
+
+DEFAULT_MAIN_PORT = 8080
+#: Always available.
+BUILTIN_TYPES = frozenset({"echo", "sleep"})
+#: Run code on the device: only where its owner allowed them with --allow.
+OPT_IN_TYPES = frozenset({"python_eval", "command"})
+
+
+def default_data_dir() -> Path:
+    return Path(os.path.expanduser("~")) / ".retire-cluster" / "worker"
+
+
+def parse_main_address(text: str) -> Tuple[str, int]:
+    """``HOST[:PORT]`` (or ``[v6]:PORT``) to (host, port).
+
+    Raises:
+        ValueError: with a sentence saying what is expected.
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError("--main is empty; give the main node as HOST or HOST:PORT.")
+    host, port = text, DEFAULT_MAIN_PORT
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"--main {text!r}: missing ']' after the IPv6 address.")
+        host = text[1:end]
+        rest = text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"--main {text!r}: expected ':PORT' after ']'.")
+            port = _port(rest[1:], text)
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+        port = _port(port_text, text)
+    if not host:
+        raise ValueError(f"--main {text!r} has no host; give HOST or HOST:PORT.")
+    return host, port
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"--main {whole!r}: the port must be a number from 1 to 65535.")
+    return int(text)
+
+
+def load_or_create_device_id(data_dir: Path) -> str:
+    """The id saved in ``data_dir/device_id``; created from the hostname on first run.
+
+    A short random suffix keeps two phones both called ``localhost`` apart.
+    """
+    path = data_dir / "device_id"
+    try:
+        saved = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        saved = ""
+    if saved:
+        return saved
+    host = re.sub(r"[^A-Za-z0-9._-]+", "-", socket.gethostname()).strip("-.") or "device"
+    device_id = f"{host[:48]}-{secrets.token_hex(3)}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(device_id + "\n", encoding="utf-8")
+    return device_id
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a worker can be told.
+
+    Attributes:
+        main_host, main_port: where the main node listens.
+        token: the cluster token (None when the main node runs --insecure).
+        device_id: None means the saved, hostname-based id.
+        role: advertised in device_info (requirements can match it).
+        allow: opt-in task types the owner enabled (python_eval, command).
+        max_tasks: concurrent task slots; None means the CPU count.
+        data_dir: the device id and anything the worker keeps.
+        heartbeat_interval_s: None means what the main node says at register.
+        capabilities: extra capability strings to advertise.
+        python_eval_timeout_s: cap on python_eval, whatever the task asks.
+        output_limit_bytes: the most output text kept per task.
+        reconnect_min_s, reconnect_max_s: reconnect backoff bounds.
+        burst: exit once idle after running at least one task (tests, demos).
+    """
+
+    main_host: str = "127.0.0.1"
+    main_port: int = DEFAULT_MAIN_PORT
+    token: Optional[str] = None
+    device_id: Optional[str] = None
+    role: str = "worker"
+    allow: FrozenSet[str] = frozenset()
+    max_tasks: Optional[int] = None
+    data_dir: Path = field(default_factory=default_data_dir)
+    heartbeat_interval_s: Optional[float] = None
+    capabilities: Tuple[str, ...] = ()
+    python_eval_timeout_s: float = 3600.0
+    output_limit_bytes: int = 1024 * 1024
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    burst: bool = False
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        unknown = set(self.allow) - OPT_IN_TYPES
+        if unknown:
+            raise ValueError(
+                f"--allow {', '.join(sorted(unknown))}: only {', '.join(sorted(OPT_IN_TYPES))} "
+                "need allowing; other types are always on."
+            )
+        if self.max_tasks is not None and self.max_tasks < 1:
+            raise ValueError("--max-tasks must be at least 1.")
+
+    @property
+    def task_types(self) -> FrozenSet[str]:
+        return BUILTIN_TYPES | frozenset(self.allow)
+
+    @property
+    def slots(self) -> int:
+        return self.max_tasks or os.cpu_count() or 1
