@@ -242,6 +242,15 @@ class Handlers:
             log.info(
                 "device %s refused task %s: %s", conn.device_id, task.task_id, msg.data.get("error")
             )
+            # Do not offer it straight back: a device that says it lacks the
+            # type loses it; any other refusal pauses the device until its
+            # next heartbeat says it accepts work again.
+            device = self._device(conn)
+            if msg.data.get("code") == "forbidden":
+                device.task_types = device.task_types - {task.task_type}
+            else:
+                device.accepting = False
+                device.reason = f"refused a task: {msg.data.get('error')}"
             self.node.requeue(task, "refused", self.node.clock(), handback=True)
 
     # -- client -----------------------------------------------------------

@@ -1,0 +1,158 @@
+"""Connections: auth, bad frames, one reply per request, isolation between peers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from conftest import FakeClock, Peer, make_config
+
+from retire_cluster.main import MainNode
+
+
+async def test_frame_without_token_is_unauthorized_and_not_acted_on(node: MainNode) -> None:
+    anon = await Peer.connect(node, "anon", token=None)
+    reply = await anon.request("task_submit", {"task": {"task_type": "echo"}})
+    assert reply["message_type"] == "error" and reply["data"]["code"] == "unauthorized"
+    wrong = await Peer.connect(node, "wrong", token="not-the-token")
+    reply = await wrong.request("cluster_status")
+    assert reply["data"]["code"] == "unauthorized"
+    client = await Peer.connect(node)
+    assert (await client.ok("task_list", {}))["tasks"] == []
+
+
+async def test_connection_authenticates_once_then_token_optional(node: MainNode) -> None:
+    peer = await Peer.connect(node)
+    await peer.ok("cluster_status")
+    peer.token = None
+    await peer.ok("cluster_status")
+
+
+async def test_invalid_json_before_auth_is_answered_then_closed(node: MainNode) -> None:
+    anon = await Peer.connect(node, "anon", token=None)
+    await anon.send_raw(b"{not json\n")
+    reply = await anon.recv()
+    assert reply["data"]["code"] == "invalid_json" and reply["data"]["original_message_id"] is None
+    assert await anon.closed_by_peer()
+
+
+async def test_invalid_json_after_auth_keeps_connection(node: MainNode) -> None:
+    peer = await Peer.connect(node)
+    await peer.ok("cluster_status")
+    await peer.send_raw(b'{"message_type": "cluster_status", "message_id": "x",\n')
+    reply = await peer.recv()
+    assert reply["data"]["code"] == "invalid_json"
+    await peer.ok("cluster_status")
+
+
+async def test_frame_too_large_closes_only_that_connection(tmp_path, clock: FakeClock) -> None:
+    node = MainNode(make_config(tmp_path, max_frame_bytes=4096), clock=clock, run_monitor=False)
+    await node.start()
+    try:
+        bystander = await Peer.connect(node, "bystander")
+        await bystander.ok("cluster_status")
+        big = await Peer.connect(node, "big")
+        await big.ok("cluster_status")
+        await big.send("task_submit", {"task": {"task_type": "echo", "payload": {"m": "x" * 10000}}})
+        reply = await big.recv()
+        assert reply["data"]["code"] == "frame_too_large"
+        assert await big.closed_by_peer()
+        await bystander.ok("cluster_status")
+    finally:
+        await node.stop()
+
+
+async def test_unterminated_huge_frame_is_refused_before_newline(tmp_path, clock: FakeClock) -> None:
+    node = MainNode(make_config(tmp_path, max_frame_bytes=4096), clock=clock, run_monitor=False)
+    await node.start()
+    try:
+        peer = await Peer.connect(node, "flood")
+        await peer.send_raw(b'{"message_type": "' + b"a" * 8000)  # no newline ever
+        reply = await peer.recv()
+        assert reply["data"]["code"] == "frame_too_large"
+        assert await peer.closed_by_peer()
+    finally:
+        await node.stop()
+
+
+async def test_unknown_message_type_and_invalid_message(node: MainNode) -> None:
+    peer = await Peer.connect(node)
+    reply = await peer.request("make_coffee")
+    assert reply["data"]["code"] == "unknown_message_type"
+    reply = await peer.request("task_status", {})
+    assert reply["data"]["code"] == "invalid_message" and reply["data"]["path"] == "$.data"
+    await peer.send_raw(b'{"message_type": "task_status", "sender_id": "c", "data": {}}\n')
+    reply = await peer.recv()
+    assert reply["data"]["code"] == "invalid_message" and reply["data"]["path"] == "$.message_id"
+    reply = await peer.request("task_status", {"task_id": "nope"})
+    assert reply["data"]["code"] == "not_found"
+
+
+async def test_main_node_pushes_are_not_accepted_as_requests(node: MainNode) -> None:
+    peer = await Peer.connect(node)
+    reply = await peer.request("task_assign", {"task": {"task_id": "t", "task_type": "echo", "payload": {},
+                                                         "timeout": 1, "attempt": 1}})
+    assert reply["data"]["code"] == "invalid_message"
+
+
+async def test_handler_crash_is_internal_without_details(node: MainNode, monkeypatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    def boom(conn, msg):
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setitem(node.handlers._table, "cluster_status", boom)
+    peer = await Peer.connect(node)
+    reply = await peer.request("cluster_status")
+    assert reply["data"]["code"] == "internal"
+    assert "secret detail" not in json.dumps(reply)
+    assert any("secret detail" in r.getMessage() or (r.exc_info and "secret detail" in str(r.exc_info[1]))
+               for r in caplog.records)
+    assert (await peer.ok("list_devices"))["devices"] == []
+
+
+async def test_every_request_in_a_burst_gets_exactly_one_reply(node: MainNode) -> None:
+    peer = await Peer.connect(node)
+    frames = b""
+    ids = []
+    for i in range(200):
+        mid = f"m{i}"
+        ids.append(mid)
+        kind = ["cluster_status", "task_status", "bogus", "task_submit"][i % 4]
+        data = {"task_id": "none"} if kind == "task_status" else {}
+        if kind == "task_submit":
+            data = {"task": {"task_type": "echo"}}
+        frames += json.dumps({"message_type": kind, "message_id": mid, "sender_id": "c",
+                              "auth_token": node.token, "data": data}).encode() + b"\n"
+    frames += b"\n\n"  # empty lines are ignored
+    await peer.send_raw(frames)
+    got = []
+    while len(got) < len(ids):
+        msg = await peer.recv()
+        got.append(msg["data"]["original_message_id"])
+    assert sorted(got) == sorted(ids)
+    with pytest.raises(asyncio.TimeoutError):
+        await peer.recv(timeout=0.3)
+
+
+async def test_insecure_node_needs_no_token(tmp_path, clock: FakeClock) -> None:
+    node = MainNode(make_config(tmp_path, insecure=True), clock=clock, run_monitor=False)
+    await node.start()
+    try:
+        assert node.token is None and not (tmp_path / "main" / "token").exists()
+        peer = await Peer.connect(node, token=None)
+        await peer.ok("cluster_status")
+    finally:
+        await node.stop()
+
+
+async def test_token_is_created_once_with_private_mode(tmp_path, clock: FakeClock) -> None:
+    config = make_config(tmp_path)
+    first = MainNode(config, clock=clock, run_monitor=False)
+    await first.start()
+    await first.stop()
+    second = MainNode(config, clock=clock, run_monitor=False)
+    await second.start()
+    await second.stop()
+    assert first.token == second.token and len(first.token or "") >= 32
+    assert (config.token_path.stat().st_mode & 0o777) == 0o600
