@@ -38,7 +38,7 @@ def main():
             msg = json.loads(line)
             if msg["data"].get("original_message_id") == mid:
                 if msg["message_type"] == "error":
-                    sys.exit("error: %s (%s)" % (msg["data"]["error"], msg["data"]["code"]))
+                    sys.exit(f"error: {msg['data']['error']} ({msg['data']['code']})")
                 return msg["data"]["result"]
         sys.exit("error: the main node closed the connection")
 
@@ -53,7 +53,7 @@ def main():
             if task["status"] in ("completed", "failed", "cancelled", "timeout"):
                 result = task.get("result") or {}
                 if task["status"] != "completed":
-                    sys.exit("task %s %s: %s" % (task_id, task["status"], task.get("error")))
+                    sys.exit(f"task {task_id} {task['status']}: {task.get('error')}")
                 print(result.get("output"))
                 return
 

@@ -145,6 +145,22 @@ def _lan_address() -> str:
         return socket.gethostname()
 
 
+def build_main_config(config_file: Optional[str], options: Dict[str, Any]) -> Any:
+    """MainConfig from defaults < JSON file < environment/flags (click merges those two).
+
+    Returns (config, whether --host was given anywhere).
+    """
+    from .main.config import MainConfig, normalise_keys
+
+    overrides: Dict[str, Any] = MainConfig.from_file(config_file) if config_file else {}
+    given = {_MAIN_OPTIONS[k]: v for k, v in options.items() if v is not None}
+    overrides.update(normalise_keys(given, source="the command line"))
+    host_given = "host" in overrides
+    if overrides.get("insecure") and not host_given:
+        overrides["host"] = "127.0.0.1"
+    return MainConfig().with_overrides(overrides), host_given
+
+
 @cli.command("main")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), envvar="RETIRE_CLUSTER_CONFIG",
               help="JSON file with settings (keys as the long options, with underscores).")
@@ -166,18 +182,12 @@ def _lan_address() -> str:
               help="Also log to this file, rotated at 10 MiB (5 kept).")
 def main_cmd(config_file: Optional[str], **options: Any) -> None:
     """Start the main node (registry, scheduler, monitor, store) on TCP."""
-    from .main.config import ConfigError, MainConfig, normalise_keys
+    from .main.config import ConfigError
     from .main.node import MainNode
     from .runtime import run, setup_logging, stop_logging
 
     try:
-        overrides: Dict[str, Any] = MainConfig.from_file(config_file) if config_file else {}
-        given = {_MAIN_OPTIONS[k]: v for k, v in options.items() if v is not None}
-        overrides.update(normalise_keys(given, source="the command line"))
-        host_given = "host" in overrides
-        if overrides.get("insecure") and not host_given:
-            overrides["host"] = "127.0.0.1"
-        config = MainConfig().with_overrides(overrides)
+        config, host_given = build_main_config(config_file, options)
     except (ConfigError, TypeError, ValueError) as exc:
         _fail(str(exc), 2)
     setup_logging(config.log_level, config.log_file)

@@ -6,6 +6,7 @@ what the main node does, not what our worker happens to do.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Dict
 
 from conftest import FakeClock, Peer, fake_worker, register_data, settle
@@ -23,12 +24,10 @@ async def submit(client: Peer, task_type: str = "echo", **task: Any) -> str:
 async def take_assignment(worker: Peer, accept: bool = True) -> Dict[str, Any]:
     push = await worker.next_push("task_assign")
     if accept:
-        await worker.send_raw(
-            (
-                '{"message_type":"ack","message_id":"a-%s","sender_id":"%s","data":{"original_message_id":"%s","result":{}}}\n'
-                % (push["message_id"], worker.sender_id, push["message_id"])
-            ).encode()
-        )
+        await worker.send_raw(json.dumps({
+            "message_type": "ack", "message_id": f"a-{push['message_id']}", "sender_id": worker.sender_id,
+            "data": {"original_message_id": push["message_id"], "result": {}},
+        }).encode() + b"\n")
     return dict(push["data"]["task"])
 
 
@@ -260,10 +259,10 @@ async def test_worker_refusal_hands_back_without_using_a_retry(node: MainNode) -
     task_id = await submit(client, max_retries=0)
     picky = await fake_worker(node, "picky", cores=1)
     push = await picky.next_push("task_assign")
-    await picky.send_raw((
-        '{"message_type":"error","message_id":"e1","sender_id":"picky","data":'
-        '{"original_message_id":"%s","code":"overloaded","error":"busy"}}\n' % push["message_id"]
-    ).encode())
+    await picky.send_raw(json.dumps({
+        "message_type": "error", "message_id": "e1", "sender_id": "picky",
+        "data": {"original_message_id": push["message_id"], "code": "overloaded", "error": "busy"},
+    }).encode() + b"\n")
     await settle(node)
     await picky.close()
     await settle(node)

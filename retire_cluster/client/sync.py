@@ -50,7 +50,7 @@ class Client:
         self.updates: List[Dict[str, Any]] = []
 
     def __enter__(self) -> Client:
-        self.connect()
+        """The connection opens with the first request."""
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -151,12 +151,16 @@ class Store:
         """Open (creating or migrating) the database and start the writer."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(str(self.path), isolation_level=None)
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute(f"PRAGMA synchronous={'FULL' if self.synchronous == 'full' else 'NORMAL'}")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await self._migrate(db)
+        except BaseException:
+            await db.close()
+            raise
         self._db = db
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute(f"PRAGMA synchronous={'FULL' if self.synchronous == 'full' else 'NORMAL'}")
-        await db.execute("PRAGMA foreign_keys=ON")
-        await db.execute("PRAGMA busy_timeout=5000")
-        await self._migrate(db)
         self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name="store-writer")
 
     async def _migrate(self, db: aiosqlite.Connection) -> None:

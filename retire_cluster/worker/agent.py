@@ -201,9 +201,9 @@ class Agent:
     async def _shutdown_gracefully(self) -> None:
         """Stop running tasks (they are handed back) and deliver what is in the outbox."""
         await self._cancel_all()
-        deadline = time.monotonic() + 5.0
-        while self.outbox and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        pending = [asyncio.ensure_future(self._deliver(key)) for key in list(self.outbox)]
+        if pending:
+            await asyncio.wait(pending, timeout=5.0)
 
     async def _read_loop(self, reader: asyncio.StreamReader, stream: MessageStream) -> None:
         while True:

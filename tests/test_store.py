@@ -1,0 +1,120 @@
+"""The store: schema version and WAL, exact round trips, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from retire_cluster.main.registry import Device
+from retire_cluster.main.store import SCHEMA_VERSION, Store
+from retire_cluster.main.tasks import Attempt, Task
+from retire_cluster.protocol.messages import DeviceStatus, TaskStatus
+
+
+def make_task(n: int, **kw) -> Task:
+    fields = dict(task_id=f"t{n}", task_type="echo", payload={"message": f"m{n}"}, priority=5,
+                  timeout_s=60.0, requirements={}, max_retries=3, created_at=1000.0 + n, seq=n)
+    fields.update(kw)
+    return Task(**fields)
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    s = Store(tmp_path / "db" / "cluster.db")
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_new_database_is_wal_with_schema_version(store: Store) -> None:
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"tasks_status", "tasks_device", "tasks_seq"} <= indexes
+
+
+async def test_reopen_does_not_migrate_again(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.db"
+    for _ in range(2):
+        s = Store(path)
+        await s.open()
+        await s.write([Store.insert_task(make_task(len(await s.list_tasks())))])
+        await s.flush()
+        await s.close()
+    s = Store(path)
+    await s.open()
+    assert len(await s.list_tasks()) == 2
+    await s.close()
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.db"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    s = Store(path)
+    with pytest.raises(RuntimeError, match="newer retire-cluster"):
+        await s.open()
+    assert not s.is_open
+
+
+async def test_odd_strings_round_trip_exactly(store: Store) -> None:
+    odd = "quote ' double \" back \\ emoji 🛰️ rtl \u202e long " + "x" * 100_000
+    task = make_task(1, task_id="id 'with' \"quotes\" 🙂", payload={"message": odd, "nested": [odd, {"k": odd}]},
+                     requirements={"role": "o'role"})
+    await store.write([Store.insert_task(task)])
+    back = await store.get_task(task.task_id)
+    assert back is not None
+    assert back.payload == task.payload and back.requirements == task.requirements
+    device = Device("dev ' 🙂", device_info={"hostname": odd}, capabilities=frozenset({"a'b"}),
+                    task_types=frozenset({"echo"}), status=DeviceStatus.ONLINE)
+    await store.write([Store.upsert_device(device)])
+    loaded = {d.device_id: d for d in await store.load_devices()}
+    assert loaded["dev ' 🙂"].device_info["hostname"] == odd
+    assert loaded["dev ' 🙂"].capabilities == frozenset({"a'b"})
+
+
+async def test_updates_and_attempts_persist(store: Store) -> None:
+    task = make_task(1)
+    await store.write([Store.insert_task(task)])
+    task.status, task.attempt, task.assigned_device, task.assigned_at = TaskStatus.ASSIGNED, 1, "d", 5.0
+    task.attempts.append(Attempt(1, "d", 5.0))
+    await store.write(Store.update_task(task))
+    unfinished = await store.load_unfinished_tasks()
+    assert [(t.task_id, t.status, t.attempts[0].device_id) for t in unfinished] == [("t1", TaskStatus.ASSIGNED, "d")]
+    task.status, task.result, task.finished_at = TaskStatus.COMPLETED, {"output": "ok"}, 9.0
+    task.attempts[0].outcome = "completed"
+    await store.write(Store.update_task(task))
+    assert await store.load_unfinished_tasks() == []
+    assert (await store.get_task("t1")).result == {"output": "ok"}
+    assert (await store.count_tasks())["completed"] == 1
+
+
+async def test_group_commit_batches_concurrent_writes(store: Store) -> None:
+    before = store.commits
+    futures = [store.write([Store.insert_task(make_task(n))]) for n in range(200)]
+    await asyncio.gather(*futures)
+    assert store.commits - before < 200
+    assert len(await store.list_tasks(limit=1000)) == 200
+
+
+async def test_failed_commit_reaches_every_waiter_and_store_goes_on(store: Store) -> None:
+    await store.write([Store.insert_task(make_task(1))])
+    dup = store.write([Store.insert_task(make_task(1))])  # same primary key
+    with pytest.raises(sqlite3.IntegrityError):
+        await dup
+    await store.write([Store.insert_task(make_task(2))])
+    assert {t.task_id for t in await store.list_tasks()} == {"t1", "t2"}
+
+
+async def test_list_filters_newest_first(store: Store) -> None:
+    ops = [Store.insert_task(make_task(n, task_type="echo" if n % 2 else "sleep")) for n in range(1, 7)]
+    await store.write(ops)
+    assert [t.task_id for t in await store.list_tasks(task_type="echo")] == ["t5", "t3", "t1"]
+    assert [t.task_id for t in await store.list_tasks(limit=2)] == ["t6", "t5"]
+    assert await store.integrity_check() == "ok"
