@@ -82,11 +82,14 @@ def test_kill9_after_acknowledged_submissions_loses_nothing(main_process, tmp_pa
 
 
 def test_sigterm_exits_zero_and_token_command(main_process, tmp_path) -> None:
-    main = main_process()
+    log_file = tmp_path / "logs" / "main.log"
+    main = main_process("--log-file", str(log_file))
     token = subprocess.run(cli_cmd("token", "--data-dir", str(main.data_dir)), capture_output=True,
                            text=True, env=cli_env(), timeout=30)
     assert token.returncode == 0 and token.stdout.strip() == main.token
     assert main.terminate() == 0
+    logged = log_file.read_text()
+    assert "main node listening on 127.0.0.1" in logged and "main node stopped" in logged
     missing = subprocess.run(cli_cmd("token", "--data-dir", str(tmp_path / "nothing")), capture_output=True,
                              text=True, env=cli_env(), timeout=30)
     assert missing.returncode == 1 and "start `retire-cluster main" in missing.stderr

@@ -246,6 +246,12 @@ class MainNode:
                 return
             conn.authenticated = True
         if msg.message_type in REPLY_TYPES:
+            # A reply never gets a reply; a malformed one is dropped.
+            try:
+                self.validator.validate(msg)
+            except RemoteProtocolError as exc:
+                log.info("dropping malformed %s from %s: %s", msg.message_type, conn.peer, exc)
+                return
             self.handlers.on_reply(conn, msg)
             return
         try:

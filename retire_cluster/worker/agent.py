@@ -27,6 +27,7 @@ from ..protocol.errors import ProtocolError, error_from_code
 from ..protocol.messages import Message, ack, error_reply, new_message_id, utc_timestamp
 from .config import WorkerConfig, load_or_create_device_id
 from .executor import Executor, Outcome
+from .outbox import Outbox
 from .profiler import Profiler
 
 __all__ = ["Agent", "FatalError"]
@@ -67,7 +68,7 @@ class Agent:
         self.profiler = profiler or Profiler(config.role, config.data_dir, config.capabilities)
         self.executor = executor or Executor(config.task_types, output_limit_bytes=config.output_limit_bytes)
         self.running: Dict[str, Running] = {}
-        self.outbox: Dict[Tuple[str, int], Dict[str, Any]] = {}
+        self.outbox = Outbox(config.data_dir / "outbox")
         self.heartbeat_interval_s = config.heartbeat_interval_s or 60.0
         self.max_frame_bytes = 1024 * 1024
         self.tasks_finished = 0
@@ -322,13 +323,13 @@ class Agent:
                 del self.running[task_id]
         self._last_activity = time.time()
         key = (task_id, attempt)
-        self.outbox[key] = self._fit({
+        self.outbox.put(key, self._fit({
             "task_id": task_id,
             "attempt": attempt,
             "status": outcome.status,
             "execution_time": outcome.execution_time_s,
             "result": outcome.result(),
-        })
+        }))
         self.tasks_finished += 1
         if self.registered.is_set():
             await self._deliver(key)
@@ -344,7 +345,7 @@ class Agent:
             return  # re-sent after the next register
         except ProtocolError as exc:
             log.warning("main node refused result of %s: %s", key[0], exc)
-        self.outbox.pop(key, None)
+        self.outbox.remove(key)
 
     def _spawn(self, coro: Any) -> None:
         asyncio.ensure_future(coro)

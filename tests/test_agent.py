@@ -1,0 +1,146 @@
+"""The real worker agent against a real main node, in one process: connection faults."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+from conftest import Peer, make_config
+
+from retire_cluster.main import MainNode
+from retire_cluster.worker import Agent, WorkerConfig
+from retire_cluster.worker.outbox import Outbox
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_until(predicate, timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def agent_for(node_port: int, token: str | None, data_dir: Path, **kw) -> Agent:
+    config = WorkerConfig(main_host="127.0.0.1", main_port=node_port, token=token, device_id="phone",
+                          data_dir=data_dir, reconnect_min_s=0.05, reconnect_max_s=0.2,
+                          heartbeat_interval_s=0.5, **kw)
+    return Agent(config)
+
+
+async def start_node(tmp_path: Path, port: int) -> MainNode:
+    node = MainNode(make_config(tmp_path, port=port), run_monitor=False)
+    await node.start()
+    return node
+
+
+async def submit(node: MainNode, task_type: str, payload: dict) -> str:
+    client = await Peer.connect(node)
+    task_id = (await client.ok("task_submit", {"task": {"task_type": task_type, "payload": payload}}))["task_id"]
+    await client.close()
+    return str(task_id)
+
+
+async def record(node: MainNode, task_id: str) -> dict:
+    client = await Peer.connect(node)
+    rec = (await client.ok("task_status", {"task_id": task_id}))["task"]
+    await client.close()
+    return dict(rec)
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+async def test_dropped_connection_keeps_the_running_task(tmp_path: Path, port: int) -> None:
+    node = await start_node(tmp_path, port)
+    agent = agent_for(port, node.token, tmp_path / "w")
+    runner = asyncio.ensure_future(agent.run())
+    try:
+        task_id = await submit(node, "sleep", {"seconds": 1.0})
+        await wait_until(lambda: task_id in agent.running)
+        node.registry.get("phone").conn.close()  # the Wi-Fi drops
+        await wait_until(lambda: node.lookup(task_id).terminal)
+        rec = await record(node, task_id)
+        assert rec["status"] == "completed" and rec["attempt"] == 1
+        assert [a["outcome"] for a in rec["attempts"]] == ["completed"]
+    finally:
+        agent.stop()
+        await runner
+        await node.stop()
+
+
+async def test_result_finished_while_main_node_was_down_is_delivered(tmp_path: Path, port: int) -> None:
+    node = await start_node(tmp_path, port)
+    agent = agent_for(port, node.token, tmp_path / "w")
+    runner = asyncio.ensure_future(agent.run())
+    try:
+        task_id = await submit(node, "sleep", {"seconds": 0.6})
+        await wait_until(lambda: task_id in agent.running)
+        await node.stop()  # the main node goes away while the task runs
+        await wait_until(lambda: (task_id, 1) in agent.outbox)
+        assert list((tmp_path / "w" / "outbox").glob("*.json")), "the result is kept on disk"
+        node = await start_node(tmp_path, port)
+        await wait_until(lambda: not agent.outbox)
+        rec = await record(node, task_id)
+        assert rec["status"] == "completed" and rec["attempt"] == 1
+        assert rec["result"]["output"] == "slept 0.6 s"
+    finally:
+        agent.stop()
+        await runner
+        await node.stop()
+
+
+async def test_result_spooled_before_a_worker_restart_is_delivered(tmp_path: Path, port: int) -> None:
+    node = await start_node(tmp_path, port)
+    try:
+        task_id = await submit(node, "echo", {"message": "x"})
+        peer = await Peer.connect(node, "phone")
+        await peer.request("register", {
+            "device_info": {"hostname": "h", "platform": "linux", "architecture": "x", "python_version": "3"},
+            "hardware_specs": {"cpu_cores": 1, "memory_total": 1}, "task_types": ["echo"]})
+        push = await peer.next_push("task_assign")
+        assert push["data"]["task"]["task_id"] == task_id
+        await peer.close()
+        # The worker finished it, wrote the result, and was restarted before sending it.
+        Outbox(tmp_path / "w" / "outbox").put((task_id, 1), {
+            "task_id": task_id, "attempt": 1, "status": "completed", "execution_time": 0.0,
+            "result": {"output": "from before the restart", "exit_code": 0}})
+        agent = agent_for(port, node.token, tmp_path / "w")
+        assert agent.held_tasks() == [{"task_id": task_id, "attempt": 1}]
+        runner = asyncio.ensure_future(agent.run())
+        await wait_until(lambda: not agent.outbox)
+        rec = await record(node, task_id)
+        assert rec["status"] == "completed" and rec["attempt"] == 1
+        assert rec["result"]["output"] == "from before the restart"
+        assert not list((tmp_path / "w" / "outbox").glob("*.json"))
+        agent.stop()
+        await runner
+    finally:
+        await node.stop()
+
+
+async def test_wrong_token_is_fatal_with_exit_2(tmp_path: Path, port: int) -> None:
+    node = await start_node(tmp_path, port)
+    try:
+        agent = agent_for(port, "wrong", tmp_path / "w")
+        assert await asyncio.wait_for(agent.run(), 20) == 2
+    finally:
+        await node.stop()
+
+
+async def test_backoff_grows_with_jitter_within_bounds(tmp_path: Path) -> None:
+    agent = Agent(WorkerConfig(device_id="x", data_dir=tmp_path, reconnect_min_s=1, reconnect_max_s=60))
+    for failures in range(1, 12):
+        delays = [agent._backoff(failures) for _ in range(50)]
+        assert all(1 <= d <= min(60, 2 ** (failures - 1)) for d in delays)
+    assert max(agent._backoff(10) for _ in range(200)) > 30
