@@ -244,7 +244,39 @@ def token_cmd(data_dir: str) -> None:
 # -- worker ------------------------------------------------------------------
 
 
+def _load_default_map(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    """--config FILE: a JSON object whose keys (option names, - or _) become defaults."""
+    if not value:
+        return value
+    try:
+        raw = json.loads(Path(value).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc.strerror}.") from None
+    except ValueError as exc:
+        raise click.BadParameter(f"{value} is not valid JSON ({exc}).") from None
+    if not isinstance(raw, dict):
+        raise click.BadParameter(f"{value} must hold a JSON object.")
+    names: Dict[str, str] = {}
+    for p in ctx.command.params:
+        if p.name and p.name != "config":
+            names[p.name] = p.name
+            for opt in p.opts:
+                if opt.startswith("--"):
+                    names[opt[2:].replace("-", "_")] = p.name
+    defaults = {}
+    for key, val in raw.items():
+        name = names.get(key.replace("-", "_"))
+        if name is None:
+            raise click.BadParameter(f"unknown setting {key!r} in {value}.")
+        defaults[name] = val
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
 @cli.command("worker")
+@click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+              callback=_load_default_map, envvar="RETIRE_CLUSTER_WORKER_CONFIG",
+              help="JSON file of settings (keys as the long options); flags override it.")
 @click.option("--main", "main_addr", envvar="RETIRE_CLUSTER_MAIN", required=True,
               help="Main node HOST[:PORT] [env RETIRE_CLUSTER_MAIN].")
 @click.option("--token", envvar="RETIRE_CLUSTER_TOKEN", help="Cluster token [env RETIRE_CLUSTER_TOKEN].")
@@ -256,27 +288,44 @@ def token_cmd(data_dir: str) -> None:
 @click.option("--max-tasks", type=int, help="Concurrent tasks.  [default: CPU cores]")
 @click.option("--capability", "capabilities", multiple=True, help="Extra capability to advertise (repeatable).")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="RETIRE_CLUSTER_WORKER_DIR",
-              help="Device id and worker state.  [default: ~/.retire-cluster/worker]")
+              help="Device id, undelivered results.  [default: ~/.retire-cluster/worker]")
 @click.option("--heartbeat-interval", type=float, help="Override the main node's heartbeat interval.")
+@click.option("--only-when-charging", is_flag=True, help="Take tasks only while on a charger.")
+@click.option("--min-battery", type=click.FloatRange(0, 100), metavar="PCT",
+              help="Take tasks only above this battery level (resumes 5 points higher).")
+@click.option("--max-battery-temp", type=float, metavar="C",
+              help="Stop taking tasks above this battery temperature (resumes 2 degrees lower).")
+@click.option("--max-owner-cpu", type=click.FloatRange(1, 100), metavar="PCT",
+              help="Stop taking tasks while the owner uses more CPU than this (resumes 10 points lower).")
+@click.option("--hours", metavar="HH:MM-HH:MM", help="Take tasks only in this local time window, e.g. 22:00-07:00.")
+@click.option("--evict", is_flag=True, help="Stop running tasks (handing them back) when a rule says stop.")
 @click.option("--burst", is_flag=True, help="Exit once idle after running at least one task.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def worker_cmd(main_addr: str, token: Optional[str], device_id: Optional[str], role: str,
                allow: Sequence[str], max_tasks: Optional[int], capabilities: Sequence[str],
-               data_dir: Optional[str], heartbeat_interval: Optional[float], burst: bool,
-               log_level: str) -> None:
+               data_dir: Optional[str], heartbeat_interval: Optional[float], only_when_charging: bool,
+               min_battery: Optional[float], max_battery_temp: Optional[float], max_owner_cpu: Optional[float],
+               hours: Optional[str], evict: bool, burst: bool, log_level: str) -> None:
     """Join a main node and run the tasks it assigns."""
     from .runtime import run, setup_logging
     from .worker.agent import Agent
     from .worker.config import WorkerConfig, default_data_dir, parse_main_address
+    from .worker.policy import PolicyConfig, parse_hours
 
     try:
         host, port = parse_main_address(main_addr)
+        policy = PolicyConfig(
+            only_when_charging=only_when_charging, min_battery_pct=min_battery,
+            max_battery_temp_c=max_battery_temp, max_owner_cpu_pct=max_owner_cpu,
+            hours=parse_hours(hours) if hours else None, evict=evict,
+        )  # fmt: skip
         config = WorkerConfig(
             main_host=host, main_port=port, token=token, device_id=device_id, role=role,
             allow=frozenset(allow), max_tasks=max_tasks,
             data_dir=Path(data_dir) if data_dir else default_data_dir(),
             heartbeat_interval_s=heartbeat_interval, capabilities=tuple(capabilities), burst=burst,
+            policy=policy,
         )  # fmt: skip
     except ValueError as exc:
         _fail(str(exc), 2)

@@ -16,6 +16,7 @@ Python 3.9 syntax and the standard library only.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import random
 import time
@@ -28,7 +29,8 @@ from ..protocol.messages import Message, ack, error_reply, new_message_id, utc_t
 from .config import WorkerConfig, load_or_create_device_id
 from .executor import Executor, Outcome
 from .outbox import Outbox
-from .profiler import Profiler
+from .policy import Decision, OwnerPolicy, Readings
+from .profiler import OwnerCpu, Profiler, read_battery
 
 __all__ = ["Agent", "FatalError"]
 
@@ -77,6 +79,46 @@ class Agent:
         self._pending: Dict[str, "asyncio.Future[Message]"] = {}
         self._stopping = asyncio.Event()
         self._last_activity = time.time()
+        self.policy = OwnerPolicy(config.policy)
+        self.decision = Decision(True)
+        self.battery: Dict[str, Any] = {}
+        self._owner_cpu = OwnerCpu()
+
+    # -- owner policy -----------------------------------------------------
+
+    async def check_policy(self, local_time: Optional[dt.time] = None) -> Decision:
+        """Read the device, apply the owner's rules, act on a change.
+
+        On a change the main node hears at once (an extra heartbeat); with
+        --evict, running tasks are stopped and handed back when lending stops.
+        """
+        if self.config.policy.active or not self.battery:
+            self.battery = await read_battery()
+        owner = self._owner_cpu.sample(self.executor.child_pids()) if self.config.policy.max_owner_cpu_pct else None
+        readings = Readings(battery_pct=self.battery.get("percent"), charging=self.battery.get("charging"),
+                            battery_temp_c=self.battery.get("temperature"), owner_cpu_pct=owner)
+        decision = self.policy.evaluate(readings, local_time or dt.datetime.now().time())
+        if decision != self.decision:
+            log.info("%s", "accepting tasks again" if decision.accepting else f"not accepting tasks: {decision.reason}")
+            self.decision = decision
+            if self.registered.is_set():
+                try:
+                    self._send(self._message("heartbeat", self._heartbeat_data()))
+                except ConnectionError:
+                    pass
+            if not decision.accepting and self.config.policy.evict and self.running:
+                log.info("evicting %d running task(s)", len(self.running))
+                for held in list(self.running.values()):
+                    held.job.cancel()
+        return decision
+
+    async def _policy_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.policy_interval_s)
+            try:
+                await self.check_policy()
+            except Exception:  # a broken sensor must not stop the worker
+                log.exception("owner policy check failed")
 
     # -- lifecycle --------------------------------------------------------
 
@@ -87,6 +129,8 @@ class Agent:
     async def run(self) -> int:
         """Connect, serve, reconnect until stopped. Returns the exit code."""
         failures = 0
+        await self.check_policy()
+        policy_task = asyncio.ensure_future(self._policy_loop())
         try:
             while not self._stopping.is_set():
                 try:
@@ -122,6 +166,8 @@ class Agent:
                 if not self._stopping.is_set():
                     await self._sleep_unless_stopped(self._backoff(max(failures, 1)))
         finally:
+            policy_task.cancel()
+            await asyncio.gather(policy_task, return_exceptions=True)
             await self._cancel_all()
         return 0
 
@@ -279,6 +325,10 @@ class Agent:
                                    f"task type {task.get('task_type')!r} is not enabled on this worker.",
                                    sender_id=self.device_id))
             return
+        if not self.decision.accepting:
+            self._send(error_reply(msg.message_id, "overloaded", f"not accepting tasks: {self.decision.reason}",
+                                   sender_id=self.device_id))
+            return
         if len(self.running) >= self.config.slots:
             self._send(error_reply(msg.message_id, "overloaded", "all task slots are busy.",
                                    sender_id=self.device_id))
@@ -382,14 +432,20 @@ class Agent:
             "task_types": self.executor.task_types,
             "max_concurrent_tasks": self.config.slots,
             "running_tasks": self.held_tasks(),
-            "accepting": True,
+            "accepting": self.decision.accepting,
+            "reason": self.decision.reason,
         }
 
     def _heartbeat_data(self) -> Dict[str, Any]:
+        metrics = self.profiler.system_metrics()
+        metrics["battery_percent"] = self.battery.get("percent")
+        metrics["charging"] = self.battery.get("charging")
+        metrics["battery_temperature"] = self.battery.get("temperature")
         return {
-            "system_metrics": self.profiler.system_metrics(),
-            "status": "online",
+            "system_metrics": metrics,
+            "status": "online" if self.decision.accepting else "paused",
             "active_tasks": len(self.running),
             "last_activity": utc_timestamp(self._last_activity),
-            "accepting": True,
+            "accepting": self.decision.accepting,
+            "reason": self.decision.reason,
         }

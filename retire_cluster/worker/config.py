@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import FrozenSet, Optional, Tuple
 
+from .policy import PolicyConfig
+
 __all__ = [
     "BUILTIN_TYPES",
     "DEFAULT_MAIN_PORT",
@@ -105,6 +107,8 @@ class WorkerConfig:
         output_limit_bytes: the most output text kept per task.
         reconnect_min_s, reconnect_max_s: reconnect backoff bounds.
         burst: exit once idle after running at least one task (tests, demos).
+        policy: the owner's rules (charging, battery, temperature, CPU, hours).
+        policy_interval_s: how often the rules are checked.
     """
 
     main_host: str = "127.0.0.1"
@@ -122,6 +126,8 @@ class WorkerConfig:
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 60.0
     burst: bool = False
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    policy_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

@@ -123,6 +123,11 @@ class Executor:
             "sleep": self._sleep,
             "python_eval": self._python_eval,
         }
+        self._pids: "set[int]" = set()
+
+    def child_pids(self) -> "list[int]":
+        """Process ids of the task processes running now (for the owner-CPU reading)."""
+        return sorted(self._pids)
 
     @property
     def task_types(self) -> "list[str]":
@@ -181,11 +186,14 @@ class Executor:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=child_env(), start_new_session=True,
         )  # fmt: skip
+        self._pids.add(proc.pid)
         try:
             out, err = await proc.communicate(dumps({"expression": expression}))
         except BaseException:
             await _kill_group(proc)
             raise
+        finally:
+            self._pids.discard(proc.pid)
         stderr = err.decode("utf-8", errors="replace") or None
         try:
             reply = loads(out) if out else None

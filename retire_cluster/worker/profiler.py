@@ -197,3 +197,148 @@ class Profiler:
             metrics["uptime"] = None
         metrics["worker_uptime"] = round(time.monotonic() - self._started, 1)
         return metrics
+
+
+# -- battery -------------------------------------------------------------------
+
+
+def _number(value: object, lo: float, hi: float) -> Optional[float]:
+    """A float within [lo, hi], or None for anything missing or implausible."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    if number != number or not lo <= number <= hi:  # NaN or out of range
+        return None
+    return number
+
+
+def battery_from_sysfs(root: str = "/sys/class/power_supply") -> Dict[str, Any]:
+    """Battery percent, charging and temperature from Linux sysfs (Android too)."""
+    out: Dict[str, Any] = {}
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return out
+    for name in names:
+        base = os.path.join(root, name)
+        kind = (_read(os.path.join(base, "type")) or "").strip().lower()
+        if kind != "battery":
+            continue
+        out["percent"] = _number((_read(os.path.join(base, "capacity")) or "").strip(), 0, 100)
+        status = (_read(os.path.join(base, "status")) or "").strip().lower()
+        if status in ("charging", "full"):
+            out["charging"] = True
+        elif status in ("discharging", "not charging"):
+            out["charging"] = False
+        temp = _number((_read(os.path.join(base, "temp")) or "").strip(), -400, 1500)
+        out["temperature"] = None if temp is None else temp / 10.0
+        break
+    return out
+
+
+def battery_from_termux(text: str) -> Dict[str, Any]:
+    """Parse the JSON printed by ``termux-battery-status``."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    status = str(data.get("status", "")).upper()
+    plugged = str(data.get("plugged", "")).upper()
+    charging: Optional[bool] = None
+    if status in ("CHARGING", "FULL") or plugged.startswith("PLUGGED"):
+        charging = True
+    elif status in ("DISCHARGING", "NOT_CHARGING") or plugged == "UNPLUGGED":
+        charging = False
+    return {
+        "percent": _number(data.get("percentage"), 0, 100),
+        "charging": charging,
+        "temperature": _number(data.get("temperature"), -40, 150),
+    }
+
+
+def battery_from_psutil() -> Dict[str, Any]:
+    if _psutil is None:
+        return {}
+    try:
+        info = _psutil.sensors_battery()
+    except Exception:  # not supported on this platform
+        return {}
+    if info is None:
+        return {}
+    return {"percent": _number(info.percent, 0, 100), "charging": bool(info.power_plugged)
+            if info.power_plugged is not None else None}
+
+
+async def read_battery(sysfs_root: str = "/sys/class/power_supply",
+                       termux_command: str = "termux-battery-status") -> Dict[str, Any]:
+    """``{"percent", "charging", "temperature"}``, each None when unknown.
+
+    Sources in order: psutil, sysfs, termux-battery-status (run without
+    blocking, at most 5 s). Later sources fill what earlier ones left unknown.
+    """
+    import asyncio
+
+    merged: Dict[str, Any] = {"percent": None, "charging": None, "temperature": None}
+    for source in (battery_from_psutil(), battery_from_sysfs(sysfs_root)):
+        for key, value in source.items():
+            if merged.get(key) is None and value is not None:
+                merged[key] = value
+    if None in merged.values() and shutil.which(termux_command):
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                termux_command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), 5.0)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+                out = b""
+            for key, value in battery_from_termux(out.decode("utf-8", "replace")).items():
+                if merged.get(key) is None and value is not None:
+                    merged[key] = value
+        except OSError:
+            pass
+    return merged
+
+
+# -- CPU used by the owner (everything but our own task processes) -------------------
+
+
+def _proc_jiffies(pid: int) -> Optional[float]:
+    text = _read(f"/proc/{pid}/stat")
+    if not text:
+        return None
+    try:
+        fields = text.rsplit(")", 1)[1].split()
+        # utime, stime, cutime, cstime are fields 14-17 (1-based) of stat
+        return float(fields[11]) + float(fields[12]) + float(fields[13]) + float(fields[14])
+    except (IndexError, ValueError):
+        return None
+
+
+class OwnerCpu:
+    """Percent of the whole machine's CPU used by anything but our task processes.
+
+    Call :meth:`sample` with the pids of our running tasks; it compares with the
+    previous call. None when /proc cannot tell.
+    """
+
+    def __init__(self) -> None:
+        self._last_total: Optional[Tuple[float, float]] = _cpu_times()
+        self._last_ours: Dict[int, float] = {}
+
+    def sample(self, our_pids: List[int]) -> Optional[float]:
+        now = _cpu_times()
+        ours_now = {pid: j for pid in our_pids for j in [_proc_jiffies(pid)] if j is not None}
+        last, self._last_total = self._last_total, now
+        last_ours, self._last_ours = self._last_ours, ours_now
+        if now is None or last is None or now[1] <= last[1]:
+            return None
+        busy = now[0] - last[0]
+        ours = sum(max(0.0, j - last_ours.get(pid, j)) for pid, j in ours_now.items())
+        return round(max(0.0, 100.0 * (busy - ours) / (now[1] - last[1])), 1)

@@ -1,0 +1,168 @@
+"""The owner's policy: rules, hysteresis, battery sources, and what the main node does with it."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import Peer, make_config
+from test_agent import free_port, wait_until
+
+from retire_cluster.cli import cli
+from retire_cluster.main import MainNode
+from retire_cluster.worker import Agent, WorkerConfig, profiler
+from retire_cluster.worker.policy import OwnerPolicy, PolicyConfig, Readings, parse_hours
+
+NOON = dt.time(12, 0)
+
+
+def test_battery_hysteresis_does_not_flap() -> None:
+    policy = OwnerPolicy(PolicyConfig(min_battery_pct=20))
+    seen = [policy.evaluate(Readings(battery_pct=p), NOON).accepting for p in (50, 21, 19, 20, 22, 24.9, 25, 21)]
+    assert seen == [True, True, False, False, False, False, True, True]
+    assert "below --min-battery 20%" in (policy.evaluate(Readings(battery_pct=10), NOON).reason or "")
+
+
+def test_temperature_and_owner_cpu_hysteresis() -> None:
+    policy = OwnerPolicy(PolicyConfig(max_battery_temp_c=40, max_owner_cpu_pct=50))
+    assert not policy.evaluate(Readings(battery_temp_c=41), NOON).accepting
+    assert not policy.evaluate(Readings(battery_temp_c=39), NOON).accepting
+    assert policy.evaluate(Readings(battery_temp_c=38), NOON).accepting
+    assert not policy.evaluate(Readings(owner_cpu_pct=80), NOON).accepting
+    assert not policy.evaluate(Readings(owner_cpu_pct=45), NOON).accepting
+    decision = policy.evaluate(Readings(owner_cpu_pct=30), NOON)
+    assert decision.accepting and decision.reason is None
+
+
+def test_charging_and_unknown_readings() -> None:
+    policy = OwnerPolicy(PolicyConfig(only_when_charging=True, min_battery_pct=30))
+    assert policy.evaluate(Readings(), NOON).accepting  # a desktop: no battery at all
+    decision = policy.evaluate(Readings(charging=False, battery_pct=80), NOON)
+    assert not decision.accepting and "not charging" in (decision.reason or "")
+    assert policy.evaluate(Readings(charging=True, battery_pct=80), NOON).accepting
+
+
+def test_hours_window_wraps_midnight() -> None:
+    policy = OwnerPolicy(PolicyConfig(hours=parse_hours("22:00-07:00")))
+    assert policy.evaluate(Readings(), dt.time(23, 30)).accepting
+    assert policy.evaluate(Readings(), dt.time(6, 59)).accepting
+    decision = policy.evaluate(Readings(), dt.time(7, 0))
+    assert not decision.accepting and "outside --hours 22:00-07:00" in (decision.reason or "")
+    day = OwnerPolicy(PolicyConfig(hours=parse_hours("09:00-17:30")))
+    assert day.evaluate(Readings(), dt.time(12)).accepting and not day.evaluate(Readings(), dt.time(18)).accepting
+    for bad in ("9-5", "22:00", "10:00-10:00", "25:00-01:00"):
+        with pytest.raises(ValueError, match="--hours"):
+            parse_hours(bad)
+
+
+def test_sysfs_battery_readings(tmp_path: Path) -> None:
+    ac = tmp_path / "AC"
+    ac.mkdir()
+    (ac / "type").write_text("Mains\n")
+    bat = tmp_path / "BAT0"
+    bat.mkdir()
+    (bat / "type").write_text("Battery\n")
+    (bat / "capacity").write_text("57\n")
+    (bat / "status").write_text("Discharging\n")
+    (bat / "temp").write_text("312\n")
+    assert profiler.battery_from_sysfs(str(tmp_path)) == {"percent": 57.0, "charging": False, "temperature": 31.2}
+    (bat / "capacity").write_text("garbage\n")
+    (bat / "status").write_text("Full\n")
+    (bat / "temp").write_text("99999\n")
+    assert profiler.battery_from_sysfs(str(tmp_path)) == {"percent": None, "charging": True, "temperature": None}
+    assert profiler.battery_from_sysfs(str(tmp_path / "missing")) == {}
+
+
+def test_termux_battery_readings() -> None:
+    text = json.dumps({"health": "GOOD", "percentage": 83, "plugged": "PLUGGED_USB", "status": "CHARGING",
+                       "temperature": 29.4})
+    assert profiler.battery_from_termux(text) == {"percent": 83.0, "charging": True, "temperature": 29.4}
+    assert profiler.battery_from_termux("not json") == {}
+    odd = profiler.battery_from_termux(json.dumps({"percentage": -5, "status": "UNKNOWN", "temperature": "hot"}))
+    assert odd == {"percent": None, "charging": None, "temperature": None}
+
+
+async def test_read_battery_unknown_is_none_not_zero(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(profiler, "_psutil", None)
+    battery = await profiler.read_battery(sysfs_root=str(tmp_path), termux_command="no-such-command-here")
+    assert battery == {"percent": None, "charging": None, "temperature": None}
+
+
+async def test_paused_worker_gets_nothing_until_it_accepts_again(tmp_path: Path, monkeypatch) -> None:
+    port = free_port()
+    node = MainNode(make_config(tmp_path, port=port), run_monitor=False)
+    await node.start()
+    battery = {"percent": 10.0, "charging": False, "temperature": 30.0}
+
+    async def fake_battery(*args, **kwargs):
+        return dict(battery)
+
+    monkeypatch.setattr("retire_cluster.worker.agent.read_battery", fake_battery)
+    agent = Agent(WorkerConfig(main_host="127.0.0.1", main_port=port, token=node.token, device_id="phone",
+                               data_dir=tmp_path / "w", heartbeat_interval_s=30, policy_interval_s=3600,
+                               policy=PolicyConfig(min_battery_pct=20)))
+    runner = asyncio.ensure_future(agent.run())
+    try:
+        await wait_until(lambda: node.registry.get("phone") is not None and node.registry.get("phone").conn)
+        device = node.registry.get("phone")
+        assert device.accepting is False and "below --min-battery" in device.reason
+        client = await Peer.connect(node)
+        task_id = (await client.ok("task_submit", {"task": {"task_type": "echo", "payload": {"message": "x"}}}))[
+            "task_id"]
+        await asyncio.sleep(0.2)
+        assert node.lookup(task_id).status.value == "pending"
+        listed = (await client.ok("list_devices"))["devices"][0]
+        assert listed["accepting"] is False and "below --min-battery" in listed["reason"]
+        battery["percent"] = 90.0
+        await agent.check_policy()
+        await wait_until(lambda: node.lookup(task_id).terminal)
+        assert node.lookup(task_id).result["output"] == "x"
+    finally:
+        agent.stop()
+        await runner
+        await node.stop()
+
+
+async def test_evict_hands_running_task_back(tmp_path: Path, monkeypatch) -> None:
+    port = free_port()
+    node = MainNode(make_config(tmp_path, port=port), run_monitor=False)
+    await node.start()
+    battery = {"percent": 90.0, "charging": True, "temperature": 30.0}
+
+    async def fake_battery(*args, **kwargs):
+        return dict(battery)
+
+    monkeypatch.setattr("retire_cluster.worker.agent.read_battery", fake_battery)
+    agent = Agent(WorkerConfig(main_host="127.0.0.1", main_port=port, token=node.token, device_id="phone",
+                               data_dir=tmp_path / "w", heartbeat_interval_s=30, policy_interval_s=3600,
+                               policy=PolicyConfig(only_when_charging=True, evict=True)))
+    runner = asyncio.ensure_future(agent.run())
+    try:
+        await agent.registered.wait()
+        client = await Peer.connect(node)
+        task_id = (await client.ok("task_submit", {"task": {"task_type": "sleep", "payload": {"seconds": 30},
+                                                            "max_retries": 0}}))["task_id"]
+        await wait_until(lambda: task_id in agent.running)
+        battery["charging"] = False
+        await agent.check_policy()
+        await wait_until(lambda: node.lookup(task_id).status.value == "pending" and not agent.outbox)
+        task = node.lookup(task_id)
+        assert task.attempts[0].outcome == "handed_back" and task.handbacks == 1
+    finally:
+        agent.stop()
+        await runner
+        await node.stop()
+
+
+def test_worker_config_file_and_bad_policy_flags(tmp_path: Path) -> None:
+    conf = tmp_path / "worker.json"
+    conf.write_text(json.dumps({"main": "127.0.0.1:1", "min-battery": 150}))
+    result = CliRunner().invoke(cli, ["worker", "--config", str(conf)])
+    assert result.exit_code == 2 and "--min-battery" in result.output
+    conf.write_text(json.dumps({"main": "127.0.0.1:1", "hours": "nope"}))
+    result = CliRunner().invoke(cli, ["worker", "--config", str(conf)])
+    assert result.exit_code == 2 and "HH:MM-HH:MM" in result.output
