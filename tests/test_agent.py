@@ -144,3 +144,15 @@ async def test_backoff_grows_with_jitter_within_bounds(tmp_path: Path) -> None:
         delays = [agent._backoff(failures) for _ in range(50)]
         assert all(1 <= d <= min(60, 2 ** (failures - 1)) for d in delays)
     assert max(agent._backoff(10) for _ in range(200)) > 30
+
+
+def test_result_frame_is_trimmed_to_fit_including_a_huge_error(tmp_path: Path) -> None:
+    from retire_cluster.protocol.codec import encode
+
+    agent = Agent(WorkerConfig(device_id="x", data_dir=tmp_path))
+    agent.max_frame_bytes = 64 * 1024
+    data = agent._fit({"task_id": "t", "attempt": 1, "status": "failed", "execution_time": 0.0,
+                       "result": {"output": "o" * 50_000, "error": "é" * 200_000, "stderr": "s" * 10}})
+    assert len(encode(agent._message("task_result", data))) <= agent.max_frame_bytes
+    assert data["result"]["truncated"] is True
+    assert data["result"]["error"].startswith("é")

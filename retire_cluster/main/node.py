@@ -302,7 +302,7 @@ class MainNode:
             conn.close()
 
     def reply_error(self, conn: Connection, message_id: str | None, exc: Exception) -> None:
-        if isinstance(exc, RemoteProtocolError | InternalError):
+        if isinstance(exc, (RemoteProtocolError, InternalError)):
             code, text, path = exc.code, exc.message, exc.path
         else:  # pragma: no cover - callers pass protocol errors
             code, text, path = "internal", "Internal error.", None

@@ -43,7 +43,17 @@ if _orjson is not None:
         return _orjson_dumps(obj)
 
 else:  # pragma: no cover - exercised by the stdlib-only worker test
-    _json_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+    import math
+
+    _JSON_SPACE = " \t\r\n"
+
+    def _finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"number {text} is out of range")
+        return value
+
+    _json_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite)
     _json_encoder = json.JSONEncoder(
         ensure_ascii=False, separators=(",", ":"), allow_nan=False
     )
@@ -52,9 +62,12 @@ else:  # pragma: no cover - exercised by the stdlib-only worker test
         """Parse JSON text. Raises ValueError on anything that is not strict JSON."""
         if isinstance(data, (bytes, bytearray)):
             data = bytes(data).decode("utf-8")
-        obj, end = _json_decoder.raw_decode(data.strip())
-        if end != len(data.strip()):
+        text = data.strip(_JSON_SPACE)
+        obj, end = _json_decoder.raw_decode(text)
+        if end != len(text):
             raise ValueError("extra data after the JSON value")
+        if "\\u" in text:  # only escapes can smuggle in lone surrogates
+            _json_encoder.encode(obj).encode("utf-8")  # raises UnicodeEncodeError on one
         return obj
 
     def dumps(obj: Any) -> bytes:
@@ -68,6 +81,9 @@ def encode(message: Message) -> bytes:
 
 
 _OPTIONAL_STR_FIELDS = ("target_id", "timestamp", "auth_token")
+_ENVELOPE_FIELDS = frozenset(
+    {"message_type", "message_id", "sender_id", "data", *_OPTIONAL_STR_FIELDS}
+)
 
 
 def decode_message(frame: bytes) -> Message:
@@ -97,14 +113,16 @@ def decode_message(frame: bytes) -> Message:
     if not isinstance(sender, str) or not sender:
         raise InvalidMessage("sender_id is missing or not a string.", path="$.sender_id")
     data = obj.get("data", {})
-    if data is None:
-        data = {}
     if not isinstance(data, dict):
         raise InvalidMessage("data must be a JSON object.", path="$.data")
     for name in _OPTIONAL_STR_FIELDS:
-        value = obj.get(name)
-        if value is not None and not isinstance(value, str):
-            raise InvalidMessage(f"{name} must be a string.", path=f"$.{name}")
+        if name in obj and not isinstance(obj[name], str):
+            raise InvalidMessage(f"{name} must be a string when present.", path=f"$.{name}")
+    for key in obj:
+        if key not in _ENVELOPE_FIELDS:
+            raise InvalidMessage(
+                f"Unknown envelope field {key!r}; put message content inside data.", path=f"$.{key}"
+            )
     return Message(
         message_type=mtype,
         message_id=mid,
@@ -177,11 +195,12 @@ class MessageStream:
         """
         if self.closed:
             return []
+        too_large: FrameTooLarge | None = None
         try:
             frames = self.decoder.feed(data)
         except FrameTooLarge as exc:
             self.closed = True
-            return [BadFrame(exc)]
+            frames, too_large = exc.frames, exc
         if not data:
             self.closed = True
         events: list[Event] = []
@@ -189,7 +208,9 @@ class MessageStream:
         for frame in frames:
             try:
                 events.append(decode(frame))
-            except RemoteProtocolError as exc:
-                events.append(BadFrame(exc, *_envelope_hints(frame)))
+            except RemoteProtocolError as err:
+                events.append(BadFrame(err, *_envelope_hints(frame)))
+        if too_large is not None:
+            events.append(BadFrame(too_large))
         return events
 

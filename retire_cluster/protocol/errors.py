@@ -80,6 +80,8 @@ class InvalidJSON(RemoteProtocolError):
 class FrameTooLarge(RemoteProtocolError):
     code = "frame_too_large"
     close = True
+    #: Complete frames that arrived before the oversized one (set by FrameDecoder).
+    frames: list[bytes] = []
 
 
 class InvalidMessage(RemoteProtocolError):

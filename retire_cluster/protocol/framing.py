@@ -43,8 +43,8 @@ class FrameDecoder:
         """Add received bytes and return every frame they complete.
 
         Pass ``b""`` at end of input. Raises :class:`FrameTooLarge` when a frame
-        exceeds ``max_frame_bytes``; frames completed before it in the same call
-        are lost with it, so callers close the connection.
+        exceeds ``max_frame_bytes``; the frames completed before it in the same
+        call are on the exception as ``frames`` (answer them, then close).
         """
         if self.broken:
             raise LocalProtocolError("feed() after FrameTooLarge; close the connection")
@@ -68,7 +68,7 @@ class FrameDecoder:
             if nl < 0:
                 break
             if nl - start > limit:
-                self._fail()
+                self._fail(frames)
             frame = bytes(buf[start:nl])
             if frame.endswith(b"\r"):
                 frame = frame[:-1]
@@ -79,14 +79,16 @@ class FrameDecoder:
         if start:
             del buf[:start]
         if len(buf) > limit:
-            self._fail()
+            self._fail(frames)
         self._scan_from = len(buf)
         return frames
 
-    def _fail(self) -> None:
+    def _fail(self, frames: list[bytes]) -> None:
         self.broken = True
         self._buf = bytearray()
-        raise FrameTooLarge(
+        exc = FrameTooLarge(
             f"Frame larger than {self.max_frame_bytes} bytes; send smaller messages "
             "(the connection is closed)."
         )
+        exc.frames = frames
+        raise exc

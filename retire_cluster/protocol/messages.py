@@ -113,6 +113,8 @@ def parse_priority(value: Any) -> int:
     """
     if isinstance(value, bool):
         raise ValueError("priority must be low, normal, high, urgent or an integer 0-100")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON Schema counts 5.0 as an integer too
     if isinstance(value, int):
         if 0 <= value <= 100:
             return value
@@ -120,7 +122,7 @@ def parse_priority(value: Any) -> int:
         name = value.strip().lower()
         if name in PRIORITY_NAMES:
             return PRIORITY_NAMES[name]
-        if name.isdigit() and 0 <= int(name) <= 100:
+        if name.isascii() and name.isdigit() and 0 <= int(name) <= 100:
             return int(name)
     raise ValueError(
         f"priority {value!r} is not valid; use low, normal, high, urgent or an integer 0-100"

@@ -409,7 +409,7 @@ class Agent:
             if size <= limit:
                 return data
             excess = size - limit
-            field = max(("output", "stderr", "stdout"), key=lambda k: len(result.get(k) or ""))
+            field = max(("output", "stderr", "stdout", "error"), key=lambda k: len(result.get(k) or ""))
             text = result.get(field) or ""
             if not text:
                 break

@@ -65,7 +65,7 @@ def parse_main_address(text: str) -> Tuple[str, int]:
 
 
 def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise ValueError(f"--main {whole!r}: the port must be a number from 1 to 65535.")
     return int(text)
 

@@ -70,6 +70,8 @@ def _cpu_times() -> Optional[Tuple[float, float]]:
         values = [float(v) for v in first[1:]]
     except ValueError:
         return None
+    if len(values) < 4:
+        return None
     idle = values[3] + (values[4] if len(values) > 4 else 0.0)
     total = sum(values[:8])
     return total - idle, total
@@ -127,20 +129,21 @@ class Profiler:
             return 0
 
     def hardware_specs(self) -> Dict[str, Any]:
-        try:
-            disk = shutil.disk_usage(self._disk_path()).total
-        except OSError:
-            disk = 0
+        """cpu_cores, memory_total, disk_space (left out when unknown), network_interfaces."""
         try:
             interfaces = sorted({name for _, name in socket.if_nameindex()})
         except (OSError, AttributeError):
             interfaces = []
-        return {
+        specs: Dict[str, Any] = {
             "cpu_cores": os.cpu_count() or 1,
             "memory_total": self.memory_total(),
-            "disk_space": disk,
             "network_interfaces": interfaces,
         }
+        try:
+            specs["disk_space"] = shutil.disk_usage(self._disk_path()).total
+        except OSError:
+            pass
+        return specs
 
     def capabilities(self) -> List[str]:
         caps = ["computational"]
@@ -172,6 +175,8 @@ class Profiler:
                 pass
         info = _meminfo()
         total, avail = info.get("MemTotal"), info.get("MemAvailable")
+        if avail is None and "MemFree" in info:  # kernels before 3.14 (old phones)
+            avail = info["MemFree"] + info.get("Buffers", 0) + info.get("Cached", 0)
         if not total or avail is None:
             return None
         return round(100.0 * (total - avail) / total, 1)
