@@ -131,7 +131,7 @@ _MAIN_OPTIONS = {
     "host": "host", "port": "port", "data_dir": "data_dir",
     "heartbeat_interval": "heartbeat_interval_s", "offline_timeout": "offline_timeout_s",
     "insecure": "insecure", "log_level": "log_level", "log_file": "log_file",
-    "synchronous": "synchronous",
+    "synchronous": "synchronous", "strategy": "strategy",
 }  # fmt: skip
 
 
@@ -174,6 +174,10 @@ def build_main_config(config_file: Optional[str], options: Dict[str, Any]) -> An
               help="Seconds of silence before a device is offline and its tasks requeued.  [default: 300]")
 @click.option("--insecure", is_flag=True, default=None, envvar="RETIRE_CLUSTER_INSECURE",
               help="No token auth; listens on 127.0.0.1 unless --host is given.")
+@click.option("--strategy", envvar="RETIRE_CLUSTER_STRATEGY",
+              type=click.Choice(["least_loaded", "round_robin", "weighted_round_robin", "least_connections",
+                                 "response_time"]),
+              help="How a device is chosen among those that match.  [default: least_loaded]")
 @click.option("--synchronous", type=click.Choice(["full", "normal"]), envvar="RETIRE_CLUSTER_SYNCHRONOUS",
               help="SQLite durability: full survives power loss, normal only crashes.  [default: full]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),

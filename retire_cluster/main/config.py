@@ -17,6 +17,7 @@ from ..protocol.framing import DEFAULT_MAX_FRAME_BYTES
 __all__ = ["DEFAULT_PORT", "ConfigError", "MainConfig"]
 
 DEFAULT_PORT = 8080
+STRATEGY_NAMES = ("least_loaded", "round_robin", "weighted_round_robin", "least_connections", "response_time")
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,15 @@ class MainConfig:
             expired tasks.
         synchronous: SQLite ``synchronous`` pragma, ``full`` or ``normal``.
         default_max_retries: used when a submission gives none.
+        strategy: how a device is chosen among those that match a task:
+            least_loaded, round_robin, weighted_round_robin,
+            least_connections or response_time.
+        lease_grace_s: how long past a task's timeout the main node waits for
+            the worker's own timeout result before it expires the lease.
+        breaker_failures: consecutive failed tasks that open a device's
+            circuit breaker (it gets no work while open).
+        breaker_reset_s: how long the breaker stays open before one trial
+            task is allowed (half-open).
         log_level, log_file: logging.
     """
 
@@ -53,6 +63,10 @@ class MainConfig:
     monitor_interval_s: float = 1.0
     synchronous: str = "full"
     default_max_retries: int = 3
+    strategy: str = "least_loaded"
+    lease_grace_s: float = 5.0
+    breaker_failures: int = 5
+    breaker_reset_s: float = 60.0
     log_level: str = "info"
     log_file: Path | None = None
 
@@ -71,6 +85,10 @@ class MainConfig:
             )
         if self.max_frame_bytes < 1024:
             raise ConfigError("max_frame_bytes must be at least 1024.")
+        if self.strategy not in STRATEGY_NAMES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGY_NAMES)}.")
+        if self.breaker_failures < 1 or self.breaker_reset_s <= 0:
+            raise ConfigError("breaker_failures must be at least 1 and breaker_reset_s more than 0.")
         if self.synchronous not in ("full", "normal"):
             raise ConfigError("synchronous must be 'full' or 'normal'.")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
