@@ -1,11 +1,18 @@
-"""The scheduler alone: no sockets, no clock."""
+"""The scheduler and its strategies alone: no sockets, time is an argument."""
 
 from __future__ import annotations
 
+from collections import Counter
+
+import pytest
+
+from retire_cluster.main.health import CircuitBreaker
 from retire_cluster.main.registry import Device, device_matches
 from retire_cluster.main.scheduler import Scheduler
 from retire_cluster.main.tasks import Task
 from retire_cluster.protocol.messages import DeviceStatus, TaskStatus
+
+NOW = 1000.0
 
 
 class FakeConn:
@@ -13,62 +20,158 @@ class FakeConn:
 
 
 def device(name: str, cores: int = 2, mem_gb: float = 4, slots: int = 1, types=("echo",), role="worker",
-           caps=("computational",), cpu=0.0, platform="linux") -> Device:
+           caps=("computational",), cpu=0.0, platform="linux", weight=1.0) -> Device:
     return Device(name, device_info={"role": role, "platform": platform, "architecture": "x86_64"},
                   hardware_specs={"cpu_cores": cores, "memory_total": int(mem_gb * 2**30)},
                   capabilities=frozenset(caps), task_types=frozenset(types), max_tasks=slots,
-                  status=DeviceStatus.ONLINE, conn=FakeConn(), metrics={"cpu_usage": cpu})
+                  status=DeviceStatus.ONLINE, conn=FakeConn(), metrics={"cpu_usage": cpu}, weight=weight)
 
 
 def task(n: int, priority: int = 5, task_type: str = "echo", **req) -> Task:
     return Task(f"t{n}", task_type, {}, priority, 60.0, req, 3, 0.0, n)
 
 
+def scheduler(*devices: Device, strategy: str = "least_loaded") -> Scheduler:
+    s = Scheduler(strategy)
+    for d in devices:
+        s.update_device(d, NOW)
+    return s
+
+
+def finish(s: Scheduler, t: Task, d: Device) -> None:
+    t.status = TaskStatus.COMPLETED
+    d.running.discard(t.task_id)
+    s.update_device(d, NOW)
+
+
 def test_priority_then_fifo_across_classes() -> None:
-    s = Scheduler()
-    tasks = [task(1, 1), task(2, 5), task(3, 20, min_cpu_cores=1), task(4, 5), task(5, 10, role="worker")]
-    s.extend(tasks)
-    plan = s.pick([device("d", slots=5)])
+    s = scheduler(device("d", slots=5))
+    s.extend([task(1, 1), task(2, 5), task(3, 20, min_cpu_cores=1), task(4, 5), task(5, 10, role="worker")])
+    plan = s.pick(NOW)
     assert [t.task_id for t, _ in plan] == ["t3", "t5", "t2", "t4", "t1"]
 
 
-def test_slots_limit_the_plan_and_the_rest_stays_queued() -> None:
-    s = Scheduler()
+def test_slots_limit_the_plan_reserve_slots_and_the_rest_stays_queued() -> None:
+    a, b = device("a", slots=2), device("b", slots=1)
+    s = scheduler(a, b)
     s.extend(task(n) for n in range(5))
-    plan = s.pick([device("a", slots=2), device("b", slots=1)])
+    plan = s.pick(NOW)
     assert len(plan) == 3 and len(s) == 2
     assert sorted(d.device_id for _, d in plan) == ["a", "a", "b"]
+    assert len(a.running) == 2 and len(b.running) == 1
+    assert s.pick(NOW) == []
+    finish(s, *plan[0])
+    assert len(s.pick(NOW)) == 1
 
 
 def test_blocked_class_does_not_block_others() -> None:
-    s = Scheduler()
+    s = scheduler(device("small"))
     s.push(task(1, 20, min_cpu_cores=64))
     s.push(task(2, 1))
-    plan = s.pick([device("small")])
+    plan = s.pick(NOW)
     assert [t.task_id for t, _ in plan] == ["t2"]
     assert len(s) == 1
-    assert s.blocked_classes([device("small")]) == [("echo", {"min_cpu_cores": 64})]
+    assert s.blocked_classes() == [("echo", {"min_cpu_cores": 64})]
+
+
+def test_device_that_appears_later_is_used_for_an_existing_class() -> None:
+    s = scheduler()
+    s.push(task(1, min_cpu_cores=8))
+    assert s.pick(NOW) == []
+    big = device("big", cores=8)
+    s.update_device(big, NOW)
+    assert [(t.task_id, d.device_id) for t, d in s.pick(NOW)] == [("t1", "big")]
+
+
+def test_unavailable_devices_are_skipped() -> None:
+    gone, paused, ok = device("gone"), device("paused"), device("ok")
+    gone.conn = None
+    paused.accepting = False
+    s = scheduler(gone, paused, ok)
+    s.push(task(1))
+    assert [d.device_id for _, d in s.pick(NOW)] == ["ok"]
 
 
 def test_cancelled_pending_tasks_are_skipped() -> None:
-    s = Scheduler()
+    s = scheduler(device("d", slots=2))
     first, second = task(1), task(2)
     s.extend([first, second])
     first.status = TaskStatus.CANCELLED
-    assert [t.task_id for t, _ in s.pick([device("d", slots=2)])] == ["t2"]
+    assert [t.task_id for t, _ in s.pick(NOW)] == ["t2"]
     assert len(s) == 0
 
 
 def test_least_loaded_prefers_free_slots_then_low_cpu() -> None:
-    s = Scheduler()
-    s.extend([task(1), task(2), task(3)])
-    busy = device("busy", slots=1, cpu=90.0)
-    idle = device("idle", slots=1, cpu=5.0)
-    roomy = device("roomy", slots=3, cpu=50.0)
-    plan = s.pick([busy, idle, roomy])
-    assert [d.device_id for _, d in plan][0] == "roomy"
-    plan_ids = [d.device_id for _, d in plan]
-    assert plan_ids.count("roomy") >= 1 and "busy" not in plan_ids[:2]
+    busy, idle, roomy = device("busy", cpu=90.0), device("idle", cpu=5.0), device("roomy", slots=3, cpu=50.0)
+    s = scheduler(busy, idle, roomy)
+    s.extend(task(n) for n in range(4))
+    order = [d.device_id for _, d in s.pick(NOW)]
+    # roomy has the most free slots until it is down to one, like the others; then cpu decides
+    assert order == ["roomy", "roomy", "idle", "roomy"]
+
+
+def test_least_connections_counts_running_tasks() -> None:
+    a, b = device("a", slots=4), device("b", slots=4)
+    a.running.update({"x", "y"})
+    s = scheduler(a, b, strategy="least_connections")
+    s.extend(task(n) for n in range(3))
+    assert [d.device_id for _, d in s.pick(NOW)] == ["b", "b", "a"]
+
+
+def test_round_robin_rotates() -> None:
+    devs = [device(n, slots=10) for n in "abc"]
+    s = scheduler(*devs, strategy="round_robin")
+    s.extend(task(n) for n in range(7))
+    assert [d.device_id for _, d in s.pick(NOW)] == list("abcabca")
+
+
+def test_weighted_round_robin_is_proportional_and_smooth() -> None:
+    a, b, c = device("a", slots=100, weight=5), device("b", slots=100, weight=1), device("c", slots=100, weight=1)
+    s = scheduler(a, b, c, strategy="weighted_round_robin")
+    s.extend(task(n) for n in range(70))
+    order = [d.device_id for _, d in s.pick(NOW)]
+    assert Counter(order) == {"a": 50, "b": 10, "c": 10}
+    first = "".join(order[:7])
+    assert Counter(first) == {"a": 5, "b": 1, "c": 1}
+    assert "aaaaa" not in first  # interleaved, not a burst
+
+
+def test_response_time_prefers_the_fast_device_but_spreads_load() -> None:
+    fast, slow = device("fast", slots=10), device("slow", slots=10)
+    fast.stats.ewma_s["echo"] = 0.1
+    slow.stats.ewma_s["echo"] = 1.0
+    s = scheduler(fast, slow, strategy="response_time")
+    s.extend(task(n) for n in range(12))
+    order = [d.device_id for _, d in s.pick(NOW)]
+    assert order[0] == "fast"
+    assert order.count("fast") == 10 and order.count("slow") == 2
+
+
+def test_unknown_strategy_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown strategy"):
+        Scheduler("random")
+
+
+def test_open_breaker_keeps_work_away_until_half_open_trial() -> None:
+    flaky = device("flaky", slots=5)
+    flaky.breaker = CircuitBreaker(failures=2, reset_s=30)
+    s = scheduler(flaky)
+    assert not flaky.breaker.on_failure(NOW)
+    assert flaky.breaker.on_failure(NOW)  # second failure opens it
+    s.update_device(flaky, NOW)
+    s.extend(task(n) for n in range(3))
+    assert s.pick(NOW + 29) == []
+    s.update_device(flaky, NOW + 30)
+    plan = s.pick(NOW + 30)
+    assert len(plan) == 1 and flaky.breaker.state == "half_open"  # exactly one trial
+    assert flaky.breaker.on_failure(NOW + 31)  # the trial failed: open again
+    s.update_device(flaky, NOW + 31)
+    assert s.pick(NOW + 40) == []
+    s.update_device(flaky, NOW + 61)
+    (trial, _), = s.pick(NOW + 61)
+    flaky.breaker.on_success()
+    finish(s, trial, flaky)
+    assert flaky.breaker.state == "closed" and len(s.pick(NOW + 62)) == 1
 
 
 def test_device_matches_every_requirement() -> None:
@@ -84,8 +187,18 @@ def test_device_matches_every_requirement() -> None:
     assert not device_matches(d, "echo", {"capabilities": ["gpu", "camera"]})
 
 
+def test_stale_device_entries_do_not_grow_without_bound() -> None:
+    d = device("d", slots=1)
+    s = scheduler(d)
+    s.push(task(1))
+    for _ in range(10_000):  # e.g. a heartbeat per second for hours
+        s.update_device(d, NOW)
+    cls = next(iter(s._classes.values()))
+    assert len(cls.devices) <= 2 * len(cls.eligible) + 65
+
+
 def test_no_devices_means_no_plan_and_nothing_lost() -> None:
-    s = Scheduler()
+    s = scheduler()
     s.extend(task(n) for n in range(3))
-    assert s.pick([]) == []
+    assert s.pick(NOW) == []
     assert len(s) == 3

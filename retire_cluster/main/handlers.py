@@ -80,7 +80,9 @@ class Handlers:
 
     def register(self, conn: Connection, msg: Message) -> Result:
         node, data, now = self.node, msg.data, self.node.clock()
-        device = node.registry.get_or_create(msg.sender_id)
+        device = node.registry.get(msg.sender_id)
+        if device is None:
+            device = node.registry.add(Device(msg.sender_id, breaker=node.new_breaker()))
         if device.conn is not None and device.conn is not conn:
             log.info("device %s re-registered from a new connection; closing the old one", device.device_id)
             device.conn.device_id = None
@@ -96,11 +98,13 @@ class Handlers:
         device.max_tasks = int(data.get("max_concurrent_tasks") or cores)
         device.accepting = bool(data.get("accepting", True))
         device.reason = data.get("reason")
+        device.weight = float(data.get("weight", 1.0))
         device.status = DeviceStatus.ONLINE
         device.last_seen = now
         if not device.registered_at:
             device.registered_at = now
         self._reconcile(device, data.get("running_tasks", []), now)
+        node.device_changed(device)
         log.info("device %s registered from %s", device.device_id, conn.peer)
 
         async def committed() -> dict[str, Any]:
@@ -136,7 +140,6 @@ class Handlers:
         device = self._device(conn)
         data = msg.data
         node = self.node
-        was_available = device.can_take_work
         device.last_seen = node.clock()
         if device.status is not DeviceStatus.ONLINE:
             device.status = DeviceStatus.ONLINE
@@ -147,8 +150,7 @@ class Handlers:
             device.accepting = bool(data["accepting"])
             device.reason = data.get("reason")
         node.touch(device)
-        if device.can_take_work and not was_available:
-            node.schedule_soon()
+        node.device_changed(device)
         return {"active_tasks": len(device.running)}
 
     def task_progress(self, conn: Connection, msg: Message) -> Result:
@@ -251,6 +253,7 @@ class Handlers:
             else:
                 device.accepting = False
                 device.reason = f"refused a task: {msg.data.get('error')}"
+            self.node.device_changed(device)
             self.node.requeue(task, "refused", self.node.clock(), handback=True)
 
     # -- client -----------------------------------------------------------
@@ -297,7 +300,7 @@ class Handlers:
                     node._idempotency.pop(key, None)
                 raise
             node.tasks[task.task_id] = task
-            node.scheduler.push(task)
+            node.scheduler.push(task, node.clock())
             node.schedule_soon()
             node.publish(task)
             return {"task_id": task.task_id}

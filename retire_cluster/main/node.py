@@ -46,6 +46,7 @@ from ..protocol.messages import (
 from ..protocol.validation import MessageValidator
 from .config import MainConfig
 from .handlers import Handlers
+from .health import CircuitBreaker
 from .monitor import Monitor
 from .registry import Device, Registry
 from .scheduler import Scheduler
@@ -97,7 +98,7 @@ class MainNode:
         self.clock = clock
         self.token: str | None = None
         self.registry = Registry()
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(config.strategy)
         self.monitor = Monitor(self.registry, offline_timeout_s=config.offline_timeout_s)
         self.store = Store(config.db_path, synchronous=config.synchronous)
         self.server = Server(self)
@@ -113,7 +114,8 @@ class MainNode:
         self._run_monitor = run_monitor
         self._monitor_task: asyncio.Task[None] | None = None
         self._schedule_pending = False
-        self._dirty_devices: set[str] = set()
+        self._dirty_devices: set[str] = set()  # heartbeats to write
+        self._changed_devices: set[str] = set()  # to re-index in the scheduler
         self._background: set[asyncio.Task[Any]] = set()
         self._subs_all: set[Connection] = set()
         self._subs: dict[str, set[Connection]] = {}
@@ -144,6 +146,7 @@ class MainNode:
             if device.online:
                 # Restart grace: it gets offline_timeout from now to reconnect.
                 device.last_seen = now
+            device.breaker = self.new_breaker()
             self.registry.add(device)
         tasks = await self.store.load_unfinished_tasks()
         self._seq = await self.store.max_seq()
@@ -152,7 +155,7 @@ class MainNode:
             if task.idempotency_key:
                 self._idempotency[task.idempotency_key] = task.task_id
             if task.status is TaskStatus.PENDING:
-                self.scheduler.push(task)
+                self.scheduler.push(task, now)
                 continue
             device = self.registry.get(task.assigned_device or "")
             if device is None or not device.online:
@@ -160,6 +163,8 @@ class MainNode:
             else:
                 device.running.add(task.task_id)
                 self.monitor.watch(task)
+        for device in self.registry:
+            self.scheduler.update_device(device, now)
         for key, task_id in await self.store.idempotency_keys():
             self._idempotency.setdefault(key, task_id)
         if tasks:
@@ -201,6 +206,10 @@ class MainNode:
             self.device_offline(device, now)
         for task in due.expired:
             self.expire(task, now)
+        for device in self.registry:
+            reopen = device.breaker.reopens_at()
+            if reopen is not None and reopen <= now:
+                self.device_changed(device)  # half-open: one trial task may go
         self._flush_heartbeats()
 
     # -- connections ------------------------------------------------------
@@ -222,6 +231,7 @@ class MainNode:
             if device is not None and device.conn is conn:
                 # Stays online until offline_timeout: it may come back.
                 device.conn = None
+                self.device_changed(device)
                 log.info("device %s disconnected", device.device_id)
 
     def token_ok(self, token: str | None) -> bool:
@@ -335,6 +345,14 @@ class MainNode:
     def write(self, ops: list[Op]) -> asyncio.Future[None]:
         return self.store.write(ops)
 
+    def new_breaker(self) -> CircuitBreaker:
+        return CircuitBreaker(self.config.breaker_failures, self.config.breaker_reset_s)
+
+    def device_changed(self, device: Device) -> None:
+        """Anything about ``device`` changed: re-index it at the next scheduling pass."""
+        self._changed_devices.add(device.device_id)
+        self.schedule_soon()
+
     def schedule_soon(self) -> None:
         """Run a scheduling pass at the end of this loop pass (coalesced)."""
         if not self._schedule_pending and not self._stopping:
@@ -345,10 +363,16 @@ class MainNode:
         self._schedule_pending = False
         if self._stopping:
             return
-        plan = self.scheduler.pick(self.registry.available())
+        now = self.clock()
+        if self._changed_devices:
+            for device_id in self._changed_devices:
+                device = self.registry.get(device_id)
+                if device is not None:
+                    self.scheduler.update_device(device, now)
+            self._changed_devices.clear()
+        plan = self.scheduler.pick(now)
         if not plan:
             return
-        now = self.clock()
         ops: list[Op] = []
         sent: list[tuple[Task, Device, int]] = []
         for task, device in plan:
@@ -359,7 +383,6 @@ class MainNode:
             task.started_at = None
             task.progress = None
             task.attempts.append(Attempt(task.attempt, device.device_id, now))
-            device.running.add(task.task_id)
             self.monitor.watch(task)
             ops.extend(Store.update_task(task))
             sent.append((task, device, task.attempt))
@@ -411,14 +434,26 @@ class MainNode:
         task.started_at = None
         task.progress = None
         self.write(Store.update_task(task)).add_done_callback(lambda _f: self.publish(task))
-        self.scheduler.push(task)
+        self.scheduler.push(task, now)
         self.schedule_soon()
 
     def _release(self, task: Task, outcome: str, now: float) -> None:
-        """Free the device slot and close the current attempt."""
+        """Free the device slot, close the current attempt, update the device's record."""
         device = self.registry.get(task.assigned_device or "")
-        if device is not None:
+        if device is not None and task.task_id in device.running:
             device.running.discard(task.task_id)
+            if outcome == "completed":
+                device.stats.record_success(task.task_type, task.execution_time_s)
+                device.breaker.on_success()
+            elif outcome in ("failed", "timeout", "worker_lost"):
+                device.stats.failures += 1
+                if device.breaker.on_failure(now):
+                    log.warning("device %s: circuit breaker open after %d failures in a row",
+                                device.device_id, device.breaker.consecutive_failures)
+            else:  # handed back, refused, cancelled: says nothing about the device
+                device.breaker.trial_running = False
+            self.touch(device)
+            self.device_changed(device)
         current = task.current_attempt()
         if current is not None and current.finished_at is None:
             current.finished_at = now
@@ -436,6 +471,8 @@ class MainNode:
         released: bool = False,
     ) -> asyncio.Future[None]:
         """Move a task to a terminal state; the future resolves once committed."""
+        if execution_time_s is not None:
+            task.execution_time_s = execution_time_s
         if not released:
             self._release(task, status.value, now)
         task.move(status)
@@ -444,8 +481,6 @@ class MainNode:
             task.result = result
         if error is not None:
             task.error = error
-        if execution_time_s is not None:
-            task.execution_time_s = execution_time_s
         self.tasks.pop(task.task_id, None)
         self._recent[task.task_id] = task
         if len(self._recent) > RECENT_TASKS:
@@ -495,6 +530,7 @@ class MainNode:
         if device.conn is not None:
             device.conn.close()
             device.conn = None
+        self.device_changed(device)
         for task_id in sorted(device.running):
             task = self.tasks.get(task_id)
             if task is None:

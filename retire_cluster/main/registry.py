@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from ..protocol.messages import DeviceStatus, utc_timestamp
+from .health import CircuitBreaker, DeviceStats
 
 __all__ = ["Device", "Registry", "device_matches"]
 
@@ -35,6 +36,9 @@ class Device:
     #: The live connection, or None while disconnected (kept online until
     #: offline_timeout so a phone that changed Wi-Fi keeps its tasks).
     conn: Any = None
+    weight: float = 1.0
+    stats: DeviceStats = field(default_factory=DeviceStats)
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
 
     @property
     def online(self) -> bool:
@@ -46,6 +50,7 @@ class Device:
 
     @property
     def can_take_work(self) -> bool:
+        """Connected, online, accepting and with a free slot (the breaker is checked apart)."""
         return self.online and self.conn is not None and self.accepting and self.free_slots > 0
 
     @property
@@ -69,6 +74,9 @@ class Device:
             "accepting": self.accepting,
             "reason": self.reason,
             "system_metrics": self.metrics,
+            "weight": self.weight,
+            "statistics": self.stats.to_record(),
+            "circuit_breaker": self.breaker.to_record(),
             "registered_at": utc_timestamp(self.registered_at) if self.registered_at else None,
             "last_seen": utc_timestamp(self.last_seen) if self.last_seen else None,
         }

@@ -1,41 +1,44 @@
-"""Which pending task goes to which device. No I/O, no clock.
+"""Which pending task goes to which device. No I/O; time is an argument.
 
 Theory of operation: pending tasks are grouped by *class*, the pair of task
 type and requirements, because every task of a class can run on exactly the
-same devices. Each class is a heap ordered by priority (higher first) then
-submission order (FIFO). A scheduling pass repeatedly takes the class whose
-head task comes first overall and asks the strategy for a device among those
-with a free slot that match the class; a class with no such device is set
-aside for the rest of the pass, so lower-priority work for *other* devices is
-not blocked behind it. Cost per decision grows with the number of classes and
-candidate devices, never with the queue length.
+same devices. Each class holds
 
-Tasks leave the queue lazily: cancelling a pending task only changes its
-status, and the pass skips heap entries whose task is no longer pending.
+- a heap of its tasks by priority (higher first) then submission order, and
+- the set of devices that match it, plus a heap of those devices ordered by
+  the strategy's key (see :mod:`strategies`).
+
+A scheduling pass repeatedly takes the class whose head task comes first
+overall and the first *available* device of that class's device heap; a
+class with no available device is set aside for the rest of the pass, so
+lower-priority work for other devices is not blocked behind it. One decision
+costs O(log classes + log devices + log tasks): it never scans the queue nor
+the devices.
+
+Both kinds of heap are lazy. Cancelling a pending task only changes its
+status; a device that changed (slots, load, breaker, connection) is re-keyed
+by pushing a fresh entry stamped with a new version, and entries with an old
+version or for an unavailable device are dropped when they surface. Heaps
+are rebuilt when stale entries outnumber live ones.
+
+The class's matching devices are computed once when the class appears
+(O(devices)) and kept up to date as devices change (O(classes) per change).
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from ..protocol.messages import TaskStatus
 from .registry import Device, device_matches
+from .strategies import Strategy, make_strategy
 from .tasks import Task
 
-__all__ = ["STRATEGIES", "Scheduler", "least_loaded"]
+__all__ = ["Scheduler", "class_key"]
 
 ClassKey = tuple[str, str]
-Strategy = Callable[[list[Device]], Device]
-
-
-def least_loaded(candidates: list[Device]) -> Device:
-    """Most free slots first, then lowest CPU load, then device id (stable)."""
-    return min(candidates, key=lambda d: (-d.free_slots, d.cpu_load, d.device_id))
-
-
-STRATEGIES: dict[str, Strategy] = {"least_loaded": least_loaded}
 
 
 def class_key(task: Task) -> ClassKey:
@@ -52,48 +55,109 @@ def class_key(task: Task) -> ClassKey:
 
 
 class _Class:
-    __slots__ = ("heap", "key", "requirements", "task_type")
+    __slots__ = ("devices", "eligible", "key", "requirements", "task_type", "tasks")
 
     def __init__(self, key: ClassKey, task_type: str, requirements: dict[str, Any]) -> None:
         self.key = key
         self.task_type = task_type
         self.requirements = requirements
-        self.heap: list[tuple[int, int, Task]] = []
+        self.tasks: list[tuple[int, int, Task]] = []
+        self.eligible: set[str] = set()
+        self.devices: list[tuple[Any, int, str]] = []  # (strategy key, version, device id)
 
 
 class Scheduler:
-    """The pending queue and the matching of tasks to devices.
+    """The pending queue, the devices it may use, and the matching of the two.
 
     Args:
-        strategy: name in :data:`STRATEGIES`.
+        strategy: a name in :data:`strategies.STRATEGIES`.
     """
 
     def __init__(self, strategy: str = "least_loaded") -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        self._strategy = STRATEGIES[strategy]
+        self.strategy: Strategy = make_strategy(strategy)
         self._classes: dict[ClassKey, _Class] = {}
+        self._devices: dict[str, Device] = {}
+        self._versions: dict[str, int] = {}
         self._pending = 0
 
     def __len__(self) -> int:
         """Tasks in the queue (including lazily removed ones not yet skipped)."""
         return self._pending
 
-    def push(self, task: Task) -> None:
+    # -- devices ------------------------------------------------------------
+
+    @staticmethod
+    def available(device: Device, now: float) -> bool:
+        return device.can_take_work and device.breaker.allows(now)
+
+    def update_device(self, device: Device, now: float) -> None:
+        """Tell the scheduler a device appeared or changed in any way (cheap: O(classes))."""
+        device_id = device.device_id
+        self._devices[device_id] = device
+        version = self._versions[device_id] = self._versions.get(device_id, 0) + 1
+        available = self.available(device, now)
+        for cls in self._classes.values():
+            if device_matches(device, cls.task_type, cls.requirements):
+                cls.eligible.add(device_id)
+                if available:
+                    heapq.heappush(cls.devices, (self.strategy.key(device, cls.task_type), version, device_id))
+                    if len(cls.devices) > 2 * len(cls.eligible) + 64:
+                        self._rebuild(cls, now)
+            else:
+                cls.eligible.discard(device_id)
+
+    def remove_device(self, device_id: str) -> None:
+        self._devices.pop(device_id, None)
+        self._versions[device_id] = self._versions.get(device_id, 0) + 1
+        for cls in self._classes.values():
+            cls.eligible.discard(device_id)
+        self.strategy.forget(device_id)
+
+    def _rebuild(self, cls: _Class, now: float) -> None:
+        entries = []
+        for device_id in cls.eligible:
+            device = self._devices[device_id]
+            if self.available(device, now):
+                entries.append((self.strategy.key(device, cls.task_type), self._versions[device_id], device_id))
+        heapq.heapify(entries)
+        cls.devices = entries
+
+    def _best_device(self, cls: _Class, now: float) -> Device | None:
+        heap = cls.devices
+        while heap:
+            _, version, device_id = heap[0]
+            device = self._devices.get(device_id)
+            if (
+                device is not None
+                and version == self._versions.get(device_id)
+                and device_id in cls.eligible
+                and self.available(device, now)
+            ):
+                return device
+            heapq.heappop(heap)
+        return None
+
+    # -- tasks --------------------------------------------------------------
+
+    def push(self, task: Task, now: float = 0.0) -> None:
         """Queue a pending task (new, or taken back from a device)."""
         key = class_key(task)
         cls = self._classes.get(key)
         if cls is None:
             cls = self._classes[key] = _Class(key, task.task_type, task.requirements)
-        heapq.heappush(cls.heap, (-task.priority, task.seq, task))
+            for device in self._devices.values():
+                if device_matches(device, cls.task_type, cls.requirements):
+                    cls.eligible.add(device.device_id)
+            self._rebuild(cls, now)
+        heapq.heappush(cls.tasks, (-task.priority, task.seq, task))
         self._pending += 1
 
-    def extend(self, tasks: Iterable[Task]) -> None:
+    def extend(self, tasks: Iterable[Task], now: float = 0.0) -> None:
         for task in tasks:
-            self.push(task)
+            self.push(task, now)
 
     def _head(self, cls: _Class) -> Task | None:
-        heap = cls.heap
+        heap = cls.tasks
         while heap:
             task = heap[0][2]
             if task.status is TaskStatus.PENDING:
@@ -103,18 +167,12 @@ class Scheduler:
         del self._classes[cls.key]
         return None
 
-    def pick(self, devices: list[Device]) -> list[tuple[Task, Device]]:
-        """Plan as many assignments as the devices' free slots allow.
+    def pick(self, now: float, limit: int | None = None) -> list[tuple[Task, Device]]:
+        """Plan assignments until tasks or free devices run out (or ``limit``).
 
-        ``devices`` are those that can take work now. The returned tasks are
-        already out of the queue; the caller moves each to ``assigned`` and
-        reserves the slot (``device.running``) before acting on the next event.
-        A caller that cannot carry out a pair puts the task back with push().
+        Each chosen task is out of the queue and its slot reserved
+        (``device.running``); the caller moves it to ``assigned`` and sends it.
         """
-        free = {d.device_id: d.free_slots for d in devices if d.free_slots > 0}
-        if not free:
-            return []
-        by_id = {d.device_id: d for d in devices}
         heads: list[tuple[int, int, ClassKey]] = []
         for cls in list(self._classes.values()):
             task = self._head(cls)
@@ -122,41 +180,25 @@ class Scheduler:
                 heads.append((-task.priority, task.seq, cls.key))
         heapq.heapify(heads)
         plan: list[tuple[Task, Device]] = []
-        while heads and free:
+        while heads and (limit is None or len(plan) < limit):
             _, _, key = heapq.heappop(heads)
             cls = self._classes[key]
-            candidates = [
-                by_id[i] for i in free if device_matches(by_id[i], cls.task_type, cls.requirements)
-            ]
-            if not candidates:
+            device = self._best_device(cls, now)
+            if device is None:
                 continue
-            device = self._strategy(_with_planned(candidates, free))
-            _, _, task = heapq.heappop(cls.heap)
+            _, _, task = heapq.heappop(cls.tasks)
             self._pending -= 1
+            device.running.add(task.task_id)
+            device.stats.requests += 1
+            device.breaker.on_assign()
+            self.strategy.on_assign(device)
+            self.update_device(device, now)
             plan.append((task, device))
-            free[device.device_id] -= 1
-            if free[device.device_id] == 0:
-                del free[device.device_id]
             nxt = self._head(cls)
             if nxt is not None:
                 heapq.heappush(heads, (-nxt.priority, nxt.seq, key))
         return plan
 
-    def blocked_classes(self, devices: list[Device]) -> list[tuple[str, dict[str, Any]]]:
+    def blocked_classes(self) -> list[tuple[str, dict[str, Any]]]:
         """Classes with pending work that no known device could ever run."""
-        out = []
-        for cls in self._classes.values():
-            if not any(device_matches(d, cls.task_type, cls.requirements) for d in devices):
-                out.append((cls.task_type, cls.requirements))
-        return out
-
-
-def _with_planned(candidates: list[Device], free: dict[str, int]) -> list[Device]:
-    """Candidates, ordered so the strategy sees slots already planned this pass.
-
-    The strategy reads ``device.free_slots``, which does not yet count the
-    assignments planned in this pass; prefer devices with more slots left in
-    the plan by presenting the ones with the most remaining first.
-    """
-    best = max(free[d.device_id] for d in candidates)
-    return [d for d in candidates if free[d.device_id] == best]
+        return [(c.task_type, c.requirements) for c in self._classes.values() if not c.eligible]

@@ -24,6 +24,7 @@ from typing import Any
 import aiosqlite
 
 from ..protocol.messages import TERMINAL_STATUSES, DeviceStatus, TaskStatus
+from .health import DeviceStats
 from .registry import Device
 from .tasks import Attempt, Task
 
@@ -88,6 +89,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (task_id, attempt)
     );
     """,
+    # 2: per-device weight and statistics (strategies, circuit breaker)
+    """
+    ALTER TABLE devices ADD COLUMN weight REAL NOT NULL DEFAULT 1.0;
+    ALTER TABLE devices ADD COLUMN stats TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -108,13 +114,15 @@ _UPSERT_ATTEMPT = (
 )
 _UPSERT_DEVICE = (
     "INSERT INTO devices (device_id, device_info, hardware_specs, capabilities, task_types, "
-    "max_tasks, status, registered_at, last_seen, metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "max_tasks, status, registered_at, last_seen, metrics, weight, stats) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(device_id) DO UPDATE SET device_info=excluded.device_info, "
     "hardware_specs=excluded.hardware_specs, capabilities=excluded.capabilities, "
     "task_types=excluded.task_types, max_tasks=excluded.max_tasks, status=excluded.status, "
-    "registered_at=excluded.registered_at, last_seen=excluded.last_seen, metrics=excluded.metrics"
+    "registered_at=excluded.registered_at, last_seen=excluded.last_seen, metrics=excluded.metrics, "
+    "weight=excluded.weight, stats=excluded.stats"
 )
-_TOUCH_DEVICE = "UPDATE devices SET status=?, last_seen=?, metrics=? WHERE device_id=?"
+_TOUCH_DEVICE = "UPDATE devices SET status=?, last_seen=?, metrics=?, stats=? WHERE device_id=?"
 
 
 def _j(value: Any) -> str | None:
@@ -313,12 +321,17 @@ class Store:
                 device.device_id, _j(device.device_info), _j(device.hardware_specs),
                 _j(sorted(device.capabilities)), _j(sorted(device.task_types)), device.max_tasks,
                 device.status.value, device.registered_at, device.last_seen, _j(device.metrics),
+                device.weight, _j(device.stats.to_json()),
             ),
         )  # fmt: skip
 
     @staticmethod
     def touch_device(device: Device) -> Op:
-        return (_TOUCH_DEVICE, (device.status.value, device.last_seen, _j(device.metrics), device.device_id))
+        return (
+            _TOUCH_DEVICE,
+            (device.status.value, device.last_seen, _j(device.metrics), _j(device.stats.to_json()),
+             device.device_id),
+        )  # fmt: skip
 
     # -- reading ----------------------------------------------------------
 
@@ -424,7 +437,7 @@ class Store:
     async def load_devices(self) -> list[Device]:
         rows = await self._conn().execute_fetchall(
             "SELECT device_id, device_info, hardware_specs, capabilities, task_types, max_tasks, "
-            "status, registered_at, last_seen, metrics FROM devices"
+            "status, registered_at, last_seen, metrics, weight, stats FROM devices"
         )
         return [
             Device(
@@ -438,6 +451,8 @@ class Store:
                 registered_at=float(r[7]),
                 last_seen=float(r[8]),
                 metrics=_unj(r[9]) or {},
+                weight=float(r[10]),
+                stats=DeviceStats.from_json(_unj(r[11])),
             )
             for r in rows
         ]
