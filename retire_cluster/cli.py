@@ -303,6 +303,10 @@ def _load_default_map(ctx: click.Context, param: click.Parameter, value: Optiona
               help="Stop taking tasks while the owner uses more CPU than this (resumes 10 points lower).")
 @click.option("--hours", metavar="HH:MM-HH:MM", help="Take tasks only in this local time window, e.g. 22:00-07:00.")
 @click.option("--evict", is_flag=True, help="Stop running tasks (handing them back) when a rule says stop.")
+@click.option("--weight", type=click.FloatRange(0.001, 1000), default=1.0, show_default=True,
+              help="Share of work under --strategy weighted_round_robin on the main node.")
+@click.option("--reconnect-max", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+              help="Longest wait between reconnection attempts, in seconds.")
 @click.option("--burst", is_flag=True, help="Exit once idle after running at least one task.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
@@ -310,7 +314,8 @@ def worker_cmd(main_addr: str, token: Optional[str], device_id: Optional[str], r
                allow: Sequence[str], max_tasks: Optional[int], capabilities: Sequence[str],
                data_dir: Optional[str], heartbeat_interval: Optional[float], only_when_charging: bool,
                min_battery: Optional[float], max_battery_temp: Optional[float], max_owner_cpu: Optional[float],
-               hours: Optional[str], evict: bool, burst: bool, log_level: str) -> None:
+               hours: Optional[str], evict: bool, weight: float, reconnect_max: float, burst: bool,
+               log_level: str) -> None:
     """Join a main node and run the tasks it assigns."""
     from .runtime import run, setup_logging
     from .worker.agent import Agent
@@ -329,7 +334,7 @@ def worker_cmd(main_addr: str, token: Optional[str], device_id: Optional[str], r
             allow=frozenset(allow), max_tasks=max_tasks,
             data_dir=Path(data_dir) if data_dir else default_data_dir(),
             heartbeat_interval_s=heartbeat_interval, capabilities=tuple(capabilities), burst=burst,
-            policy=policy,
+            policy=policy, weight=weight, reconnect_max_s=reconnect_max,
         )  # fmt: skip
     except ValueError as exc:
         _fail(str(exc), 2)

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -209,6 +210,7 @@ class MainProcess:
         self.proc: Optional[subprocess.Popen[str]] = None
         self.port = 0
         self.output: List[str] = []
+        self._drain: Optional[threading.Thread] = None
 
     def start(self, port: int = 0) -> MainProcess:
         self.proc = subprocess.Popen(
@@ -228,7 +230,18 @@ class MainProcess:
             if line.startswith("  retire-cluster worker"):
                 break
         assert self.port, "".join(self.output)
+        # Keep reading, or a chatty main node would block on a full pipe.
+        self._drain = threading.Thread(target=self._read_rest, daemon=True)
+        self._drain.start()
         return self
+
+    def _read_rest(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        try:
+            for line in self.proc.stdout:
+                self.output.append(line)
+        except (ValueError, OSError):  # closed under us
+            pass
 
     @property
     def address(self) -> str:
@@ -242,6 +255,14 @@ class MainProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        self._close_output()
+
+    def _close_output(self) -> None:
+        assert self.proc is not None
+        if self._drain is not None:
+            self._drain.join(10)
+        if self.proc.stdout is not None and not self.proc.stdout.closed:
+            self.proc.stdout.close()
 
     def terminate(self) -> int:
         assert self.proc is not None
@@ -252,9 +273,7 @@ class MainProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        if self.proc.stdout is not None and not self.proc.stdout.closed:
-            self.output.append(self.proc.stdout.read())
-            self.proc.stdout.close()
+        self._close_output()
         return int(self.proc.returncode)
 
 

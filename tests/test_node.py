@@ -344,3 +344,32 @@ async def test_restart_recovers_tasks_and_gives_devices_grace(tmp_path, clock: F
         await back.close()
     finally:
         await second.stop()
+
+
+async def test_cancel_assigned_task_before_the_worker_accepted(node: MainNode) -> None:
+    client = await Peer.connect(node)
+    task_id = await submit(client)
+    worker = await fake_worker(node, cores=1)
+    await take_assignment(worker, accept=False)
+    assert node.lookup(task_id).status is TaskStatus.ASSIGNED
+    result = await client.ok("task_cancel", {"task_id": task_id})
+    assert result["status"] == "cancelled"
+    cancel = await worker.next_push("task_cancel")
+    assert cancel["data"]["task_id"] == task_id and cancel["data"]["attempt"] == 1
+    assert node.registry.get("dev-1").running == set()
+
+
+async def test_strategy_and_breaker_visible_in_devices(node: MainNode) -> None:
+    client = await Peer.connect(node)
+    worker = await fake_worker(node, cores=1)
+    for _ in range(node.config.breaker_failures):
+        await submit(client)
+        task = await take_assignment(worker)
+        await report(worker, task, status="failed")
+    device = (await client.ok("list_devices"))["devices"][0]
+    assert device["circuit_breaker"]["state"] == "open"
+    assert device["statistics"]["failures"] == node.config.breaker_failures
+    assert device["statistics"]["requests"] == node.config.breaker_failures
+    parked = await submit(client)
+    await settle(node)
+    assert node.lookup(parked).status is TaskStatus.PENDING  # the open breaker keeps work away

@@ -26,7 +26,8 @@ class Due:
     """What the node must act on now."""
 
     offline: list[Device]
-    expired: list[Task]
+    #: (task, attempt whose lease expired); act only if the task still holds it
+    expired: list[tuple[Task, int]]
 
 
 class Monitor:
@@ -56,14 +57,14 @@ class Monitor:
 
     def due(self, now: float, lookup: Callable[[str], Task | None]) -> Due:
         """Devices to declare offline and task leases that expired at ``now``."""
-        expired: list[Task] = []
+        expired: list[tuple[Task, int]] = []
         leases = self._leases
         while leases and leases[0][0] <= now:
             _, task_id, attempt = heapq.heappop(leases)
             task = lookup(task_id)
             if task is not None and task.attempt == attempt and task.assigned_device is not None:
                 if not task.terminal:
-                    expired.append(task)
+                    expired.append((task, attempt))
         return Due(self.registry.late(now, self.offline_timeout_s), expired)
 
     def __len__(self) -> int:

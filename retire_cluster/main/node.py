@@ -204,8 +204,10 @@ class MainNode:
         due = self.monitor.due(now, self.lookup)
         for device in due.offline:
             self.device_offline(device, now)
-        for task in due.expired:
-            self.expire(task, now)
+        for task, attempt in due.expired:
+            # Handling an offline device above may have moved the task on already.
+            if task.held_by(task.assigned_device or "", attempt):
+                self.expire(task, now)
         for device in self.registry:
             reopen = device.breaker.reopens_at()
             if reopen is not None and reopen <= now:

@@ -220,9 +220,8 @@ class Store:
         return fut
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is committed."""
-        if self._queue or self._waiters:
-            await self.write([])
+        """Wait until everything queued so far, and any commit under way, is committed."""
+        await self.write([])
 
     async def _write_loop(self) -> None:
         assert self._db is not None

@@ -431,6 +431,7 @@ class Agent:
             "capabilities": self.profiler.capabilities(),
             "task_types": self.executor.task_types,
             "max_concurrent_tasks": self.config.slots,
+            "weight": self.config.weight,
             "running_tasks": self.held_tasks(),
             "accepting": self.decision.accepting,
             "reason": self.decision.reason,

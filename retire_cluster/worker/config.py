@@ -109,6 +109,7 @@ class WorkerConfig:
         burst: exit once idle after running at least one task (tests, demos).
         policy: the owner's rules (charging, battery, temperature, CPU, hours).
         policy_interval_s: how often the rules are checked.
+        weight: this device's share under the weighted round robin strategy.
     """
 
     main_host: str = "127.0.0.1"
@@ -128,6 +129,7 @@ class WorkerConfig:
     burst: bool = False
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     policy_interval_s: float = 5.0
+    weight: float = 1.0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

@@ -1,0 +1,188 @@
+"""Faults injected into real processes: SIGKILLed workers, a poison task, kill -9 of the main node.
+
+Main node and workers are the real CLI in subprocesses on 127.0.0.1, with
+short heartbeat and offline timeouts so the faults play out in seconds.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import pytest
+from conftest import MainProcess, cli_cmd, cli_env
+
+from retire_cluster.client import Client, ClientError
+from retire_cluster.protocol.errors import ProtocolError
+
+FAST = ("--heartbeat-interval", "0.5", "--offline-timeout", "2")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def poll(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(0.05)
+
+
+def start_worker(main: MainProcess, tmp_path: Path, name: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        cli_cmd("worker", "--main", main.address, "--token", main.token, "--device-id", name,
+                "--data-dir", str(tmp_path / name), "--reconnect-max", "1", *extra),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env(),
+    )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def completed_attempts(db_path: Path) -> Dict[str, int]:
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute("SELECT task_id, COUNT(*) FROM task_attempts WHERE outcome='completed' GROUP BY task_id")
+        return {r[0]: r[1] for r in rows}
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_task_is_requeued_and_completes_once(main_process, tmp_path: Path) -> None:
+    main = main_process(*FAST)
+    first = start_worker(main, tmp_path, "victim")
+    other = None
+    try:
+        with Client(main.address, main.token) as client:
+            poll(lambda: any(d["device_id"] == "victim" for d in client.devices()), what="victim registered")
+            task_id = client.submit("sleep", {"seconds": 3}, max_retries=2)
+            poll(lambda: client.status(task_id)["status"] == "running", what="task running")
+            other = start_worker(main, tmp_path, "survivor")
+            poll(lambda: any(d["device_id"] == "survivor" for d in client.devices()), what="survivor registered")
+            first.send_signal(signal.SIGKILL)
+            first.wait(10)
+            record = client.wait(task_id, timeout_s=60)
+        assert record["status"] == "completed"
+        assert [(a["device_id"], a["outcome"]) for a in record["attempts"]] == [
+            ("victim", "worker_lost"), ("survivor", "completed")]
+        assert completed_attempts(main.data_dir / "cluster.db") == {task_id: 1}
+    finally:
+        stop(first)
+        if other is not None:
+            stop(other)
+
+
+@pytest.mark.slow
+def test_poison_task_that_kills_its_worker_ends_failed_worker_lost(main_process, tmp_path: Path) -> None:
+    main = main_process(*FAST)
+    stop_supervisor = threading.Event()
+    starts: List[int] = []
+
+    def supervise() -> None:  # what systemd or a Termux boot script would do
+        while not stop_supervisor.is_set():
+            proc = start_worker(main, tmp_path, "phone", "--allow", "python_eval")
+            starts.append(proc.pid)
+            while proc.poll() is None and not stop_supervisor.is_set():
+                time.sleep(0.05)
+            stop(proc)
+
+    supervisor = threading.Thread(target=supervise, daemon=True)
+    supervisor.start()
+    try:
+        with Client(main.address, main.token) as client:
+            poll(lambda: any(d["device_id"] == "phone" for d in client.devices()), what="worker registered")
+            task_id = client.submit("python_eval", {"expression": "__import__('os').kill(__import__('os').getppid(), 9)"},
+                                    max_retries=2)
+            record = client.wait(task_id, timeout_s=90)
+            assert record["status"] == "failed"
+            assert record["error"].startswith("worker_lost")
+            assert record["attempt"] == 3
+            assert [a["outcome"] for a in record["attempts"]] == ["worker_lost"] * 3
+            healthy = client.submit("echo", {"message": "still here"})
+            assert client.wait(healthy, timeout_s=60)["result"]["output"] == "still here"
+    finally:
+        stop_supervisor.set()
+        supervisor.join(30)
+    assert len(starts) >= 4  # three deaths, one survivor
+
+
+@pytest.mark.slow
+def test_kill9_main_node_at_random_points_loses_nothing(tmp_path: Path) -> None:
+    rng = random.Random(20261123)
+    port = free_port()
+    data_dir = tmp_path / "main"
+    main = MainProcess(data_dir, *FAST).start(port)
+    workers = [start_worker(main, tmp_path, f"w{i}", "--max-tasks", "4") for i in range(2)]
+    acked: List[str] = []
+    submitting = threading.Event()
+    submitting.set()
+    errors: List[BaseException] = []
+
+    def submit_stream() -> None:
+        n = 0
+        client = Client(main.address, main.token, timeout_s=5)
+        while submitting.is_set():
+            key = f"job-{n}"
+            try:
+                task_id = client.submit("echo", {"message": key}, idempotency_key=key)
+            except (ClientError, TimeoutError, OSError, ProtocolError):
+                client.close()  # the main node is down: retry the same key (idempotent)
+                client = Client(main.address, main.token, timeout_s=5)
+                time.sleep(0.05)
+                continue
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+                return
+            acked.append(task_id)
+            n += 1
+        client.close()
+
+    submitter = threading.Thread(target=submit_stream, daemon=True)
+    submitter.start()
+    try:
+        for _ in range(20):
+            time.sleep(rng.uniform(0.1, 0.8))
+            main.kill9()
+            main = MainProcess(data_dir, *FAST).start(port)
+        submitting.clear()
+        submitter.join(30)
+        assert not errors, errors
+        assert len(acked) > 50
+        with Client(main.address, main.token) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                pending = [t for t in client.tasks(limit=10000) if t["status"] != "completed"]
+                if not pending:
+                    break
+                assert time.monotonic() < deadline, f"{len(pending)} tasks never completed: {pending[:3]}"
+                time.sleep(0.2)
+            stored = {t["task_id"]: t for t in client.tasks(limit=10000)}
+        assert set(acked) <= set(stored), "an acknowledged submission was lost"
+        assert len(set(acked)) == len(acked), "a retried submission created a second task"
+        assert len(stored) == len(set(acked))
+        for task_id in acked:
+            assert stored[task_id]["result"]["output"] == stored[task_id]["payload"]["message"]
+    finally:
+        for w in workers:
+            stop(w)
+        main.terminate()
+    completed = completed_attempts(data_dir / "cluster.db")
+    assert set(completed) == set(acked) and set(completed.values()) == {1}, "a task was recorded twice"
+    with sqlite3.connect(data_dir / "cluster.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
