@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from conftest import FakeClock, make_config, register_data
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from conftest import FakeClock, make_config, register_data
 
 from retire_cluster.main import MainNode
 from retire_cluster.protocol.codec import loads

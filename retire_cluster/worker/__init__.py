@@ -10,11 +10,13 @@ from .agent import Agent, FatalError
 from .config import WorkerConfig, load_or_create_device_id, parse_main_address
 from .executor import Executor, Outcome
 from .profiler import Profiler
+from .trampoline import Limits
 
 __all__ = [
     "Agent",
     "Executor",
     "FatalError",
+    "Limits",
     "Outcome",
     "Profiler",
     "WorkerConfig",

@@ -68,7 +68,9 @@ class Agent:
         self.config = config
         self.device_id = config.device_id or load_or_create_device_id(config.data_dir)
         self.profiler = profiler or Profiler(config.role, config.data_dir, config.capabilities)
-        self.executor = executor or Executor(config.task_types, output_limit_bytes=config.output_limit_bytes)
+        self.executor = executor or Executor(config.task_types, output_limit_bytes=config.output_limit_bytes,
+                                             python_eval_timeout_s=config.python_eval_timeout_s,
+                                             limits=config.limits, scratch_base=config.scratch_dir)
         self.running: Dict[str, Running] = {}
         self.outbox = Outbox(config.data_dir / "outbox")
         self.heartbeat_interval_s = config.heartbeat_interval_s or 60.0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import FrozenSet, Optional, Tuple
 
 from .policy import PolicyConfig
+from .trampoline import Limits
 
 __all__ = [
     "BUILTIN_TYPES",
@@ -110,6 +111,9 @@ class WorkerConfig:
         policy: the owner's rules (charging, battery, temperature, CPU, hours).
         policy_interval_s: how often the rules are checked.
         weight: this device's share under the weighted round robin strategy.
+        limits: resource limits of python_eval and command processes.
+        scratch_dir: base of the per-task scratch directories (None:
+            <tmp>/retire-cluster-<uid>).
     """
 
     main_host: str = "127.0.0.1"
@@ -130,6 +134,8 @@ class WorkerConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     policy_interval_s: float = 5.0
     weight: float = 1.0
+    limits: Limits = field(default_factory=Limits)
+    scratch_dir: Optional[Path] = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

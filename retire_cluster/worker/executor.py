@@ -1,10 +1,13 @@
-"""Running one task: the built-in task types and the child process for code.
+"""Running one task: the built-in task types, plug-ins, and the result.
 
-``python_eval`` runs in a child Python process in its own session (so a
-timeout or cancel kills it and everything it started), with a minimal
-environment (the cluster token is never passed on) and a time limit. The
-result is what DESIGN.md asks: ``output`` text, ``exit_code``, ``stderr``,
-``truncated`` and ``metrics``.
+``echo`` and ``sleep`` run in the worker. ``python_eval`` and ``command`` run
+code in a child process with resource limits, in its own session and a
+scratch directory, with a minimal environment (the cluster token is never
+passed on); :mod:`.sandbox` and :mod:`.trampoline` explain how. Plug-in types come from
+:mod:`.plugins`. Every run ends in an :class:`Outcome`, whose ``result()`` is
+what DESIGN.md asks: ``output`` text, ``exit_code``, ``stderr``,
+``truncated`` and ``metrics`` (plus ``error`` when it did not complete), each
+text capped so the ``task_result`` frame stays small.
 
 Python 3.9 syntax and the standard library only.
 """
@@ -12,35 +15,37 @@ Python 3.9 syntax and the standard library only.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sys
+import inspect
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Dict, Optional
+from functools import partial
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Set
 
 from ..protocol.codec import dumps, loads
+from .plugins import TaskContext, load_plugins, plugin_result
+from .sandbox import (
+    ChildResult,
+    child_env,
+    default_scratch_base,
+    describe_exit,
+    make_scratch_dir,
+    remove_scratch_dir,
+    run_child,
+)
+from .trampoline import Limits, command_argv, eval_argv
 
-__all__ = ["Executor", "Outcome", "TaskFailed"]
+__all__ = ["BUILTIN_TASK_TYPES", "ERROR_LIMIT_BYTES", "Executor", "Limits", "Outcome", "TaskFailed", "child_env"]
 
 Progress = Callable[[float, str], None]
+Runner = Callable[[Dict[str, Any], float, Progress], Awaitable["Outcome"]]
 
-_EVAL_RUNNER = r"""
-import io, json, sys, traceback
-request = json.loads(sys.stdin.read())
-real_stdout, captured = sys.stdout, io.StringIO()
-sys.stdout = captured
-try:
-    value = eval(compile(request["expression"], "<expression>", "eval"), {"__builtins__": __builtins__}, {})
-    reply = {"ok": True, "output": str(value)}
-except BaseException as exc:
-    reply = {"ok": False, "error": "%s: %s" % (type(exc).__name__, exc), "traceback": traceback.format_exc()}
-reply["stdout"] = captured.getvalue()
-sys.stdout = real_stdout
-sys.stdout.write(json.dumps(reply))
-"""
-
-_SAFE_ENV_KEYS = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "HOME", "TMPDIR", "TERMUX_VERSION", "PREFIX")
+#: The types this module implements; plug-ins cannot take these names.
+BUILTIN_TASK_TYPES = frozenset({"echo", "sleep", "python_eval", "command"})
+#: The most of an error text kept, in UTF-8 bytes: it is a sentence, not a log.
+ERROR_LIMIT_BYTES = 4096
+DEFAULT_TIMEOUT_S = 3600.0
 
 
 class TaskFailed(Exception):
@@ -62,6 +67,7 @@ class Outcome:
     metrics: Dict[str, Any] = field(default_factory=dict)
 
     def result(self) -> Dict[str, Any]:
+        """The ``task_result.data.result`` object."""
         out: Dict[str, Any] = {
             "output": self.output,
             "exit_code": self.exit_code,
@@ -78,52 +84,61 @@ class Outcome:
 
 
 def _clip(text: Optional[str], limit: int) -> "tuple[Optional[str], bool]":
+    """At most ``limit`` UTF-8 bytes of ``text``, never cutting a character in two."""
     if text is None:
         return None, False
-    raw = text.encode("utf-8")
+    raw = text.encode("utf-8", errors="replace")
     if len(raw) <= limit:
         return text, False
     return raw[:limit].decode("utf-8", errors="ignore"), True
 
 
-def child_env() -> Dict[str, str]:
-    """The environment given to task processes: no secrets, only the basics."""
-    env = {k: os.environ[k] for k in _SAFE_ENV_KEYS if k in os.environ}
-    env["PYTHONIOENCODING"] = "utf-8"
-    return env
+def _clip_error(text: Optional[str]) -> Optional[str]:
+    clipped, cut = _clip(text, ERROR_LIMIT_BYTES - 16)
+    return clipped + " [truncated]" if cut and clipped is not None else clipped
 
 
-async def _kill_group(proc: "asyncio.subprocess.Process") -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        await proc.wait()
-    except Exception:
-        pass
+def _non_empty(text: str) -> Optional[str]:
+    return text or None
 
 
 class Executor:
     """Runs tasks of the types this worker offers.
 
     Args:
-        allowed: the task types enabled on this worker.
-        output_limit_bytes: cap on output (and on stderr), in UTF-8 bytes.
+        allowed: the built-in task types enabled on this worker (plug-ins are
+            enabled by being installed).
+        output_limit_bytes: cap on output, stdout and stderr, each, in UTF-8 bytes.
         clock: monotonic seconds, for execution_time.
+        limits: resource limits for python_eval and command processes.
+        python_eval_timeout_s: cap on a python_eval's time, whatever the task asks.
+        scratch_base: where per-task scratch directories go; None means
+            ``<tmp>/retire-cluster-<uid>``.
+        plugins: {task type: plug-in object}; None means the installed ones
+            (the ``retire_cluster.task_types`` entry points).
     """
 
     def __init__(self, allowed: "frozenset[str]", *, output_limit_bytes: int = 1024 * 1024,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, limits: Limits = Limits(),
+                 python_eval_timeout_s: Optional[float] = None, scratch_base: Optional[Path] = None,
+                 plugins: Optional[Mapping[str, Any]] = None) -> None:
         self.allowed = allowed
         self.output_limit_bytes = output_limit_bytes
         self.clock = clock
-        self._types: Dict[str, Callable[[Dict[str, Any], float, Progress], Awaitable[Outcome]]] = {
+        self.limits = limits
+        self.python_eval_timeout_s = python_eval_timeout_s
+        self.scratch_base = Path(scratch_base) if scratch_base is not None else default_scratch_base()
+        found = load_plugins(BUILTIN_TASK_TYPES) if plugins is None else plugins
+        self.plugins: Dict[str, Any] = {k: v for k, v in found.items() if k not in BUILTIN_TASK_TYPES}
+        self._types: Dict[str, Runner] = {
             "echo": self._echo,
             "sleep": self._sleep,
             "python_eval": self._python_eval,
+            "command": self._command,
         }
-        self._pids: "set[int]" = set()
+        for name, plugin in self.plugins.items():
+            self._types[name] = partial(self._plugin, name, plugin)
+        self._pids: Set[int] = set()
 
     def child_pids(self) -> "list[int]":
         """Process ids of the task processes running now (for the owner-CPU reading)."""
@@ -131,10 +146,21 @@ class Executor:
 
     @property
     def task_types(self) -> "list[str]":
-        return sorted(t for t in self._types if t in self.allowed)
+        """What this worker advertises at register: enabled built-ins and plug-ins."""
+        return sorted(t for t in self._types if self.can_run(t))
 
     def can_run(self, task_type: str) -> bool:
-        return task_type in self.allowed and task_type in self._types
+        """True for an enabled built-in or an installed plug-in; the agent refuses the rest."""
+        return task_type in self._types and (task_type in self.allowed or task_type in self.plugins)
+
+    def _timeout_s(self, task: Dict[str, Any]) -> float:
+        """The task's timeout (DESIGN.md default 3600 s), python_eval's capped by the owner's limit."""
+        timeout_s = task.get("timeout") or DEFAULT_TIMEOUT_S
+        if not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s):
+            timeout_s = DEFAULT_TIMEOUT_S
+        if task.get("task_type") == "python_eval" and self.python_eval_timeout_s is not None:
+            timeout_s = min(timeout_s, self.python_eval_timeout_s)
+        return float(timeout_s)
 
     async def run(self, task: Dict[str, Any], progress: Progress) -> Outcome:
         """Run ``task`` (``task_assign.data.task``) to its end.
@@ -142,11 +168,13 @@ class Executor:
         Returns an :class:`Outcome`; a cancelled run raises CancelledError
         after the task's processes are gone.
         """
-        task_type = task["task_type"]
-        timeout_s = float(task.get("timeout") or 3600.0)
+        task_type = str(task.get("task_type"))
+        timeout_s = self._timeout_s(task)
         started = self.clock()
-        runner = self._types[task_type]
+        runner = self._types.get(task_type) if self.can_run(task_type) else None
         try:
+            if runner is None:
+                raise TaskFailed(f"task type {task_type!r} is not enabled on this worker")
             outcome = await asyncio.wait_for(runner(task.get("payload") or {}, timeout_s, progress), timeout_s)
         except asyncio.TimeoutError:
             outcome = Outcome("timeout", error=f"stopped after the task timeout of {timeout_s:g} s")
@@ -157,7 +185,10 @@ class Executor:
         outcome.stderr, cut_err = _clip(outcome.stderr, self.output_limit_bytes)
         outcome.stdout, cut_std = _clip(outcome.stdout, self.output_limit_bytes)
         outcome.truncated = outcome.truncated or cut_out or cut_err or cut_std
+        outcome.error = _clip_error(outcome.error)
         return outcome
+
+    # -- in the worker --------------------------------------------------------------
 
     async def _echo(self, payload: Dict[str, Any], timeout_s: float, progress: Progress) -> Outcome:
         message = payload.get("message", "")
@@ -165,8 +196,9 @@ class Executor:
 
     async def _sleep(self, payload: Dict[str, Any], timeout_s: float, progress: Progress) -> Outcome:
         seconds = payload.get("seconds", 1)
-        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds < 0:
-            raise TaskFailed("sleep needs payload.seconds, a number of seconds >= 0")
+        if (not isinstance(seconds, (int, float)) or isinstance(seconds, bool)
+                or not math.isfinite(seconds) or seconds < 0):
+            raise TaskFailed("sleep needs payload.seconds, a finite number of seconds >= 0")
         step = 1.0 if seconds > 2 else float(seconds)
         done = 0.0
         while done < seconds:
@@ -177,35 +209,99 @@ class Executor:
                 progress(round(100.0 * done / seconds, 1), f"slept {done:g} of {seconds:g} s")
         return Outcome("completed", output=f"slept {seconds:g} s", exit_code=0)
 
+    async def _plugin(self, name: str, plugin: Any, payload: Dict[str, Any], timeout_s: float,
+                      progress: Progress) -> Outcome:
+        def report(percent: float, message: str) -> None:  # a plug-in's arguments go on the wire
+            try:
+                progress(max(0.0, min(100.0, float(percent))), str(message))
+            except (TypeError, ValueError):
+                pass
+
+        scratch = self._scratch_dir()
+        try:
+            try:
+                value = plugin.run(payload, TaskContext(report, timeout_s, scratch))
+                if inspect.isawaitable(value):
+                    value = await value
+                checked = plugin_result(value, name)
+            except TaskFailed:
+                raise
+            except Exception as exc:  # the plug-in's error is the task's error
+                raise TaskFailed(str(exc) or type(exc).__name__) from None
+        finally:
+            await remove_scratch_dir(scratch)
+        failed = checked.exit_code != 0
+        return Outcome("failed" if failed else "completed", output=checked.output, exit_code=checked.exit_code,
+                       stderr=checked.stderr, metrics=checked.metrics or {},
+                       error=describe_exit(checked.exit_code) if failed else None)
+
+    # -- in a child process ----------------------------------------------------------
+
+    def _scratch_dir(self) -> Path:
+        try:
+            return make_scratch_dir(self.scratch_base)
+        except OSError as exc:
+            raise TaskFailed(f"cannot create a scratch directory under {self.scratch_base}: {exc}") from None
+
+    async def _run_child(self, argv: "list[str]", scratch: Path, stdin: Optional[bytes],
+                         reply_limit_bytes: Optional[int] = None) -> ChildResult:
+        try:
+            return await run_child(argv, cwd=scratch, env=child_env(scratch), stdin=stdin,
+                                   output_limit_bytes=self.output_limit_bytes,
+                                   reply_limit_bytes=reply_limit_bytes, pids=self._pids)
+        except OSError as exc:
+            raise TaskFailed(f"cannot start the task process: {exc}") from None
+
+    async def _command(self, payload: Dict[str, Any], timeout_s: float, progress: Progress) -> Outcome:
+        argv = payload.get("argv")
+        if (not isinstance(argv, list) or not argv or not all(isinstance(a, str) and "\0" not in a for a in argv)
+                or not argv[0]):
+            raise TaskFailed("command needs payload.argv, a non-empty list of strings (it is run without a shell)")
+        stdin = payload.get("stdin")
+        if stdin is not None and not isinstance(stdin, str):
+            raise TaskFailed("command payload.stdin must be a string when given")
+        scratch = self._scratch_dir()
+        try:
+            child = await self._run_child(command_argv(argv, self.limits, timeout_s), scratch,
+                                          None if stdin is None else stdin.encode("utf-8"))
+        finally:
+            await remove_scratch_dir(scratch)
+        code = child.returncode
+        stderr = child.text("stderr")
+        error = None
+        if code != 0:
+            error = describe_exit(code)
+            if code in (126, 127) and stderr.startswith("retire-cluster: cannot run"):
+                error += ": " + stderr[len("retire-cluster: "):].strip()
+        return Outcome("completed" if code == 0 else "failed", output=child.text("stdout"), exit_code=code,
+                       stderr=stderr, error=error, truncated=child.stdout_truncated or child.stderr_truncated)
+
     async def _python_eval(self, payload: Dict[str, Any], timeout_s: float, progress: Progress) -> Outcome:
         expression = payload.get("expression")
         if not isinstance(expression, str) or not expression.strip():
             raise TaskFailed("python_eval needs payload.expression, a Python expression as a string")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-c", _EVAL_RUNNER,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=child_env(), start_new_session=True,
-        )  # fmt: skip
-        self._pids.add(proc.pid)
+        request = dumps({"expression": expression, "limit": self.output_limit_bytes,
+                         "error_limit": ERROR_LIMIT_BYTES})
+        scratch = self._scratch_dir()
         try:
-            out, err = await proc.communicate(dumps({"expression": expression}))
-        except BaseException:
-            await _kill_group(proc)
-            raise
+            child = await self._run_child(eval_argv(self.limits, timeout_s), scratch, request,
+                                          reply_limit_bytes=4 * (self.output_limit_bytes + ERROR_LIMIT_BYTES))
         finally:
-            self._pids.discard(proc.pid)
-        stderr = err.decode("utf-8", errors="replace") or None
+            await remove_scratch_dir(scratch)
+        stderr = _non_empty(child.text("stderr"))
+        stdout = _non_empty(child.text("stdout"))
+        truncated = child.stdout_truncated or child.stderr_truncated
         try:
-            reply = loads(out) if out else None
+            reply = loads(child.reply) if child.reply and not child.reply_truncated else None
         except ValueError:
             reply = None
         if not isinstance(reply, dict):
             raise TaskFailed(
-                f"python_eval child exited with code {proc.returncode} and no result"
+                f"python_eval child ended with {describe_exit(child.returncode)} and no result"
                 + (f": {stderr.strip()[-500:]}" if stderr else "")
             )
         if reply.get("ok"):
-            return Outcome("completed", output=reply.get("output"), exit_code=0,
-                           stderr=stderr, stdout=reply.get("stdout") or None)
-        return Outcome("failed", output=reply.get("stdout") or None, exit_code=1,
-                       error=reply.get("error"), stderr=reply.get("traceback"))
+            return Outcome("completed", output=str(reply.get("output")), exit_code=0, stderr=stderr,
+                           stdout=stdout, truncated=truncated or bool(reply.get("truncated")))
+        return Outcome("failed", exit_code=1, error=str(reply.get("error")), stderr=stderr, stdout=stdout,
+                       truncated=truncated)
