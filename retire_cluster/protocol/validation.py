@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidMessage, UnknownMessageType
+from .fastcheck import compile_schema
 from .messages import Message
 
 __all__ = ["SCHEMA_BASE_URI", "MessageValidator", "load_schemas", "schema_dir"]
@@ -72,6 +73,8 @@ class MessageValidator:
         self._validators = {
             name: Draft202012Validator(schemas[name], registry=registry) for name in names
         }
+        documents = {schema["$id"]: schema for schema in schemas.values()}
+        self._fast = {name: compile_schema(schemas[name], documents) for name in names}
 
     @property
     def types(self) -> frozenset[str]:
@@ -85,17 +88,29 @@ class MessageValidator:
             InvalidMessage: with ``path`` set to the JSON path of the first error.
         """
         mtype = obj.get("message_type")
-        validator = self._validators.get(mtype) if isinstance(mtype, str) else None
-        if validator is None:
+        fast = self._fast.get(mtype) if isinstance(mtype, str) else None
+        if fast is None:
             raise UnknownMessageType(
                 f"Unknown message_type {mtype!r}; see protocol/PROTOCOL.md for the list."
             )
-        error = next(iter(validator.iter_errors(obj)), None)
+        if fast(obj):
+            return
+        # Invalid (the rare case): let jsonschema say exactly why and where.
+        error = next(iter(self._validators[mtype].iter_errors(obj)), None)
         if error is None:
             return
         best = _deepest(error)
         path = _json_path(best)
         raise InvalidMessage(f"{path}: {_short(best.message)}", path=path)
+
+    def reference_ok(self, obj: dict[str, Any]) -> bool:
+        """jsonschema's own verdict (tests compare it with the fast path)."""
+        validator = self._validators[obj["message_type"]]
+        return bool(validator.is_valid(obj))
+
+    def fast_ok(self, obj: dict[str, Any]) -> bool:
+        """The compiled checker's verdict."""
+        return self._fast[obj["message_type"]](obj)
 
     def validate(self, message: Message) -> None:
         """Validate a :class:`Message`; see :meth:`validate_obj`."""
