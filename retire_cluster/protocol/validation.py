@@ -96,7 +96,7 @@ class MessageValidator:
         if fast(obj):
             return
         # Invalid (the rare case): let jsonschema say exactly why and where.
-        error = next(iter(self._validators[mtype].iter_errors(obj)), None)
+        error = next(iter(self._validators[str(mtype)].iter_errors(obj)), None)
         if error is None:
             return
         best = _deepest(error)
