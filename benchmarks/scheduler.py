@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from retire_cluster.main.registry import Device  # noqa: E402
-from retire_cluster.main.scheduler import Scheduler  # noqa: E402
-from retire_cluster.main.strategies import STRATEGIES  # noqa: E402
-from retire_cluster.main.tasks import Task  # noqa: E402
-from retire_cluster.protocol.messages import DeviceStatus, TaskStatus  # noqa: E402
+from retire_cluster.main.registry import Device
+from retire_cluster.main.scheduler import Scheduler
+from retire_cluster.main.strategies import STRATEGIES
+from retire_cluster.main.tasks import Task
+from retire_cluster.protocol.messages import DeviceStatus, TaskStatus
 
 
 class _Conn:

@@ -3,9 +3,11 @@
 
 Standard library only: copy it anywhere Python runs.
 
-    python3 submit_and_wait.py --main 192.168.1.10:8080 --token TOKEN \
+    python3 submit_and_wait.py --main 192.168.1.10:8080 --token=TOKEN \
         python_eval '{"expression": "sum(range(100000))"}'
 """
+from __future__ import annotations
+
 import argparse
 import json
 import os

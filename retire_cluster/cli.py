@@ -21,10 +21,18 @@ import click
 
 from . import __version__
 from .protocol.errors import ProtocolError
-from .protocol.messages import PRIORITY_NAMES, REQUIREMENT_KEYS
-from .tables import format_bytes, format_table
+from .protocol.messages import PRIORITY_NAMES, REQUIREMENT_KEYS, TaskStatus
+from .tables import (
+    DEVICE_HEADERS,
+    TASK_HEADERS,
+    device_row,
+    format_table,
+    task_detail,
+    task_row,
+)
 
 EXIT_ERROR = 1
+TASK_STATES = [s.value for s in TaskStatus]
 
 # -- helpers ---------------------------------------------------------------
 
@@ -38,7 +46,21 @@ def _emit(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True))
 
 
+def _remember_fingerprint(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> None:
+    ctx.meta["retire_cluster.tls_fingerprint"] = value
+
+
+def _tls_fingerprint() -> Optional[str]:
+    """--tls-fingerprint of the client command being run (kept out of every signature)."""
+    ctx = click.get_current_context(silent=True)
+    return None if ctx is None else ctx.meta.get("retire_cluster.tls_fingerprint")
+
+
 def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--tls-fingerprint", envvar="RETIRE_CLUSTER_TLS_FINGERPRINT", expose_value=False,
+                      callback=_remember_fingerprint, metavar="SHA256",
+                      help="Speak TLS and accept only the main node certificate with this SHA-256 "
+                           "fingerprint [env RETIRE_CLUSTER_TLS_FINGERPRINT].")(fn)
     fn = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fn)
     fn = click.option("--token", envvar="RETIRE_CLUSTER_TOKEN", default=None,
                       help="Cluster token [env RETIRE_CLUSTER_TOKEN].")(fn)
@@ -51,7 +73,16 @@ def _client(main_addr: str, token: Optional[str]) -> Any:
     from .client.sync import Client
 
     try:
-        return Client(main_addr, token)
+        return Client(main_addr, token, tls_fingerprint=_tls_fingerprint())
+    except ValueError as exc:
+        _fail(str(exc), 2)
+
+
+def _async_client(main_addr: str, token: Optional[str]) -> Any:
+    from .client.aio import AsyncClient
+
+    try:
+        return AsyncClient(main_addr, token, tls_fingerprint=_tls_fingerprint())
     except ValueError as exc:
         _fail(str(exc), 2)
 
@@ -132,6 +163,8 @@ _MAIN_OPTIONS = {
     "heartbeat_interval": "heartbeat_interval_s", "offline_timeout": "offline_timeout_s",
     "insecure": "insecure", "log_level": "log_level", "log_file": "log_file",
     "synchronous": "synchronous", "strategy": "strategy",
+    "http_host": "http_host", "http_port": "http_port",
+    "tls_cert": "tls_cert", "tls_key": "tls_key",
 }  # fmt: skip
 
 
@@ -153,8 +186,12 @@ def build_main_config(config_file: Optional[str], options: Dict[str, Any]) -> An
     from .main.config import MainConfig, normalise_keys
 
     overrides: Dict[str, Any] = MainConfig.from_file(config_file) if config_file else {}
-    given = {_MAIN_OPTIONS[k]: v for k, v in options.items() if v is not None}
+    given = {_MAIN_OPTIONS[k]: v for k, v in options.items() if v is not None and k != "no_http"}
+    if options.get("no_http"):
+        given["http_enabled"] = False
     overrides.update(normalise_keys(given, source="the command line"))
+    if overrides.get("port") == 0 and "http_port" not in overrides:
+        overrides["http_port"] = 0  # --port 0 picks free ports (tests): HTTP's too
     host_given = "host" in overrides
     if overrides.get("insecure") and not host_given:
         overrides["host"] = "127.0.0.1"
@@ -184,8 +221,18 @@ def build_main_config(config_file: Optional[str], options: Dict[str, Any]) -> An
               envvar="RETIRE_CLUSTER_LOG_LEVEL", help="[default: info]")
 @click.option("--log-file", type=click.Path(dir_okay=False), envvar="RETIRE_CLUSTER_LOG_FILE",
               help="Also log to this file, rotated at 10 MiB (5 kept).")
+@click.option("--http-host", envvar="RETIRE_CLUSTER_HTTP_HOST",
+              help="Address of the HTTP API and dashboard.  [default: as --host]")
+@click.option("--http-port", type=int, envvar="RETIRE_CLUSTER_HTTP_PORT",
+              help="Port of the HTTP API and dashboard.  [default: 5000; a free one with --port 0]")
+@click.option("--no-http", is_flag=True, default=None, envvar="RETIRE_CLUSTER_NO_HTTP",
+              help="Serve no HTTP API, metrics or dashboard.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), envvar="RETIRE_CLUSTER_TLS_CERT",
+              help="PEM certificate: speak TLS only (workers pin its fingerprint). Needs --tls-key.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), envvar="RETIRE_CLUSTER_TLS_KEY",
+              help="PEM private key of --tls-cert.")
 def main_cmd(config_file: Optional[str], **options: Any) -> None:
-    """Start the main node (registry, scheduler, monitor, store) on TCP."""
+    """Start the main node (registry, scheduler, monitor, store) on TCP, with the HTTP API and dashboard."""
     from .main.config import ConfigError
     from .main.node import MainNode
     from .runtime import run, setup_logging, stop_logging
@@ -201,20 +248,49 @@ def main_cmd(config_file: Optional[str], **options: Any) -> None:
 
         node = MainNode(config)
         try:
-            await node.start()
+            try:
+                await node.start()
+            except OSError as exc:
+                from .main.config import MainConfig
+                from .web import HTTPBindError
+
+                if not isinstance(exc, HTTPBindError) or config.http_port != MainConfig.http_port:
+                    raise
+                # Port 5000 is often taken (macOS AirPlay): the cluster matters more than its dashboard.
+                click.echo(f"WARNING: {exc.strerror}; starting without the dashboard.", err=True)
+                node = MainNode(config.with_overrides({"http_enabled": False}))
+                await node.start()
+        except ConfigError as exc:
+            _fail(str(exc), 2)
         except OSError as exc:
+            from .web import HTTPBindError
+
+            if isinstance(exc, HTTPBindError):
+                _fail(f"{exc.strerror}.")
             _fail(f"cannot listen on {config.host}:{config.port} ({exc.strerror or exc}); "
                   "is another main node running? Choose another --port.")
         host, port = node.address
         shown = _lan_address() if host in ("0.0.0.0", "::", "") else host
         click.echo(f"retire-cluster main node {__version__} listening on {host}:{port}")
         click.echo(f"data dir: {config.data_dir.resolve()}")
+        if node.http_address is not None:
+            http_host, http_port = node.http_address
+            http_shown = _lan_address() if http_host in ("0.0.0.0", "::", "") else http_host
+            http_shown = f"[{http_shown}]" if ":" in http_shown else http_shown
+            ask = "" if config.insecure else " (paste the token when the page asks)"
+            click.echo(f"dashboard and HTTP API: http://{http_shown}:{http_port}/{ask}")
+        pin = ""
+        if node.tls_fingerprint is not None:
+            from .tls import format_fingerprint
+
+            pin = f" --tls-fingerprint {format_fingerprint(node.tls_fingerprint)}"
+            click.echo(f"TLS certificate SHA-256 fingerprint: {format_fingerprint(node.tls_fingerprint)}")
         if config.insecure:
             click.echo("WARNING: --insecure: no token auth; anyone who can reach this port controls the "
                        f"cluster.{'' if host_given else ' Listening on 127.0.0.1 only (give --host to change).'}")
-            click.echo(f"Join a device with:\n  retire-cluster worker --main {shown}:{port}")
+            click.echo(f"Join a device with:\n  retire-cluster worker --main {shown}:{port}{pin}")
         else:
-            click.echo(f"Join a device with:\n  retire-cluster worker --main {shown}:{port} --token {node.token}")
+            click.echo(f"Join a device with:\n  retire-cluster worker --main {shown}:{port} --token {node.token}{pin}")
         sys.stdout.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -284,6 +360,9 @@ def _load_default_map(ctx: click.Context, param: click.Parameter, value: Optiona
 @click.option("--main", "main_addr", envvar="RETIRE_CLUSTER_MAIN", required=True,
               help="Main node HOST[:PORT] [env RETIRE_CLUSTER_MAIN].")
 @click.option("--token", envvar="RETIRE_CLUSTER_TOKEN", help="Cluster token [env RETIRE_CLUSTER_TOKEN].")
+@click.option("--tls-fingerprint", envvar="RETIRE_CLUSTER_TLS_FINGERPRINT", metavar="SHA256",
+              help="Speak TLS and accept only the main node certificate with this SHA-256 fingerprint "
+                   "(as `retire-cluster main` prints it).")
 @click.option("--device-id", envvar="RETIRE_CLUSTER_DEVICE_ID",
               help="Device id.  [default: hostname-based, saved in the data dir]")
 @click.option("--role", default="worker", show_default=True, help="Role advertised (requirements match it).")
@@ -303,6 +382,10 @@ def _load_default_map(ctx: click.Context, param: click.Parameter, value: Optiona
               help="Stop taking tasks while the owner uses more CPU than this (resumes 10 points lower).")
 @click.option("--hours", metavar="HH:MM-HH:MM", help="Take tasks only in this local time window, e.g. 22:00-07:00.")
 @click.option("--evict", is_flag=True, help="Stop running tasks (handing them back) when a rule says stop.")
+@click.option("--task-memory", type=click.IntRange(16), default=1024, show_default=True, metavar="MiB",
+              help="Address-space limit of python_eval and command processes.")
+@click.option("--scratch-dir", type=click.Path(file_okay=False),
+              help="Where per-task scratch directories go.  [default: <tmp>/retire-cluster-<uid>]")
 @click.option("--weight", type=click.FloatRange(0.001, 1000), default=1.0, show_default=True,
               help="Share of work under --strategy weighted_round_robin on the main node.")
 @click.option("--reconnect-max", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
@@ -310,17 +393,19 @@ def _load_default_map(ctx: click.Context, param: click.Parameter, value: Optiona
 @click.option("--burst", is_flag=True, help="Exit once idle after running at least one task.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-def worker_cmd(main_addr: str, token: Optional[str], device_id: Optional[str], role: str,
+def worker_cmd(main_addr: str, token: Optional[str], tls_fingerprint: Optional[str], device_id: Optional[str],
+               role: str,
                allow: Sequence[str], max_tasks: Optional[int], capabilities: Sequence[str],
                data_dir: Optional[str], heartbeat_interval: Optional[float], only_when_charging: bool,
                min_battery: Optional[float], max_battery_temp: Optional[float], max_owner_cpu: Optional[float],
-               hours: Optional[str], evict: bool, weight: float, reconnect_max: float, burst: bool,
-               log_level: str) -> None:
+               hours: Optional[str], evict: bool, task_memory: int, scratch_dir: Optional[str], weight: float,
+               reconnect_max: float, burst: bool, log_level: str) -> None:
     """Join a main node and run the tasks it assigns."""
     from .runtime import run, setup_logging
     from .worker.agent import Agent
     from .worker.config import WorkerConfig, default_data_dir, parse_main_address
     from .worker.policy import PolicyConfig, parse_hours
+    from .worker.trampoline import Limits
 
     try:
         host, port = parse_main_address(main_addr)
@@ -335,6 +420,8 @@ def worker_cmd(main_addr: str, token: Optional[str], device_id: Optional[str], r
             data_dir=Path(data_dir) if data_dir else default_data_dir(),
             heartbeat_interval_s=heartbeat_interval, capabilities=tuple(capabilities), burst=burst,
             policy=policy, weight=weight, reconnect_max_s=reconnect_max,
+            limits=Limits(memory_bytes=task_memory * 1024**2),
+            scratch_dir=Path(scratch_dir) if scratch_dir else None, tls_fingerprint=tls_fingerprint,
         )  # fmt: skip
     except ValueError as exc:
         _fail(str(exc), 2)
@@ -430,7 +517,8 @@ def status_cmd(main_addr: str, token: Optional[str], as_json: bool) -> None:
         return
     devices, tasks, slots = status["devices"], status["tasks"], status.get("slots", {})
     click.echo(f"devices: {devices.get('online', 0)} online, {devices.get('offline', 0)} offline; "
-               f"slots: {slots.get('busy', 0)}/{slots.get('total', 0)} busy")
+               f"slots: {slots.get('busy', 0)}/{slots.get('total', 0)} busy; "
+               f"queue: {status.get('queue_length', 0)}")
     click.echo(format_table(["state", "tasks"], [[k, str(v)] for k, v in tasks.items()]))
 
 
@@ -438,7 +526,7 @@ def status_cmd(main_addr: str, token: Optional[str], as_json: bool) -> None:
 @click.option("--status", type=click.Choice(["online", "offline"]), help="Only devices in this state.")
 @client_options
 def devices_cmd(status: Optional[str], main_addr: str, token: Optional[str], as_json: bool) -> None:
-    """List devices."""
+    """List devices: status, role, load, battery, active tasks, last seen."""
     with _client(main_addr, token) as client:
         devices = _call(lambda: client.devices(status))
     if as_json:
@@ -447,23 +535,11 @@ def devices_cmd(status: Optional[str], main_addr: str, token: Optional[str], as_
     if not devices:
         click.echo("no devices yet; start `retire-cluster worker --main ... --token ...` on one.")
         return
-    rows = []
-    for d in devices:
-        info, hw, metrics = d.get("device_info", {}), d.get("hardware_specs", {}), d.get("system_metrics", {})
-        cpu = metrics.get("cpu_usage")
-        rows.append([
-            d["device_id"], d["status"] + ("" if d.get("connected") or d["status"] == "offline" else " (away)"),
-            str(info.get("role", "")), str(info.get("platform", "")), str(hw.get("cpu_cores", "")),
-            format_bytes(hw.get("memory_total")), "-" if cpu is None else f"{cpu:.0f}%",
-            f"{d.get('active_tasks', 0)}/{d.get('max_concurrent_tasks', 0)}", str(d.get("last_seen") or "-"),
-        ])  # fmt: skip
-    click.echo(format_table(["device", "status", "role", "platform", "cores", "memory", "cpu", "tasks",
-                             "last seen"], rows))
+    click.echo(format_table(DEVICE_HEADERS, [device_row(d) for d in devices]))
 
 
 @cli.command("tasks")
-@click.option("--status", type=click.Choice(["pending", "assigned", "running", "completed", "failed",
-                                             "cancelled", "timeout"]), help="Only tasks in this state.")
+@click.option("--status", type=click.Choice(TASK_STATES), help="Only tasks in this state.")
 @click.option("--device", help="Only tasks assigned to this device.")
 @click.option("--type", "task_type", help="Only tasks of this type.")
 @click.option("--limit", type=click.IntRange(1, 10000), default=100, show_default=True)
@@ -479,43 +555,20 @@ def tasks_cmd(status: Optional[str], device: Optional[str], task_type: Optional[
     if not tasks:
         click.echo("no tasks")
         return
-    rows = [[t["task_id"], t["task_type"], t["status"], str(t["priority"]), str(t.get("attempt", 0)),
-             str(t.get("assigned_device") or "-"), str(t.get("created_at") or "-")] for t in tasks]
-    click.echo(format_table(["task", "type", "status", "priority", "attempt", "device", "created"], rows))
+    click.echo(format_table(TASK_HEADERS, [task_row(t) for t in tasks]))
 
 
 @cli.command("task")
 @click.argument("task_id")
 @client_options
 def task_cmd(task_id: str, main_addr: str, token: Optional[str], as_json: bool) -> None:
-    """Show one task with its result and attempts."""
+    """Show one task: every field, its result, and every attempt (device, times, outcome)."""
     with _client(main_addr, token) as client:
         record = _call(lambda: client.status(task_id))
     if as_json:
         _emit(record)
-        return
-    result = record.get("result") or {}
-    fields = [
-        ("task", record["task_id"]), ("type", record["task_type"]), ("status", record["status"]),
-        ("priority", record["priority"]), ("attempt", record.get("attempt")),
-        ("device", record.get("assigned_device") or "-"), ("created", record.get("created_at")),
-        ("started", record.get("started_at") or "-"), ("finished", record.get("finished_at") or "-"),
-        ("payload", json.dumps(record.get("payload"), ensure_ascii=False)),
-    ]  # fmt: skip
-    if record.get("error"):
-        fields.append(("error", record["error"]))
-    if "output" in result:
-        fields.append(("output", result.get("output")))
-    width = max(len(k) for k, _ in fields)
-    for key, value in fields:
-        click.echo(f"{key:<{width}}  {value}")
-    attempts: List[Dict[str, Any]] = record.get("attempts") or []
-    if attempts:
-        click.echo("")
-        click.echo(format_table(["attempt", "device", "assigned", "finished", "outcome"],
-                                [[str(a["attempt"]), a["device_id"], str(a.get("assigned_at") or "-"),
-                                  str(a.get("finished_at") or "-"), str(a.get("outcome") or "-")]
-                                 for a in attempts]))
+    else:
+        click.echo(task_detail(record))
 
 
 @cli.command("cancel")
@@ -529,6 +582,155 @@ def cancel_cmd(task_id: str, main_addr: str, token: Optional[str], as_json: bool
         _emit(result)
     else:
         click.echo(f"task {task_id} cancelled")
+
+
+# -- submit-batch ------------------------------------------------------------------
+
+
+@cli.command("submit-batch")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option("--concurrency", type=click.IntRange(1, 10000), default=64, show_default=True,
+              help="Submissions in flight at once on the connection.")
+@click.option("--wait", is_flag=True, help="Wait for every task, then print how each ended.")
+@click.option("--on-error", type=click.Choice(["skip", "abort"]), default="skip", show_default=True,
+              help="A bad line or a refused task: report it and go on, or stop.")
+@client_options
+def submit_batch_cmd(file: Any, concurrency: int, wait: bool, on_error: str, main_addr: str,
+                     token: Optional[str], as_json: bool) -> None:
+    """Submit one task per line of FILE (JSON Lines; - reads stdin).
+
+    Each line is an object such as {"task_type": "echo", "payload": {"message": "hi"}}, optionally
+    with priority, timeout, requirements, max_retries, retry_on_timeout, idempotency_key. Blank lines
+    and lines starting with # are skipped. Prints the task ids (with --wait, how each ended) and a
+    summary on stderr. Exits 1 if any line was not submitted or any task did not complete; 2 when
+    --on-error abort stops at a bad line (then nothing is sent).
+    """
+    from .client.batch import read_batch, submit_batch
+
+    specs, bad = read_batch(file)
+    if bad and on_error == "abort":
+        _fail(f"{file.name} line {bad[0][0]}: {bad[0][1]}; nothing was submitted.", 2)
+    errors: List[Dict[str, Any]] = [{"line": n, "error": f"{text}; skipped"} for n, text in bad]
+    client = _async_client(main_addr, token)
+
+    async def send() -> Dict[int, Any]:
+        try:
+            await client.connect()
+            with click.progressbar(length=len(specs), label="submitting", file=sys.stderr) as bar:
+                return await submit_batch(client, specs, concurrency=concurrency,
+                                          stop_on_error=on_error == "abort", progress=bar.update)
+        finally:
+            await client.close()
+
+    outcome = _call(lambda: _run_async(send()))
+    submitted = [(line, outcome[line]) for line, _ in specs if isinstance(outcome.get(line), str)]
+    errors += [{"line": line, "error": outcome[line]["error"]} for line, _ in specs
+               if isinstance(outcome.get(line), dict)]
+    errors.sort(key=lambda e: e["line"])
+    for error in errors:
+        click.echo(f"{file.name} line {error['line']}: {error['error']}", err=True)
+    not_sent = len(specs) - len(outcome)
+    report: Dict[str, Any] = {"submitted": [{"line": n, "task_id": t} for n, t in submitted],
+                              "errors": errors, "not_sent": not_sent}
+    problems = f"; {len(errors)} lines refused or skipped" if errors else ""
+    if not_sent:
+        problems += f"; {not_sent} not sent after the error (--on-error abort)"
+    if wait:
+        done = _wait_and_report(main_addr, token, submitted, report, problems, as_json)
+        sys.exit(EXIT_ERROR if errors or not_sent or done < len(submitted) else 0)
+    if as_json:
+        _emit(report)
+    else:
+        for _, task_id in submitted:
+            click.echo(task_id)
+    click.echo(f"submitted {len(submitted)} tasks{problems}", err=True)
+    sys.exit(EXIT_ERROR if errors or not_sent else 0)
+
+
+def _wait_and_report(main_addr: str, token: Optional[str], submitted: List[Any], report: Dict[str, Any],
+                     problems: str, as_json: bool) -> int:
+    """`submit-batch --wait`: wait for all, print how each ended; return how many completed."""
+    from .client.batch import summarise, wait_batch
+
+    client = _async_client(main_addr, token)
+
+    async def gather() -> Dict[str, Dict[str, Any]]:
+        try:
+            await client.connect()
+            with click.progressbar(length=len(submitted), label="waiting", file=sys.stderr) as bar:
+                return await wait_batch(client, [t for _, t in submitted], progress=bar.update)
+        finally:
+            await client.close()
+
+    records = _call(lambda: _run_async(gather()))
+    rows, results, counts = summarise(submitted, records)
+    done = int(counts.get("completed", 0))
+    if as_json:
+        report.update(results=results, counts=counts)
+        _emit(report)
+    elif rows:
+        click.echo(format_table(["line", "task", "status", "output / error"], rows))
+    others = "".join(f", {n} {s}" for s, n in sorted(counts.items()) if s != "completed")
+    click.echo(f"{len(submitted)} tasks: {done} completed{others}{problems}", err=True)
+    return done
+
+
+# -- watch ---------------------------------------------------------------------------
+
+_HOME, _CLEAR_SCREEN, _CLEAR_TO_EOL, _CLEAR_BELOW = "\x1b[H", "\x1b[2J", "\x1b[K", "\x1b[J"
+
+
+@cli.command("watch")
+@click.option("--interval", type=click.FloatRange(0.2, 3600), default=2.0, show_default=True,
+              help="Seconds between device refreshes (and between snapshots when not on a terminal).")
+@click.option("--limit", type=click.IntRange(1, 1000), default=15, show_default=True, help="Tasks shown.")
+@click.option("--once", is_flag=True, help="Print one frame and exit.")
+@client_options
+def watch_cmd(interval: float, limit: int, once: bool, main_addr: str, token: Optional[str],
+              as_json: bool) -> None:
+    """A live view of devices and tasks, redrawn in place on a terminal; Ctrl-C quits.
+
+    Task changes arrive as pushed updates; devices are re-read every --interval. Not on a
+    terminal it prints a snapshot every --interval (with --json, one JSON object per line).
+    """
+    import shutil
+    import time
+
+    from .client.watch import View, render, watch
+
+    tty = sys.stdout.isatty() and not as_json and not once
+
+    def draw(view: Any) -> None:
+        if as_json:
+            click.echo(json.dumps(view.to_json(), ensure_ascii=False, sort_keys=True, indent=2 if once else None))
+        elif not tty:
+            click.echo(render(view, time.time()) + ("" if once else "\n"))
+        else:
+            size = shutil.get_terminal_size()
+            lines = [line[: size.columns] for line in render(view, time.time()).splitlines()[: size.lines - 1]]
+            click.echo(_HOME + "".join(line + _CLEAR_TO_EOL + "\n" for line in lines) + _CLEAR_BELOW, nl=False)
+
+    client = _async_client(main_addr, token)
+
+    async def run() -> None:
+        try:
+            await watch(client, View(main_addr, limit), draw, interval_s=interval, once=once,
+                        redraw_on_change=tty)
+        finally:
+            await client.close()
+
+    if tty:
+        click.echo(_CLEAR_SCREEN, nl=False)
+    try:
+        _call(lambda: _run_async(run()))
+    except KeyboardInterrupt:
+        pass
+
+
+def _run_async(coro: Any) -> Any:
+    import asyncio
+
+    return asyncio.run(coro)
 
 
 def main() -> None:

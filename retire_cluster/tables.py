@@ -1,10 +1,27 @@
-"""Plain-text tables and sizes for terminal output (standard library only)."""
+"""Plain-text tables, sizes, and views of device and task records for the terminal (standard library only)."""
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+import json
+import time
+from datetime import datetime
+from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["format_bytes", "format_table"]
+__all__ = [
+    "DEVICE_HEADERS",
+    "TASK_HEADERS",
+    "device_row",
+    "format_ago",
+    "format_battery",
+    "format_bytes",
+    "format_duration",
+    "format_load",
+    "format_table",
+    "parse_timestamp",
+    "status_summary",
+    "task_detail",
+    "task_row",
+]
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -29,3 +46,146 @@ def format_bytes(value: Optional[Any]) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return "-"  # pragma: no cover
+
+
+# -- views of the wire records (devices, tasks) for the CLI ---------------------------------
+
+
+def parse_timestamp(value: Optional[Any]) -> Optional[float]:
+    """RFC 3339 UTC (``2024-01-15T10:30:00.000Z``, as the main node writes) to epoch seconds."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = value[:-1] + "+00:00" if value.endswith("Z") else value
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def format_ago(value: Optional[Any], now: Optional[float] = None) -> str:
+    """A timestamp as '4s ago', '3m ago', '2h ago', '5d ago'; '-' when unknown."""
+    epoch = parse_timestamp(value)
+    if epoch is None:
+        return "-"
+    seconds = max(0.0, (time.time() if now is None else now) - epoch)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def format_duration(start: Optional[Any], end: Optional[Any]) -> str:
+    """Seconds between two timestamps, '-' when one is missing."""
+    a, b = parse_timestamp(start), parse_timestamp(end)
+    if a is None or b is None:
+        return "-"
+    return f"{max(0.0, b - a):.3f} s" if b - a < 60 else f"{(b - a) / 60:.1f} min"
+
+
+def format_battery(metrics: Dict[str, Any]) -> str:
+    """'87%', '87% charging', 'charging', or '-' (system_metrics.battery_percent / charging)."""
+    pct, charging = metrics.get("battery_percent"), metrics.get("charging")
+    parts = []
+    if isinstance(pct, (int, float)) and not isinstance(pct, bool):
+        parts.append(f"{pct:.0f}%")
+    if charging is True:
+        parts.append("charging")
+    return " ".join(parts) or "-"
+
+
+def format_load(metrics: Dict[str, Any]) -> str:
+    """The 1-minute load average, else the CPU percent, else '-'."""
+    load = metrics.get("load_average")
+    if isinstance(load, (list, tuple)) and load and isinstance(load[0], (int, float)):
+        return f"{load[0]:.2f}"
+    cpu = metrics.get("cpu_usage")
+    if isinstance(cpu, (int, float)) and not isinstance(cpu, bool):
+        return f"{cpu:.0f}% cpu"
+    return "-"
+
+
+DEVICE_HEADERS = ("device", "status", "role", "platform", "cores", "memory", "load", "battery", "tasks",
+                  "last seen")
+
+
+def device_row(d: Dict[str, Any], now: Optional[float] = None) -> List[str]:
+    info, hw = d.get("device_info") or {}, d.get("hardware_specs") or {}
+    metrics = d.get("system_metrics") or {}
+    status = str(d.get("status", "?"))
+    if status == "online" and not d.get("connected", True):
+        status += " (away)"
+    elif status == "online" and d.get("accepting") is False:
+        status += " (paused)"
+    return [
+        str(d.get("device_id")), status, str(info.get("role") or "-"), str(info.get("platform") or "-"),
+        str(hw.get("cpu_cores", "-")), format_bytes(hw.get("memory_total")), format_load(metrics),
+        format_battery(metrics), f"{d.get('active_tasks', 0)}/{d.get('max_concurrent_tasks', 0)}",
+        format_ago(d.get("last_seen"), now),
+    ]  # fmt: skip
+
+
+TASK_HEADERS = ("task", "type", "status", "priority", "attempt", "device", "created")
+
+
+def task_row(t: Dict[str, Any]) -> List[str]:
+    status = str(t.get("status"))
+    progress = t.get("progress")
+    if status == "running" and isinstance(progress, (int, float)):
+        status += f" {progress:.0f}%"
+    return [str(t.get("task_id")), str(t.get("task_type")), status, str(t.get("priority", "-")),
+            str(t.get("attempt", 0)), str(t.get("assigned_device") or "-"), str(t.get("created_at") or "-")]
+
+
+def task_detail(record: Dict[str, Any]) -> str:
+    """Every field of a task record, then its attempts (device, times, outcome)."""
+    result = record.get("result") or {}
+    retries = record.get("max_retries")
+    fields: List[Any] = [
+        ("task", record.get("task_id")), ("type", record.get("task_type")), ("status", record.get("status")),
+        ("priority", record.get("priority")), ("timeout", f"{record.get('timeout')} s"),
+        ("attempt", f"{record.get('attempt', 0)} (at most {retries + 1})" if isinstance(retries, int)
+         else record.get("attempt", 0)),
+        ("device", record.get("assigned_device") or "-"),
+        ("requirements", json.dumps(record.get("requirements") or {}, ensure_ascii=False, sort_keys=True)),
+        ("payload", json.dumps(record.get("payload"), ensure_ascii=False, sort_keys=True)),
+        ("created", record.get("created_at") or "-"), ("assigned", record.get("assigned_at") or "-"),
+        ("started", record.get("started_at") or "-"), ("finished", record.get("finished_at") or "-"),
+    ]  # fmt: skip
+    if record.get("execution_time") is not None:
+        fields.append(("execution", f"{record['execution_time']} s"))
+    if record.get("progress") is not None and record.get("status") == "running":
+        fields.append(("progress", f"{record['progress']}%"))
+    if record.get("error"):
+        fields.append(("error", record["error"]))
+    if result.get("exit_code") is not None:
+        fields.append(("exit code", result["exit_code"]))
+    if result.get("output") is not None:
+        fields.append(("output", result["output"]))
+    if result.get("truncated"):
+        fields.append(("truncated", "yes: the output was cut to fit the limit"))
+    if result.get("stderr"):
+        fields.append(("stderr", str(result["stderr"]).rstrip()))
+    width = max(len(k) for k, _ in fields)
+    lines = [f"{key:<{width}}  {value}" for key, value in fields]
+    attempts: List[Dict[str, Any]] = record.get("attempts") or []
+    lines.append("")
+    if attempts:
+        rows = [[str(a.get("attempt")), str(a.get("device_id")), str(a.get("assigned_at") or "-"),
+                 str(a.get("started_at") or "-"), str(a.get("finished_at") or "-"),
+                 format_duration(a.get("started_at") or a.get("assigned_at"), a.get("finished_at")),
+                 str(a.get("outcome") or ("running" if not a.get("finished_at") else "-"))] for a in attempts]
+        lines.append(format_table(["attempt", "device", "assigned", "started", "finished", "took", "outcome"],
+                                  rows))
+    else:
+        lines.append("no attempts yet: no device has taken it")
+    return "\n".join(lines)
+
+
+def status_summary(status: Dict[str, Any]) -> str:
+    """One line: devices, slots, queue, and tasks by state (from cluster_status)."""
+    devices, slots = status.get("devices") or {}, status.get("slots") or {}
+    tasks = status.get("tasks") or {}
+    counts = ", ".join(f"{v} {k}" for k, v in tasks.items() if v) or "none"
+    return (f"devices: {devices.get('online', 0)} online, {devices.get('offline', 0)} offline; "
+            f"slots: {slots.get('busy', 0)}/{slots.get('total', 0)} busy; "
+            f"queue: {status.get('queue_length', 0)}; tasks: {counts}")

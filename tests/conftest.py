@@ -41,7 +41,7 @@ def clock() -> FakeClock:
 
 
 def make_config(tmp_path: Path, **overrides: Any) -> MainConfig:
-    settings: Dict[str, Any] = {"host": "127.0.0.1", "port": 0, "data_dir": tmp_path / "main"}
+    settings: Dict[str, Any] = {"host": "127.0.0.1", "port": 0, "data_dir": tmp_path / "main", "http_enabled": False}
     settings.update(overrides)
     return MainConfig(**settings)
 

@@ -156,3 +156,18 @@ def test_result_frame_is_trimmed_to_fit_including_a_huge_error(tmp_path: Path) -
     assert len(encode(agent._message("task_result", data))) <= agent.max_frame_bytes
     assert data["result"]["truncated"] is True
     assert data["result"]["error"].startswith("é")
+
+
+def test_outbox_keeps_live_results_in_memory_and_spills_them_on_disconnect(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "outbox")
+    box.put(("a", 1), {"task_id": "a", "attempt": 1, "status": "completed"}, durable=False)
+    assert ("a", 1) in box
+    assert not list((tmp_path / "outbox").glob("*.json"))
+    box.put(("b", 1), {"task_id": "b", "attempt": 1, "status": "completed"}, durable=False)
+    box.remove(("b", 1))
+    box.spill()  # the connection dropped before "a" was acknowledged
+    assert len(list((tmp_path / "outbox").glob("*.json"))) == 1
+    again = Outbox(tmp_path / "outbox")
+    assert list(again) == [("a", 1)]
+    again.remove(("a", 1))
+    assert not list((tmp_path / "outbox").glob("*.json"))

@@ -1,16 +1,26 @@
-"""The command line: settings precedence, bad input is one sentence and a non-zero exit."""
+"""The command line: settings precedence, bad input is one sentence and a non-zero exit, and the
+client commands (submit-batch, watch, task, devices, completion) against a real main node."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import select
+import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import MainProcess, cli_cmd, cli_env
 
 from retire_cluster.cli import build_main_config, cli, parse_requirements
+from retire_cluster.client import Client
 from retire_cluster.main.config import ConfigError
+from retire_cluster.tables import device_row, format_ago, task_detail
 
 
 def free_port() -> int:
@@ -99,3 +109,201 @@ def test_unreachable_main_node_is_exit_1_with_a_hint() -> None:
     assert result.exit_code == 1
     assert "cannot connect to the main node" in result.output and "retire-cluster main" in result.output
     assert "Traceback" not in result.output
+
+
+# -- client commands against a real main node (submit-batch, watch, task, devices) ------------------
+
+
+
+def against(main: MainProcess, *args: str, input: str | None = None):
+    env = {"RETIRE_CLUSTER_MAIN": main.address, "RETIRE_CLUSTER_TOKEN": main.token}
+    return CliRunner().invoke(cli, list(args), env=env, input=input, catch_exceptions=False)
+
+
+def wait_for_devices(main: MainProcess, n: int) -> None:
+    deadline = time.monotonic() + 30
+    with Client(main.address, main.token) as client:
+        while len([d for d in client.devices() if d["connected"]]) < n:
+            assert time.monotonic() < deadline, "workers did not register"
+            time.sleep(0.05)
+
+
+BATCH = "\n".join([
+    '{"task_type": "echo", "payload": {"message": "one"}}',
+    "",
+    "# a comment",
+    '{"task_type": "python_eval", "payload": {"expression": "2 ** 10"}, "priority": "high"}',
+    "not json",
+    '{"task_type": "sleep", "payload": {"seconds": -1}}',
+    '{"task_type": "echo", "requirements": {"min_cpus": 1}}',
+    '{"task_type": "echo", "colour": "blue"}',
+]) + "\n"
+
+
+def test_submit_batch_skips_bad_lines_and_waits_for_the_rest(main_process, worker_process, tmp_path: Path) -> None:
+    main = main_process()
+    worker_process(main, "--allow", "python_eval")
+    batch = tmp_path / "tasks.jsonl"
+    batch.write_text(BATCH)
+    result = against(main, "submit-batch", str(batch), "--wait", "--concurrency", "2")
+    assert result.exit_code == 1  # bad lines, and one task failed
+    assert f"{batch} line 5: not valid JSON" in result.stderr
+    assert f"{batch} line 7: refused by the main node: $.data.task.requirements" in result.stderr
+    assert f"{batch} line 8: unknown field 'colour'" in result.stderr
+    assert "3 tasks: 2 completed, 1 failed; 3 lines refused or skipped" in result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    assert [(r[0], r[2], r[3]) for r in rows] == [("1", "completed", "one"), ("4", "completed", "1024"),
+                                                  ("6", "failed", "sleep")]
+    with Client(main.address, main.token) as client:
+        assert client.status(rows[1][1])["priority"] == 10
+
+
+def test_submit_batch_json_and_stdin(main_process, worker_process) -> None:
+    main = main_process()
+    worker_process(main)
+    lines = "".join(f'{{"task_type": "echo", "payload": {{"message": "m{i}"}}}}\n' for i in range(30))
+    result = against(main, "submit-batch", "-", "--json", "--wait", input=lines)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["counts"] == {"completed": 30} and report["errors"] == [] and report["not_sent"] == 0
+    assert [r["output"] for r in report["results"]] == [f"m{i}" for i in range(30)]
+    assert [r["line"] for r in report["submitted"]] == list(range(1, 31))
+    plain = against(main, "submit-batch", "-", input="".join(lines.splitlines(True)[:4]))
+    assert plain.exit_code == 0 and len(plain.stdout.split()) == 4
+    assert plain.stderr.endswith("submitted 4 tasks\n")
+
+
+def test_submit_batch_abort(main_process, tmp_path: Path) -> None:
+    main = main_process()
+    batch = tmp_path / "tasks.jsonl"
+    batch.write_text(BATCH)
+    result = against(main, "submit-batch", str(batch), "--on-error", "abort")
+    assert result.exit_code == 2 and "line 5: not valid JSON" in result.stderr
+    assert "nothing was submitted" in result.stderr
+    batch.write_text('{"task_type": "echo", "requirements": {"min_cpus": 1}}\n'
+                     + '{"task_type": "echo"}\n' * 5)
+    refused = against(main, "submit-batch", str(batch), "--on-error", "abort", "--concurrency", "1")
+    assert refused.exit_code == 1 and "line 1: refused" in refused.stderr
+    assert "5 not sent after the error" in refused.stderr
+    with Client(main.address, main.token) as client:
+        assert client.tasks() == []
+
+
+def test_watch_once_task_history_and_devices(main_process, worker_process) -> None:
+    main = main_process()
+    worker_process(main, name="w1")
+    wait_for_devices(main, 1)
+    with Client(main.address, main.token) as client:
+        done = client.wait(client.submit("echo", {"message": "seen"}), timeout_s=60)
+        queued = client.submit("echo", requirements={"role": "nobody"})
+    frame = against(main, "watch", "--once")
+    assert frame.exit_code == 0, frame.output
+    assert f"retire-cluster {main.address}" in frame.stdout
+    assert "devices: 1 online, 0 offline" in frame.stdout and "queue: 1" in frame.stdout
+    assert "w1" in frame.stdout and done["task_id"] in frame.stdout and queued in frame.stdout
+    assert "\x1b[" not in frame.stdout  # not a terminal: no escape codes
+    as_json = json.loads(against(main, "watch", "--once", "--json").stdout)
+    assert [d["device_id"] for d in as_json["devices"]] == ["w1"]
+    assert [t["task_id"] for t in as_json["tasks"]] == [queued, done["task_id"]]
+
+    detail = against(main, "task", done["task_id"])
+    assert detail.exit_code == 0
+    for expected in ("status        completed", "output        seen", "attempt       1 (at most 4)",
+                     "attempt  device  assigned", "completed"):
+        assert expected in detail.stdout, detail.stdout
+    history = detail.stdout.splitlines()[-1].split()
+    assert history[0] == "1" and history[1] == "w1" and history[-1] == "completed"
+    waiting = against(main, "task", queued)
+    assert "no attempts yet" in waiting.stdout
+
+    devices = against(main, "devices")
+    assert devices.stdout.splitlines()[0].split() == ["device", "status", "role", "platform", "cores", "memory",
+                                                       "load", "battery", "tasks", "last", "seen"]
+    assert devices.stdout.splitlines()[2].startswith("w1")
+
+
+def test_device_and_task_views() -> None:
+    now = 1_800_000_000.0
+    record = {
+        "device_id": "phone", "status": "online", "connected": True, "accepting": True,
+        "device_info": {"role": "mobile", "platform": "android"},
+        "hardware_specs": {"cpu_cores": 8, "memory_total": 8 * 2**30},
+        "system_metrics": {"battery_percent": 87.0, "charging": True, "load_average": [0.52, 0.4, 0.3]},
+        "active_tasks": 1, "max_concurrent_tasks": 2, "last_seen": "2027-01-15T08:00:00.000Z",
+    }  # fmt: skip
+    assert device_row(record, now) == ["phone", "online", "mobile", "android", "8", "8.0 GiB", "0.52",
+                                       "87% charging", "1/2", format_ago("2027-01-15T08:00:00.000Z", now)]
+    paused = dict(record, accepting=False, system_metrics={"cpu_usage": 12.0, "battery_percent": 40})
+    assert device_row(paused, now)[1:2] + device_row(paused, now)[6:8] == ["online (paused)", "12% cpu", "40%"]
+    assert format_ago("2027-01-15T08:00:00.000Z", 1_800_000_000.0 + 0) != "-"
+    assert format_ago(None) == "-"
+    text = task_detail({"task_id": "t", "task_type": "sleep", "status": "failed", "priority": 5, "timeout": 10,
+                        "max_retries": 1, "attempt": 2, "error": "timed out", "result": {"stderr": "boom\n"},
+                        "attempts": [{"attempt": 1, "device_id": "a", "assigned_at": "2027-01-15T08:00:00.000Z",
+                                      "started_at": "2027-01-15T08:00:01.000Z",
+                                      "finished_at": "2027-01-15T08:00:03.500Z", "outcome": "worker_lost"},
+                                     {"attempt": 2, "device_id": "b", "assigned_at": "2027-01-15T08:01:00.000Z",
+                                      "finished_at": "2027-01-15T08:01:10.000Z", "outcome": "timeout"}]})
+    assert "attempt       2 (at most 2)" in text and "stderr        boom" in text
+    assert re.search(r"\b2\.500 s +worker_lost", text) and re.search(r"\b10\.000 s +timeout", text)
+
+
+def test_client_commands_fail_with_one_sentence_without_a_main_node(tmp_path: Path) -> None:
+    port = free_port()
+    batch = tmp_path / "b.jsonl"
+    batch.write_text('{"task_type": "echo"}\n')
+    for args in (["watch", "--once"], ["submit-batch", str(batch)], ["task", "x"], ["devices"]):
+        result = invoke(*args, "--main", f"127.0.0.1:{port}")
+        assert result.exit_code == 1, args
+        assert result.stderr.startswith("Error: cannot connect to the main node"), result.stderr
+        assert "Traceback" not in result.output
+
+
+def test_unknown_task_is_one_sentence(main_process) -> None:
+    main = main_process()
+    result = against(main, "task", "nope")
+    assert result.exit_code == 1 and result.stderr == "Error: No task 'nope'; `retire-cluster tasks` lists them.\n"
+
+
+def test_shell_completion_script_and_candidates() -> None:
+    script = subprocess.run(cli_cmd(), capture_output=True, text=True, timeout=60,
+                            env=cli_env(_RETIRE_CLUSTER_COMPLETE="bash_source"))
+    assert script.returncode == 0 and "_retire_cluster_completion()" in script.stdout
+    assert "complete -o nosort -F _retire_cluster_completion retire-cluster" in script.stdout
+    words = subprocess.run(cli_cmd(), capture_output=True, text=True, timeout=60,
+                           env=cli_env(_RETIRE_CLUSTER_COMPLETE="bash_complete", COMP_WORDS="retire-cluster sub",
+                                       COMP_CWORD="1"))
+    assert words.stdout.split() == ["plain,submit", "plain,submit-batch"]
+    for shell in ("zsh_source", "fish_source"):
+        other = subprocess.run(cli_cmd(), capture_output=True, text=True, timeout=60,
+                               env=cli_env(_RETIRE_CLUSTER_COMPLETE=shell))
+        assert other.returncode == 0 and "retire-cluster" in other.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_watch_redraws_in_place_on_a_terminal_and_quits_on_ctrl_c(main_process) -> None:
+    import pty
+
+    main = main_process()
+    with Client(main.address, main.token) as client:
+        client.submit("echo", {"message": "x"})
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(cli_cmd("watch", "--interval", "0.2"), stdin=follower, stdout=follower,
+                            stderr=follower, env=cli_env(RETIRE_CLUSTER_MAIN=main.address,
+                                                         RETIRE_CLUSTER_TOKEN=main.token))
+    os.close(follower)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while seen.count(b"\x1b[H") < 2:  # two frames drawn over each other
+            assert time.monotonic() < deadline, seen
+            if select.select([leader], [], [], 0.1)[0]:
+                seen += os.read(leader, 65536)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(leader)
+    assert seen.startswith(b"\x1b[2J") and b"pending" in seen and b"Traceback" not in seen

@@ -101,7 +101,8 @@ def test_vector_file_is_well_formed() -> None:
     names = [v["name"] for v in VECTORS]
     assert len(names) == len(set(names))
     assert len(VECTORS) >= 40
-    allowed = {"name", "frame", "frame_hex", "decode", "validate", "reply", "note", "frame_bytes"}
+    allowed = {"name", "frame", "frame_hex", "decode", "validate", "reply", "reply_unauthenticated", "note",
+               "frame_bytes"}
     for v in VECTORS:
         assert set(v) <= allowed, v["name"]
         assert ("frame" in v) != ("frame_hex" in v), v["name"]
@@ -112,6 +113,7 @@ def test_vector_file_is_well_formed() -> None:
             assert "validate" not in v, v["name"]
         assert "reply" in v, v["name"]
         assert v["reply"] is None or v["reply"] == "ack" or v["reply"] in ERROR_CODES, v["name"]
+        assert v.get("reply_unauthenticated", "frame_too_large") in ("frame_too_large", "invalid_json"), v["name"]
         assert b"\n" not in v["frame_bytes"], v["name"]
 
 

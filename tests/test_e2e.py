@@ -56,7 +56,7 @@ def test_stdlib_example_submits_and_prints(main_process, worker_process) -> None
     worker_process(main)
     out = subprocess.run(
         [sys.executable, "-I", str(REPO / "examples" / "submit_and_wait.py"), "--main", main.address,
-         "--token", main.token, "echo", '{"message": "from a script"}'],
+         f"--token={main.token}", "echo", '{"message": "from a script"}'],
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stderr

@@ -37,3 +37,7 @@ def test_wheel_contains_every_schema(tmp_path: Path) -> None:
     for schema in (REPO / "schemas").glob("*.json"):
         assert f"retire_cluster/schemas/{schema.name}" in names
     assert "retire_cluster/protocol/codec.py" in names
+    static = sorted((REPO / "retire_cluster" / "web" / "static").iterdir())
+    assert {p.name for p in static} >= {"index.html", "dashboard.js", "dashboard.css"}
+    for path in static:  # the dashboard page is package data: served with no CDN, no checkout
+        assert f"retire_cluster/web/static/{path.name}" in names

@@ -39,5 +39,8 @@ async def test_vectors_unauthenticated_get_unauthorized_or_framing_errors(node: 
         await peer.send_raw(vector["frame_bytes"] + b"\n")
         got = await asyncio.wait_for(peer.recv(), 10)
         expected = "invalid_json" if vector["decode"] == "invalid_json" else "unauthorized"
+        expected = vector.get("reply_unauthenticated", expected)
         assert got["message_type"] == "error" and got["data"]["code"] == expected, vector["name"]
+        if expected != "unauthorized":  # framing errors before authentication close the connection
+            assert await peer.closed_by_peer(), vector["name"]
         await peer.close()

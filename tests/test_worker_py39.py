@@ -45,6 +45,7 @@ def worker_path_files() -> List[Path]:
         PACKAGE / "cli.py",
         PACKAGE / "tables.py",
         PACKAGE / "runtime.py",
+        PACKAGE / "tls.py",
         PACKAGE / "__init__.py",
         PACKAGE / "__main__.py",
     ]
@@ -72,6 +73,11 @@ def test_the_file_list_is_complete() -> None:
         "protocol/codec.py",
         "protocol/messages.py",
         "client/sync.py",
+        "client/aio.py",
+        "client/executor.py",
+        "client/common.py",
+        "client/batch.py",
+        "client/watch.py",
         "cli.py",
     ):
         assert PACKAGE / name in FILES, name
@@ -285,6 +291,8 @@ WORKER_SMOKE = textwrap.dedent("""\
     from pathlib import Path
 
     import retire_cluster.client
+    import retire_cluster.client.batch
+    import retire_cluster.client.watch
     import retire_cluster.protocol
     import retire_cluster.tables
     import retire_cluster.worker

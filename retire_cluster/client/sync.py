@@ -4,50 +4,97 @@
         task_id = c.submit("python_eval", {"expression": "sum(range(100000))"})
         print(c.wait(task_id)["result"]["output"])
 
+The same API as :class:`~retire_cluster.client.aio.AsyncClient`, without
+asyncio: one request at a time, pushed ``task_update`` records read while
+waiting are kept for :meth:`Client.wait`, :meth:`Client.as_completed` and
+:meth:`Client.next_update`.
+
+When the connection breaks, requests that are safe to repeat (reads,
+``subscribe``, a submit with an ``idempotency_key``) are sent again on a new
+connection opened with backoff; the new connection is subscribed again and the
+status of the tasks being waited for is read again, since updates pushed while
+away are lost. Other requests raise :class:`ConnectionLost`.
+
 Every wire ``error`` is raised as its typed exception from
 :mod:`retire_cluster.protocol.errors` (``NotFound``, ``Conflict``, ...).
+Python 3.9 syntax, standard library only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import socket
+import ssl as _ssl
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Deque, Dict, Generator, Iterable, List, Optional, Set
 
-from ..protocol.codec import MessageStream, encode
-from ..protocol.errors import error_from_code
-from ..protocol.messages import TERMINAL_STATUSES, Message, new_message_id
+from ..protocol.codec import BadFrame, MessageStream, encode
+from ..protocol.errors import Conflict, Overloaded
+from ..protocol.messages import Message, new_message_id
+from ..tls import check_fingerprint, client_context, normalise_fingerprint
 from ..worker.config import parse_main_address
+from .common import (
+    TERMINAL,
+    ClientError,
+    ConnectionLost,
+    backoff_delays,
+    check_fallback,
+    chunks,
+    is_idempotent,
+    on_cluster,
+    reply_result,
+    run_locally,
+    task_spec,
+)
 
-__all__ = ["Client", "ClientError"]
+__all__ = ["Client", "ClientError", "ConnectionLost"]
 
-_TERMINAL = frozenset(s.value for s in TERMINAL_STATUSES)
-
-
-class ClientError(ConnectionError):
-    """The main node could not be reached, or the connection broke."""
+_MAX_KEPT_UPDATES = 100_000
 
 
 class Client:
-    """Blocking client.
+    """Blocking client of the main node. Not thread-safe: use one per thread.
 
     Args:
         main: ``HOST[:PORT]`` of the main node.
-        token: the cluster token (None against an --insecure main node).
-        timeout_s: how long to wait for one reply.
-        client_id: sender_id of the requests.
+        token: the cluster token (None against an ``--insecure`` main node).
+        timeout_s: how long to wait for one reply (and to reconnect for it).
+        client_id: ``sender_id`` of the requests.
+        reconnect: open a new connection after the connection broke.
+        reconnect_timeout_s: how long waiting calls keep trying to reconnect.
+        backoff_initial_s, backoff_max_s: the delays between connection attempts.
+        ssl: an SSL context for a main node started with TLS (made for you with tls_fingerprint).
+        tls_fingerprint: the SHA-256 fingerprint of the main node's certificate (as
+            ``retire-cluster main`` prints it); checked before anything is sent.
+        max_frame_bytes: the largest frame accepted from the main node.
     """
 
     def __init__(self, main: str = "127.0.0.1:8080", token: Optional[str] = None, *,
-                 timeout_s: float = 30.0, client_id: Optional[str] = None) -> None:
+                 timeout_s: float = 30.0, client_id: Optional[str] = None, reconnect: bool = True,
+                 reconnect_timeout_s: float = 300.0, backoff_initial_s: float = 0.1,
+                 backoff_max_s: float = 5.0, ssl: Optional[_ssl.SSLContext] = None,
+                 tls_fingerprint: Optional[str] = None, max_frame_bytes: int = 64 * 1024 * 1024) -> None:
         self.host, self.port = parse_main_address(main)
         self.token = token
         self.timeout_s = timeout_s
         self.client_id = client_id or f"client-{socket.gethostname()}"
+        self.reconnect = reconnect
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.tls_fingerprint = None if tls_fingerprint is None else normalise_fingerprint(tls_fingerprint)
+        self.ssl = client_context() if ssl is None and tls_fingerprint is not None else ssl
+        self.max_frame_bytes = max_frame_bytes
+        #: How many connections were opened so far (1 after the first connect).
+        self.connections_opened = 0
         self._sock: Optional[socket.socket] = None
-        self._stream = MessageStream(64 * 1024 * 1024)
-        self._inbox: List[Message] = []
-        self.updates: List[Dict[str, Any]] = []
+        self._stream = MessageStream(max_frame_bytes)
+        self._inbox: Deque[Message] = collections.deque()
+        self._updates: Deque[Dict[str, Any]] = collections.deque(maxlen=_MAX_KEPT_UPDATES)
+        self._subscribed_all = False
+        self._subscribed: Set[str] = set()
+        self._watching: Dict[str, int] = {}
 
     def __enter__(self) -> Client:
         """The connection opens with the first request."""
@@ -56,116 +103,377 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    # -- connection ---------------------------------------------------------
+
     def connect(self) -> None:
+        """Open the connection now (requests open it too).
+
+        Raises:
+            ClientError: the main node cannot be reached.
+        """
+        if self._sock is None:
+            self._connect(time.monotonic() + self.timeout_s)
+
+    def close(self) -> None:
+        self._drop()
+
+    def _drop(self) -> None:
         if self._sock is not None:
-            return
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+        self._inbox.clear()
+
+    def _connect(self, deadline: float) -> None:
+        """Open a connection; after the first one, keep trying with backoff until ``deadline``."""
+        delays = backoff_delays(self.backoff_initial_s, self.backoff_max_s)
+        while True:
+            try:
+                self._open(deadline)
+                return
+            except ClientError:
+                self._drop()
+                remaining = deadline - time.monotonic()
+                if not (self.reconnect and self.connections_opened) or remaining <= 0:
+                    raise
+                time.sleep(min(next(delays), remaining))
+
+    def _open(self, deadline: float) -> None:
         try:
-            self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
+            sock = socket.create_connection((self.host, self.port), timeout=max(deadline - time.monotonic(), 0.001))
         except OSError as exc:
             raise ClientError(
                 f"cannot connect to the main node at {self.host}:{self.port} "
                 f"({exc.strerror or exc}); is `retire-cluster main` running there?"
             ) from None
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl is not None:
+            try:
+                sock = self.ssl.wrap_socket(sock, server_hostname=self.host)
+                if self.tls_fingerprint is not None:
+                    check_fingerprint(sock, self.tls_fingerprint)
+            except OSError as exc:  # ssl.SSLError, FingerprintMismatch among them
+                sock.close()
+                raise ClientError(f"TLS with the main node at {self.host}:{self.port} failed: {exc}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._stream = MessageStream(self.max_frame_bytes)
+        self._inbox.clear()
+        self.connections_opened += 1
+        if self.token is not None:
+            # Authenticate with a tiny frame: before that the main node takes frames of
+            # 16 KiB at most, and closes a connection that stays silent.
+            try:
+                reply_result(self._roundtrip("subscribe", {"task_ids": []}, deadline))
+            except ConnectionLost as exc:
+                raise ClientError(str(exc)) from None
+        if self.connections_opened > 1:
+            self._restore(deadline)
 
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+    def _restore(self, deadline: float) -> None:
+        """On a new connection: subscribe again, and re-read what is waited for."""
+        try:
+            if self._subscribed_all:
+                reply_result(self._roundtrip("subscribe", {}, deadline))
+            else:
+                for chunk in chunks(sorted(self._subscribed | set(self._watching))):
+                    reply_result(self._roundtrip("subscribe", {"task_ids": chunk}, deadline))
+            for task_id in list(self._watching):
+                reply = self._roundtrip("task_status", {"task_id": task_id}, deadline)
+                if reply.message_type == "ack":
+                    self._updates.append(dict(reply_result(reply)["task"]))
+        except ConnectionLost as exc:
+            raise ClientError(str(exc)) from None
 
     # -- plumbing ---------------------------------------------------------
 
     def _recv_message(self, deadline: Optional[float]) -> Message:
-        assert self._sock is not None
+        """The next message. Raises ConnectionLost or TimeoutError."""
         while not self._inbox:
+            if self._sock is None:
+                raise ConnectionLost("not connected to the main node")
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError("no reply from the main node in time")
             self._sock.settimeout(remaining)
             try:
-                data = self._sock.recv(65536)
+                data = self._sock.recv(256 * 1024)
             except socket.timeout:
                 raise TimeoutError("no reply from the main node in time") from None
             except OSError as exc:
-                raise ClientError(f"connection to the main node broke ({exc})") from None
+                self._drop()
+                raise ConnectionLost(f"connection to the main node broke ({exc})") from None
             for event in self._stream.feed(data):
-                if isinstance(event, Message):
-                    self._inbox.append(event)
-                else:
-                    raise ClientError(f"main node sent a bad frame: {event.error}")
+                if isinstance(event, BadFrame):
+                    self._drop()
+                    raise ConnectionLost(f"the main node sent a bad frame: {event.error}")
+                self._inbox.append(event)
             if not data and not self._inbox:
-                raise ClientError("the main node closed the connection")
-        return self._inbox.pop(0)
+                self._drop()
+                raise ConnectionLost("the main node closed the connection")
+        return self._inbox.popleft()
 
-    def request(self, message_type: str, data: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        """Send one request and return its ``ack`` result; raise the typed error otherwise."""
-        self.connect()
-        assert self._sock is not None
-        msg = Message(message_type, new_message_id(), self.client_id, data or {}, auth_token=self.token)
+    def _route(self, msg: Message) -> None:
+        """Keep a pushed task record if anyone here wants it; drop anything else."""
+        if msg.message_type != "task_update":
+            return
+        record = msg.data.get("task")
+        if not isinstance(record, dict):
+            return
+        task_id = str(record.get("task_id"))
+        if self._subscribed_all or task_id in self._subscribed or task_id in self._watching:
+            self._updates.append(record)
+        if record.get("status") in TERMINAL:
+            self._subscribed.discard(task_id)
+
+    def _roundtrip(self, message_type: str, data: Dict[str, Any], deadline: float) -> Message:
+        if self._sock is None:
+            raise ConnectionLost("not connected to the main node")
+        msg = Message(message_type, new_message_id(), self.client_id, data, auth_token=self.token)
         try:
+            self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
             self._sock.sendall(encode(msg))
+        except socket.timeout:
+            raise TimeoutError(f"could not send {message_type} to the main node in time") from None
         except OSError as exc:
-            raise ClientError(f"connection to the main node broke ({exc})") from None
-        deadline = time.monotonic() + self.timeout_s
+            self._drop()
+            raise ConnectionLost(f"connection to the main node broke ({exc})") from None
         while True:
-            reply = self._recv_message(deadline)
-            if reply.message_type == "task_update":
-                self.updates.append(reply.data.get("task") or {})
+            try:
+                reply = self._recv_message(deadline)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"no reply to {message_type} from the main node within {self.timeout_s:g} s"
+                ) from None
+            if reply.message_type in ("ack", "error") and reply.data.get("original_message_id") == msg.message_id:
+                return reply
+            self._route(reply)
+
+    def request(self, message_type: str, data: Optional[Dict[str, Any]] = None, *,
+                idempotent: Optional[bool] = None) -> Dict[str, Any]:
+        """Send one request and return its ``ack`` result.
+
+        Args:
+            idempotent: whether it may be sent again on a new connection when the
+                first one broke before the reply (default: see :func:`is_idempotent`).
+
+        An ``overloaded`` reply (the main node refused the request before acting
+        on it) is retried with backoff until ``timeout_s``.
+
+        Raises:
+            ProtocolError: the typed ``error`` reply (NotFound, Conflict, ...).
+            ClientError: the main node cannot be reached; ConnectionLost when it
+                broke before a non-repeatable request was answered.
+            TimeoutError: no reply within ``timeout_s``.
+        """
+        body = data or {}
+        if idempotent is None:
+            idempotent = is_idempotent(message_type, body)
+        deadline = time.monotonic() + self.timeout_s
+        delays = backoff_delays(self.backoff_initial_s, self.backoff_max_s)
+        while True:
+            if self._sock is None:
+                self._connect(deadline)
+            try:
+                return reply_result(self._roundtrip(message_type, body, deadline))
+            except ConnectionLost as exc:
+                self._drop()
+                if not (idempotent and self.reconnect) or time.monotonic() >= deadline:
+                    raise ConnectionLost(
+                        f"{exc}; {message_type} was sent but not answered, check whether it took effect"
+                    ) from None
+            except Overloaded:  # refused before it was acted on: any request may be sent again
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(min(next(delays), max(deadline - time.monotonic(), 0)))
+
+    def _pull_update(self, wanted: Optional[Set[str]], deadline: Optional[float]) -> Optional[Dict[str, Any]]:
+        """The next kept record for one of ``wanted`` (any when None); None at the deadline."""
+        while True:
+            for i, record in enumerate(self._updates):
+                if wanted is None or record.get("task_id") in wanted:
+                    del self._updates[i]
+                    return dict(record)
+            try:
+                if self._sock is None:
+                    self._reconnect(deadline)  # may keep fresh records in _updates: look again
+                    continue
+                msg = self._recv_message(deadline)
+            except TimeoutError:
+                return None
+            except ConnectionLost:
+                self._drop()
+                if not self.reconnect:
+                    raise
                 continue
-            if reply.data.get("original_message_id") != msg.message_id:
-                continue
-            if reply.message_type == "error":
-                raise error_from_code(str(reply.data.get("code")), str(reply.data.get("error")),
-                                      path=reply.data.get("path"))
-            result = reply.data.get("result")
-            return result if isinstance(result, dict) else {}
+            self._route(msg)
+
+    def _reconnect(self, deadline: Optional[float]) -> None:
+        until = time.monotonic() + self.reconnect_timeout_s
+        if deadline is not None and deadline < until:
+            try:
+                self._connect(deadline)
+            except ClientError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError("could not reconnect to the main node in time") from None
+                raise
+            return
+        try:
+            self._connect(until)
+        except ClientError as exc:
+            raise ClientError(f"lost the connection to the main node and could not reconnect within "
+                              f"{self.reconnect_timeout_s:g} s ({exc})") from None
+
+    def _watch(self, task_ids: Iterable[str]) -> None:
+        for task_id in task_ids:
+            self._watching[task_id] = self._watching.get(task_id, 0) + 1
+
+    def _unwatch(self, task_ids: Iterable[str]) -> None:
+        for task_id in task_ids:
+            left = self._watching.get(task_id, 0) - 1
+            if left > 0:
+                self._watching[task_id] = left
+            else:
+                self._watching.pop(task_id, None)
 
     # -- API --------------------------------------------------------------
 
     def submit(self, task_type: str, payload: Optional[Dict[str, Any]] = None, **options: Any) -> str:
-        """Submit a task; returns its id. Options: priority, timeout, requirements,
-        max_retries, retry_on_timeout, idempotency_key."""
-        task: Dict[str, Any] = {"task_type": task_type, "payload": payload or {}}
-        task.update({k: v for k, v in options.items() if v is not None})
-        return str(self.request("task_submit", {"task": task})["task_id"])
+        """Submit a task; return its id once the main node has it on disk.
+
+        Options: ``priority`` (low, normal, high, urgent or 0-100), ``timeout`` (s),
+        ``requirements`` (dict), ``max_retries``, ``retry_on_timeout``, ``idempotency_key``.
+        """
+        return str(self.request("task_submit", {"task": task_spec(task_type, payload, options)})["task_id"])
 
     def status(self, task_id: str) -> Dict[str, Any]:
+        """The whole task record (status, attempts, result, times)."""
         return dict(self.request("task_status", {"task_id": task_id})["task"])
 
     def cancel(self, task_id: str) -> Dict[str, Any]:
+        """Cancel a pending or running task. Raises Conflict when it already ended."""
         return self.request("task_cancel", {"task_id": task_id})
 
     def tasks(self, *, status: Optional[str] = None, device_id: Optional[str] = None,
               task_type: Optional[str] = None, limit: Optional[int] = None) -> List[Dict[str, Any]]:
+        """Task records, newest first (100 unless ``limit`` says otherwise)."""
         query = {"status": status, "device_id": device_id, "task_type": task_type, "limit": limit}
         return list(self.request("task_list", {k: v for k, v in query.items() if v is not None})["tasks"])
 
     def devices(self, status: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Device records; ``status`` "online" or "offline" filters."""
         return list(self.request("list_devices", {} if status is None else {"status": status})["devices"])
 
     def cluster_status(self) -> Dict[str, Any]:
+        """Devices and tasks counted by state, queue length, slots, uptime."""
         return self.request("cluster_status")
+
+    def subscribe(self, task_ids: Optional[Iterable[str]] = None) -> None:
+        """Have ``task_update`` pushed for these tasks (all when None); read them with :meth:`next_update`."""
+        if task_ids is None:
+            self._subscribed_all = True
+            self.request("subscribe", {})
+            return
+        ids = list(dict.fromkeys(task_ids))
+        self._subscribed.update(ids)
+        for chunk in chunks(ids):
+            self.request("subscribe", {"task_ids": chunk})
+
+    def next_update(self, timeout_s: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        """The next pushed task record after :meth:`subscribe`; None after ``timeout_s``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        return self._pull_update(None, deadline)
 
     def wait(self, task_id: str, timeout_s: Optional[float] = None) -> Dict[str, Any]:
         """Block until the task ends (pushed ``task_update``, no polling); return its record.
 
         Raises:
             TimeoutError: it did not end within ``timeout_s``.
+            NotFound: no such task.
         """
-        self.request("subscribe", {"task_ids": [task_id]})
-        record = self.status(task_id)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while record.get("status") not in _TERMINAL:
-            for update in self._drain_updates():
-                if update.get("task_id") == task_id:
-                    record = update
-            if record.get("status") in _TERMINAL:
-                break
-            msg = self._recv_message(deadline)
-            if msg.message_type == "task_update":
-                self.updates.append(msg.data.get("task") or {})
-        return record
+        records = self.as_completed([task_id], timeout_s=timeout_s)
+        try:
+            return next(records)
+        finally:
+            records.close()
 
-    def _drain_updates(self) -> List[Dict[str, Any]]:
-        out, self.updates = self.updates, []
-        return out
+    def as_completed(self, task_ids: Iterable[str],
+                     timeout_s: Optional[float] = None) -> Generator[Dict[str, Any], None, None]:
+        """Yield each task's final record as it ends (those already ended first).
+
+        Raises:
+            TimeoutError: not all of them ended within ``timeout_s`` (counted from the call).
+        """
+        ids = list(dict.fromkeys(task_ids))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        remaining = set(ids)
+        self._watch(ids)
+        try:
+            # Subscribe first, then read the status: an update cannot fall in between.
+            for chunk in chunks(ids):
+                self.request("subscribe", {"task_ids": chunk})
+            for task_id in ids:
+                record = self.status(task_id)
+                if record.get("status") in TERMINAL and task_id in remaining:
+                    remaining.discard(task_id)
+                    yield record
+            while remaining:
+                update = self._pull_update(remaining, deadline)
+                if update is None:
+                    raise TimeoutError(f"{len(remaining)} of {len(ids)} tasks did not end within {timeout_s:g} s")
+                task_id = str(update.get("task_id"))
+                if update.get("status") in TERMINAL and task_id in remaining:
+                    remaining.discard(task_id)
+                    yield update
+        finally:
+            self._unwatch(ids)
+
+    def execute(self, task_type: str, payload: Optional[Dict[str, Any]] = None, *,
+                fallback: Optional[str] = None, fallback_after_s: float = 10.0,
+                timeout_s: Optional[float] = None, **options: Any) -> Dict[str, Any]:
+        """Run a task and return its final record, with ``ran_on`` saying where it ran.
+
+        With ``fallback="local"`` (echo, sleep, python_eval only), a task that no
+        device has taken within ``fallback_after_s`` is cancelled on the cluster
+        and run in this process (python_eval in a child process, as a worker
+        does); ``ran_on`` is then ``"local"``, else ``"cluster:<device_id>"``. If
+        the task ended on the cluster while being cancelled, that result is used.
+
+        Raises:
+            ValueError: a fallback this process cannot do.
+            TimeoutError: no final record within ``timeout_s``.
+        """
+        check_fallback(fallback, task_type)
+        task_id = self.submit(task_type, payload, **options)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        wanted = {task_id}
+        self._watch(wanted)
+        try:
+            self.request("subscribe", {"task_ids": [task_id]})
+            record = self.status(task_id)
+            if fallback == "local":
+                taken_by = time.monotonic() + fallback_after_s
+                while record.get("status") == "pending":
+                    update = self._pull_update(wanted, taken_by)
+                    if update is None:
+                        break
+                    record = update
+                if record.get("status") == "pending":
+                    try:
+                        self.cancel(task_id)
+                    except Conflict:  # it ended meanwhile: use the cluster's result
+                        record = self.status(task_id)
+                    else:
+                        return asyncio.run(run_locally(task_type, payload, options.get("timeout"), task_id))
+            while record.get("status") not in TERMINAL:
+                update = self._pull_update(wanted, deadline)
+                if update is None:
+                    raise TimeoutError(f"task {task_id} did not end within {timeout_s:g} s")
+                record = update
+            return on_cluster(record)
+        finally:
+            self._unwatch(wanted)

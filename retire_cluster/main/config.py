@@ -51,6 +51,32 @@ class MainConfig:
         breaker_reset_s: how long the breaker stays open before one trial
             task is allowed (half-open).
         log_level, log_file: logging.
+        max_preauth_frame_bytes: the largest frame accepted before the
+            connection authenticated (a stranger cannot make us buffer 1 MiB);
+            never more than max_frame_bytes.
+        max_json_depth: the deepest nesting of JSON arrays and objects in a
+            frame (the frame itself is level 1); checked before parsing.
+        max_connections: open connections in total; one more gets
+            ``overloaded`` and is closed.
+        max_connections_per_address: open connections from one source
+            address; one more gets ``overloaded`` and is closed.
+        auth_timeout_s: a connection that has not authenticated within this
+            long is closed (also the TLS handshake timeout).
+        max_send_queue_bytes: how much more may be queued to a peer that
+            stopped reading (its kernel buffer is full) before it is dropped.
+        drain_timeout_s: a peer that stopped reading is dropped when its send
+            buffer has not shrunk for this long.
+        client_rate_per_s, client_burst: the request rate limit of a
+            connection that has not registered as a worker (token bucket:
+            ``client_burst`` at once, refilled at ``client_rate_per_s``); a
+            frame over it is answered ``overloaded``. Registered workers are
+            exempt.
+        tls_cert, tls_key: PEM certificate and private key; when both are set
+            the main node speaks TLS only (workers and clients pin the
+            certificate's SHA-256 fingerprint).
+        http_host: where the HTTP API and dashboard listen; None means ``host``.
+        http_port: their TCP port (5000); 0 picks a free one (tests).
+        http_enabled: serve HTTP at all (``--no-http`` turns it off).
     """
 
     host: str = "0.0.0.0"
@@ -69,13 +95,30 @@ class MainConfig:
     breaker_reset_s: float = 60.0
     log_level: str = "info"
     log_file: Path | None = None
+    max_preauth_frame_bytes: int = 16 * 1024
+    max_json_depth: int = 32
+    max_connections: int = 10_000
+    max_connections_per_address: int = 64
+    auth_timeout_s: float = 10.0
+    max_send_queue_bytes: int = 8 * 1024 * 1024
+    drain_timeout_s: float = 30.0
+    client_rate_per_s: float = 5000.0
+    client_burst: int = 10_000
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    http_host: str | None = None
+    http_port: int = 5000
+    http_enabled: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
-        if self.log_file is not None:
-            object.__setattr__(self, "log_file", Path(self.log_file))
+        for name in ("log_file", "tls_cert", "tls_key"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         if not 0 <= int(self.port) <= 65535:
             raise ConfigError(f"port {self.port} is out of range; use 0-65535.")
+        if not 0 <= int(self.http_port) <= 65535:
+            raise ConfigError(f"http_port {self.http_port} is out of range; use 0-65535.")
         if self.heartbeat_interval_s <= 0:
             raise ConfigError("heartbeat_interval must be greater than 0 seconds.")
         if self.offline_timeout_s <= self.heartbeat_interval_s:
@@ -93,6 +136,29 @@ class MainConfig:
             raise ConfigError("synchronous must be 'full' or 'normal'.")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigError("log_level must be debug, info, warning, error or critical.")
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        """The hostile-input limits (see SECURITY.md)."""
+        if self.max_preauth_frame_bytes < 256:
+            raise ConfigError("max_preauth_frame_bytes must be at least 256.")
+        if not 2 <= self.max_json_depth <= 128:
+            raise ConfigError("max_json_depth must be from 2 to 128.")
+        if self.max_connections < 1 or self.max_connections_per_address < 1:
+            raise ConfigError("max_connections and max_connections_per_address must be at least 1.")
+        if self.auth_timeout_s <= 0 or self.drain_timeout_s <= 0:
+            raise ConfigError("auth_timeout_s and drain_timeout_s must be more than 0 seconds.")
+        if self.max_send_queue_bytes < 64 * 1024:
+            raise ConfigError("max_send_queue_bytes must be at least 65536.")
+        if self.client_rate_per_s <= 0 or self.client_burst < 1:
+            raise ConfigError("client_rate_per_s must be more than 0 and client_burst at least 1.")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("give both tls_cert and tls_key (or neither).")
+
+    @property
+    def http_bind_host(self) -> str:
+        """Where HTTP listens: ``http_host``, else the TCP ``host``."""
+        return self.http_host if self.http_host is not None else self.host
 
     @property
     def db_path(self) -> Path:

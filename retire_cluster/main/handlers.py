@@ -291,17 +291,18 @@ class Handlers:
         if key is not None:
             node._idempotency[key] = task.task_id
         fut = node.write([Store.insert_task(task)])
+        # Queue it now: if a device is free, the assignment joins the same
+        # group commit as the insert, and nothing is sent before that commit.
+        node.tasks[task.task_id] = task
+        node.scheduler.push(task, now)
+        node.schedule_soon()
 
         async def committed() -> dict[str, Any]:
             try:
                 await fut
             except BaseException:
-                if key is not None:
-                    node._idempotency.pop(key, None)
+                node.forget_uncommitted(task)
                 raise
-            node.tasks[task.task_id] = task
-            node.scheduler.push(task, node.clock())
-            node.schedule_soon()
             node.publish(task)
             return {"task_id": task.task_id}
 

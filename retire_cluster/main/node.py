@@ -30,6 +30,7 @@ from ..protocol.codec import BadFrame, Event, encode
 from ..protocol.errors import (
     InternalError,
     InvalidJSON,
+    Overloaded,
     RemoteProtocolError,
     Unauthorized,
 )
@@ -44,7 +45,7 @@ from ..protocol.messages import (
     utc_timestamp,
 )
 from ..protocol.validation import MessageValidator
-from .config import MainConfig
+from .config import ConfigError, MainConfig
 from .handlers import Handlers
 from .health import CircuitBreaker
 from .monitor import Monitor
@@ -71,6 +72,8 @@ def load_or_create_token(config: MainConfig) -> str:
             return token
     config.data_dir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
+    while not token[0].isalnum():  # a leading "-" would read as an option in shell scripts
+        token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(token + "\n")
@@ -97,6 +100,8 @@ class MainNode:
         self.config = config
         self.clock = clock
         self.token: str | None = None
+        #: SHA-256 of the TLS certificate (hex) when TLS is on; peers pin it
+        self.tls_fingerprint: str | None = None
         self.registry = Registry()
         self.scheduler = Scheduler(config.strategy)
         self.monitor = Monitor(self.registry, offline_timeout_s=config.offline_timeout_s)
@@ -121,6 +126,11 @@ class MainNode:
         self._subs: dict[str, set[Connection]] = {}
         self._stopping = False
         self.stopped = asyncio.Event()
+        #: callback(kind, obj) on every ("task", Task) publish and ("device", Device) change
+        self._listeners: list[Callable[[str, Any], None]] = []
+        #: the HTTP side (retire_cluster.web.WebApp) and its bound address, when http_enabled
+        self.web: Any = None
+        self.http_address: tuple[str, int] | None = None
 
     # -- lifecycle --------------------------------------------------------
 
@@ -128,17 +138,46 @@ class MainNode:
         """Open the store, recover state, listen, start the monitor."""
         if not self.config.insecure:
             self.token = load_or_create_token(self.config)
+        tls = self._tls_context()  # before anything is opened: a bad certificate stops here
         await self.store.open()
         now = self.clock()
         self.started_at = now
         await self._recover(now)
-        self.address = await self.server.start(self.config.host, self.config.port)
+        self.address = await self.server.start(self.config.host, self.config.port, ssl=tls)
+        if self.config.http_enabled:
+            await self._start_http()
         if self._run_monitor:
             self._monitor_task = asyncio.get_running_loop().create_task(
                 self._monitor_loop(), name="monitor"
             )
         self.schedule_soon()
         log.info("main node listening on %s:%d", *self.address)
+
+    async def _start_http(self) -> None:
+        from ..web import WebApp  # aiohttp is imported only by a node that serves HTTP
+
+        try:
+            self.web = WebApp(self)
+            self.http_address = await self.web.start(self.config.http_bind_host, self.config.http_port)
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _tls_context(self) -> Any:
+        """The server's SSL context when tls_cert/tls_key are set (see retire_cluster.tls)."""
+        if self.config.tls_cert is None or self.config.tls_key is None:
+            return None
+        from ..tls import certificate_fingerprint, server_context
+
+        try:
+            context = server_context(self.config.tls_cert, self.config.tls_key)
+            self.tls_fingerprint = certificate_fingerprint(self.config.tls_cert)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                f"cannot use --tls-cert {self.config.tls_cert} / --tls-key {self.config.tls_key} ({exc}); "
+                "give a PEM certificate and its private key."
+            ) from None
+        return context
 
     async def _recover(self, now: float) -> None:
         """Rebuild memory from the store after a (clean or unclean) stop."""
@@ -176,6 +215,8 @@ class MainNode:
             return
         self._stopping = True
         self.server.stop_accepting()
+        if self.web is not None:
+            await self.web.stop()
         if self._monitor_task is not None:
             self._monitor_task.cancel()
             try:
@@ -217,10 +258,13 @@ class MainNode:
     # -- connections ------------------------------------------------------
 
     def connection_made(self, conn: Connection) -> None:
-        self.server.connections.add(conn)
+        refused = self.server.admit(conn)
+        if refused is not None:
+            conn.send_error(None, Overloaded(refused))
+            conn.close()
 
     def connection_lost(self, conn: Connection) -> None:
-        self.server.connections.discard(conn)
+        self.server.release(conn)
         self._subs_all.discard(conn)
         for task_id in conn.subscribed:
             subs = self._subs.get(task_id)
@@ -256,7 +300,7 @@ class MainNode:
                                  "`retire-cluster token` on the main node prints it."),
                 )
                 return
-            conn.authenticated = True
+            conn.authenticate()
         if msg.message_type in REPLY_TYPES:
             # A reply never gets a reply; a malformed one is dropped.
             try:
@@ -269,28 +313,25 @@ class MainNode:
         try:
             self.validator.validate(msg)
             result = self.handlers.handle(conn, msg)
+            if isinstance(result, Awaitable):
+                self.spawn(self._finish_async(conn, msg, result))
+            else:  # encoding the ack is inside the try: a bad result is `internal` too
+                conn.send(ack(msg.message_id, result, timestamp=utc_timestamp(self.clock())))
         except RemoteProtocolError as exc:
             self.reply_error(conn, msg.message_id, exc)
-            return
         except Exception:
             self._internal(conn, msg)
-            return
-        if isinstance(result, Awaitable):
-            self.spawn(self._finish_async(conn, msg, result))
-        else:
-            conn.send(ack(msg.message_id, result, timestamp=utc_timestamp(self.clock())))
 
     async def _finish_async(self, conn: Connection, msg: Message, pending: Awaitable[Any]) -> None:
         try:
             result = await pending
+            conn.send(ack(msg.message_id, result, timestamp=utc_timestamp(self.clock())))
         except RemoteProtocolError as exc:
             self.reply_error(conn, msg.message_id, exc)
         except asyncio.CancelledError:
             raise
         except Exception:
             self._internal(conn, msg)
-        else:
-            conn.send(ack(msg.message_id, result, timestamp=utc_timestamp(self.clock())))
 
     def _internal(self, conn: Connection, msg: Message) -> None:
         ref = uuid.uuid4().hex[:12]
@@ -305,7 +346,7 @@ class MainNode:
         error: RemoteProtocolError = bad.error
         if not conn.authenticated:
             if self.token_ok(bad.auth_token) and bad.auth_token is not None:
-                conn.authenticated = True
+                conn.authenticate()
             elif not isinstance(error, InvalidJSON) and not error.close:
                 error = Unauthorized("Send the cluster token in auth_token; "
                                      "`retire-cluster token` on the main node prints it.")
@@ -352,6 +393,8 @@ class MainNode:
 
     def device_changed(self, device: Device) -> None:
         """Anything about ``device`` changed: re-index it at the next scheduling pass."""
+        if self._listeners:
+            self._notify("device", device)
         self._changed_devices.add(device.device_id)
         self.schedule_soon()
 
@@ -414,6 +457,19 @@ class MainNode:
                     )
                 )
             self.publish(task)
+
+    def forget_uncommitted(self, task: Task) -> None:
+        """The insert of a new task failed to commit: it must never run."""
+        log.error("task %s was not stored; dropping it", task.task_id)
+        if task.idempotency_key is not None:
+            self._idempotency.pop(task.idempotency_key, None)
+        self.tasks.pop(task.task_id, None)
+        device = self.registry.get(task.assigned_device or "")
+        if device is not None and task.task_id in device.running:
+            device.running.discard(task.task_id)
+            self.device_changed(device)
+        if not task.terminal:
+            task.move(TaskStatus.CANCELLED)  # the scheduler and the monitor skip it
 
     def requeue(self, task: Task, outcome: str, now: float, *, handback: bool = False) -> None:
         """Take a task back from its device: to the queue, or failed when out of retries."""
@@ -569,8 +625,26 @@ class MainNode:
             conn.subscribed.add(task_id)
             self._subs.setdefault(task_id, set()).add(conn)
 
+    def add_listener(self, callback: Callable[[str, Any], None]) -> None:
+        """Call ``callback("task", task)`` at every publish() and ``callback("device", device)``
+        at every device change, synchronously in the event loop (the web dashboard's feed)."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[str, Any], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def _notify(self, kind: str, obj: Any) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback(kind, obj)
+            except Exception:  # a listener's bug must not stop the node
+                log.exception("listener %r failed on a %s change", callback, kind)
+
     def publish(self, task: Task) -> None:
         """Push ``task_update`` to the connections subscribed to this task."""
+        if self._listeners:
+            self._notify("task", task)
         targets = self._subs_all | self._subs.get(task.task_id, set())
         if not targets:
             return

@@ -6,12 +6,43 @@ events the bytes completed, each a :class:`Message` or a :class:`BadFrame`
 ``bad.error.close``). ``encode(message)`` gives the bytes to send. JSON goes
 through orjson when it is importable and the standard library otherwise, with
 the same results either way.
+
+Strict JSON: :func:`loads` refuses what RFC 8259 leaves to the parser and a
+hostile peer could use to confuse one: NaN and Infinity, numbers that overflow
+a double, integers outside the 64-bit range (orjson would silently turn them
+into floats, the standard library would not), lone surrogates, invalid UTF-8,
+duplicate keys in an object (two parsers may keep different values) and
+nesting deeper than ``max_depth`` (32 by default). How the checks stay cheap on
+the hot path:
+
+- Depth is checked on the bytes *before* parsing, so no parser ever recurses
+  deeper than ``max_depth``. A frame with at most ``max_depth`` ``[`` and ``{``
+  bytes in total cannot be deeper (one ``translate``, two tiny ``count``
+  calls). Otherwise escapes and strings are cut out and the running depth
+  before each closing bracket is computed with ``split`` and
+  ``itertools.accumulate``: linear and in C, at worst 2-3 times the cost of
+  orjson's own parse of the frame.
+- Duplicate keys: orjson keeps the last value silently. Every key is followed
+  by one ``:``; the parsed object re-serialised by orjson holds each kept key's
+  ``:`` and every ``:`` inside kept strings, so it has fewer ``:`` than the
+  frame exactly when a key was dropped. One ``orjson.dumps`` and two counts,
+  instead of re-parsing every frame with ``object_pairs_hook`` (about 4x the
+  cost of the parse). A ``\\u003a`` escape (``:``) would add a colon and could
+  mask a dropped key, so frames containing ``\\u003`` are checked exactly
+  with the standard library's ``object_pairs_hook``. The standard-library
+  backend always uses ``object_pairs_hook``.
+- Integers: a run of 19 or more digits (one ``translate`` and one ``in``)
+  sends the frame to that same exact check, which refuses integers outside
+  [-2**63, 2**64 - 1]; the standard-library backend checks every integer.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
+from itertools import accumulate, count
+from operator import sub
 from typing import Any, Callable, Union
 
 from .errors import FrameTooLarge, InvalidJSON, InvalidMessage, RemoteProtocolError
@@ -21,22 +52,116 @@ from .messages import Message
 try:  # pragma: no cover - which branch runs depends on the machine
     import orjson as _orjson
 except ImportError:  # pragma: no cover
-    _orjson = None
+    _orjson = None  # type: ignore[assignment]
 
-__all__ = ["BadFrame", "Event", "MessageStream", "decode_message", "dumps", "encode", "loads"]
+__all__ = [
+    "DEFAULT_MAX_DEPTH",
+    "BadFrame",
+    "DuplicateKey",
+    "Event",
+    "MessageStream",
+    "NestingTooDeep",
+    "decode_message",
+    "dumps",
+    "encode",
+    "loads",
+]
+
+#: The deepest nesting of arrays and objects accepted; the frame itself is level 1.
+DEFAULT_MAX_DEPTH = 32
+
+
+class NestingTooDeep(ValueError):
+    """The JSON nests arrays and objects deeper than allowed (checked before parsing)."""
+
+
+class DuplicateKey(ValueError):
+    """A JSON object has the same key twice."""
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+#: Integers outside this range would come out of orjson as (inexact) floats.
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+def _int64(text: str) -> int:
+    value = int(text)
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise ValueError(f"integer {text[:30]} is outside the 64-bit range")
+    return value
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise DuplicateKey("a JSON object has the same key twice")
+    return obj
+
+
+#: Brackets of both kinds become ( and ); everything else is deleted.
+_PARENS = bytes.maketrans(b"[{]}", b"(())")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+#: Deleted before counting openers, colons and backslashes in one pass.
+_NOT_MARKS = bytes(b for b in range(256) if b not in b"[{:\\")
+#: Digits become 0 and everything else x: a run of 19 zeros may be a 64-bit overflow.
+_DIGIT_RUNS = bytes.maketrans(bytes(range(256)), bytes(48 if 48 <= b <= 57 else 120 for b in range(256)))
+_LONG_NUMBER = b"0" * 19
+
+
+def _nesting_ok(data: bytes, max_depth: int) -> bool:
+    """Whether ``data`` nests at most ``max_depth`` deep, without parsing it.
+
+    Call it only when ``data`` holds more than ``max_depth`` opening brackets
+    (otherwise the answer is yes). Brackets inside strings do not count. The
+    depth found is the deepest any parser reading ``data`` from the start can
+    get, even when ``data`` is not JSON (unbalanced, cut short).
+    """
+    if b"\\" in data:
+        # Escapes first, left to right as a parser reads them: \\ then \".
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    structure = data.translate(None, _NOT_STRUCTURE)  # only [ ] { } and "
+    if b'"' in structure:
+        structure = b"".join(structure.split(b'"')[::2])  # drop what is inside strings
+    # Between two closing brackets there are only openers: the depth just before
+    # the i-th closer is (openers so far) - i. All of it runs in C.
+    runs = structure.translate(_PARENS).split(b")")
+    deepest: int = max(map(sub, accumulate(map(len, runs)), count()))
+    return deepest <= max_depth
+
+
+_TOO_DEEP = "JSON nested deeper than {} levels"
+
 if _orjson is not None:
     _orjson_loads = _orjson.loads
     _orjson_dumps = _orjson.dumps
+    _exact_decoder = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_int=_int64)
 
-    def loads(data: bytes | str) -> Any:
-        """Parse JSON text. Raises ValueError on anything that is not strict JSON."""
-        return _orjson_loads(data)
+    def loads(data: bytes | str, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+        """Parse strict JSON text (see the module docstring).
+
+        Raises:
+            NestingTooDeep: deeper than ``max_depth``.
+            DuplicateKey: an object has a key twice.
+            ValueError: anything else that is not strict JSON, including
+                integers outside the 64-bit range.
+        """
+        if isinstance(data, str):
+            data = data.encode("utf-8", "surrogatepass")
+        marks = data.translate(None, _NOT_MARKS)  # only [ { : and backslashes: short
+        colons = marks.count(b":")
+        escapes = marks.count(b"\\")
+        if len(marks) - colons - escapes > max_depth and not _nesting_ok(data, max_depth):
+            raise NestingTooDeep(_TOO_DEEP.format(max_depth))
+        obj = _orjson_loads(data)
+        if (escapes and b"\\u003" in data) or _LONG_NUMBER in data.translate(_DIGIT_RUNS):
+            # Rare: an escaped colon, or a number orjson may have turned into a float.
+            _exact_decoder.decode(data.decode("utf-8"))
+        elif colons and _orjson_dumps(obj).count(b":") != colons:
+            raise DuplicateKey("a JSON object has the same key twice")
+        return obj
 
     def dumps(obj: Any) -> bytes:
         """Serialise to compact UTF-8 JSON bytes."""
@@ -53,15 +178,27 @@ else:  # pragma: no cover - exercised by the stdlib-only worker test
             raise ValueError(f"number {text} is out of range")
         return value
 
-    _json_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite)
-    _json_encoder = json.JSONEncoder(
-        ensure_ascii=False, separators=(",", ":"), allow_nan=False
+    _json_decoder = json.JSONDecoder(
+        parse_constant=_reject_constant,
+        parse_float=_finite,
+        parse_int=_int64,
+        object_pairs_hook=_unique_pairs,
     )
+    _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
-    def loads(data: bytes | str) -> Any:
-        """Parse JSON text. Raises ValueError on anything that is not strict JSON."""
-        if isinstance(data, (bytes, bytearray)):
-            data = bytes(data).decode("utf-8")
+    def loads(data: bytes | str, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+        """Parse strict JSON text (see the module docstring).
+
+        Raises:
+            NestingTooDeep: deeper than ``max_depth`` (checked before parsing,
+                so the recursive parser stays within ``max_depth`` levels).
+            DuplicateKey: an object has a key twice.
+            ValueError: anything else that is not strict JSON.
+        """
+        raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+        if raw.count(b"[") + raw.count(b"{") > max_depth and not _nesting_ok(raw, max_depth):
+            raise NestingTooDeep(_TOO_DEEP.format(max_depth))
+        data = raw.decode("utf-8")
         text = data.strip(_JSON_SPACE)
         obj, end = _json_decoder.raw_decode(text)
         if end != len(text):
@@ -81,45 +218,52 @@ def encode(message: Message) -> bytes:
 
 
 _OPTIONAL_STR_FIELDS = ("target_id", "timestamp", "auth_token")
-_ENVELOPE_FIELDS = frozenset(
-    {"message_type", "message_id", "sender_id", "data", *_OPTIONAL_STR_FIELDS}
-)
+_ENVELOPE_FIELDS = frozenset({"message_type", "message_id", "sender_id", "data", *_OPTIONAL_STR_FIELDS})
 
 
-def decode_message(frame: bytes) -> Message:
+def _parse(frame: bytes, max_depth: int) -> Any:
+    try:
+        return loads(frame, max_depth)
+    except NestingTooDeep:
+        raise InvalidJSON(f"JSON nested deeper than {max_depth} levels; flatten the message.") from None
+    except DuplicateKey:
+        raise InvalidJSON("A JSON object in the frame has the same key twice; send each key once.") from None
+    except ValueError:  # includes UnicodeDecodeError and orjson's JSONDecodeError
+        raise InvalidJSON("Frame is not valid JSON; send one JSON object per line, UTF-8 encoded.") from None
+
+
+def decode_message(frame: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Message:
     """Parse one frame into a :class:`Message`, checking the envelope only.
 
     The ``data`` content is checked by the validator of its message type.
 
     Raises:
-        InvalidJSON: the frame is not JSON.
+        InvalidJSON: the frame is not strict JSON (see :func:`loads`), or nests
+            deeper than ``max_depth``.
         InvalidMessage: the JSON is not an envelope (``path`` names the field).
     """
-    try:
-        obj = loads(frame)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidJSON(
-            "Frame is not valid JSON; send one JSON object per line, UTF-8 encoded."
-        ) from None
+    obj = _parse(frame, max_depth)
     if not isinstance(obj, dict):
         raise InvalidMessage("A frame must be a JSON object.", path="$")
-    mtype = obj.get("message_type")
+    get = obj.get
+    mtype = get("message_type")
     if not isinstance(mtype, str) or not mtype:
         raise InvalidMessage("message_type is missing or not a string.", path="$.message_type")
-    mid = obj.get("message_id")
+    mid = get("message_id")
     if not isinstance(mid, str) or not mid:
         raise InvalidMessage("message_id is missing or not a string.", path="$.message_id")
-    sender = obj.get("sender_id")
+    sender = get("sender_id")
     if not isinstance(sender, str) or not sender:
         raise InvalidMessage("sender_id is missing or not a string.", path="$.sender_id")
-    data = obj.get("data", {})
+    data = get("data", {})
     if not isinstance(data, dict):
         raise InvalidMessage("data must be a JSON object.", path="$.data")
-    for name in _OPTIONAL_STR_FIELDS:
-        if name in obj and not isinstance(obj[name], str):
-            raise InvalidMessage(f"{name} must be a string when present.", path=f"$.{name}")
-    for key in obj:
-        if key not in _ENVELOPE_FIELDS:
+    if len(obj) > 4 or "data" not in obj:  # some optional or unknown field is there
+        for name in _OPTIONAL_STR_FIELDS:
+            if name in obj and not isinstance(obj[name], str):
+                raise InvalidMessage(f"{name} must be a string when present.", path=f"$.{name}")
+        if not _ENVELOPE_FIELDS.issuperset(obj):
+            key = next(k for k in obj if k not in _ENVELOPE_FIELDS)
             raise InvalidMessage(
                 f"Unknown envelope field {key!r}; put message content inside data.", path=f"$.{key}"
             )
@@ -128,17 +272,17 @@ def decode_message(frame: bytes) -> Message:
         message_id=mid,
         sender_id=sender,
         data=data,
-        target_id=obj.get("target_id"),
-        timestamp=obj.get("timestamp"),
-        auth_token=obj.get("auth_token"),
+        target_id=get("target_id"),
+        timestamp=get("timestamp"),
+        auth_token=get("auth_token"),
     )
 
 
-def _envelope_hints(frame: bytes) -> tuple[str | None, str | None]:
+def _envelope_hints(frame: bytes, max_depth: int) -> tuple[str | None, str | None]:
     """Best effort, for a refused frame: its ``message_id`` and ``auth_token``."""
     try:
-        obj = loads(frame)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        obj = loads(frame, max_depth)
+    except ValueError:
         return None, None
     if not isinstance(obj, dict):
         return None, None
@@ -165,17 +309,24 @@ class MessageStream:
         max_frame_bytes: frames larger than this end the stream with a
             :class:`BadFrame` carrying :class:`FrameTooLarge`.
         decode: the frame parser (tests and the main node may swap in one
-            that also validates).
+            that also validates); by default :func:`decode_message` with
+            ``max_depth``.
+        max_depth: the deepest JSON nesting accepted (see :func:`loads`).
     """
 
-    __slots__ = ("_decode", "closed", "decoder")
+    __slots__ = ("_decode", "closed", "decoder", "max_depth")
 
     def __init__(
         self,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-        decode: Callable[[bytes], Message] = decode_message,
+        decode: Callable[[bytes], Message] | None = None,
+        *,
+        max_depth: int = DEFAULT_MAX_DEPTH,
     ) -> None:
         self.decoder = FrameDecoder(max_frame_bytes)
+        self.max_depth = max_depth
+        if decode is None:
+            decode = partial(decode_message, max_depth=max_depth)
         self._decode = decode
         self.closed = False
 
@@ -185,6 +336,7 @@ class MessageStream:
 
     @max_frame_bytes.setter
     def max_frame_bytes(self, value: int) -> None:
+        """Takes effect from the next byte fed (e.g. larger once authenticated)."""
         self.decoder.max_frame_bytes = value
 
     def feed(self, data: bytes) -> list[Event]:
@@ -209,8 +361,7 @@ class MessageStream:
             try:
                 events.append(decode(frame))
             except RemoteProtocolError as err:
-                events.append(BadFrame(err, *_envelope_hints(frame)))
+                events.append(BadFrame(err, *_envelope_hints(frame, self.max_depth)))
         if too_large is not None:
             events.append(BadFrame(too_large))
         return events
-

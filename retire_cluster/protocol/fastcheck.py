@@ -23,6 +23,31 @@ Check = Callable[[Any], bool]
 _IGNORED = frozenset({"$schema", "$id", "title", "description", "$defs", "$comment", "examples", "default"})
 
 
+def _all_of(checks: list[Check]) -> Check:
+    # Plain loops: a generator inside all() costs twice as much per call.
+    if len(checks) == 2:
+        first, second = checks
+        return lambda v: first(v) and second(v)
+
+    def check(v: Any) -> bool:
+        for c in checks:
+            if not c(v):
+                return False
+        return True
+
+    return check
+
+
+def _any_of(checks: list[Check]) -> Check:
+    def check(v: Any) -> bool:
+        for c in checks:
+            if c(v):
+                return True
+        return False
+
+    return check
+
+
 class UnsupportedSchema(ValueError):
     """The schema uses a keyword the compiler does not implement."""
 
@@ -81,7 +106,7 @@ class _Compiler:
             return lambda v: True
         if len(checks) == 1:
             return checks[0]
-        return lambda v: all(c(v) for c in checks)
+        return _all_of(checks)
 
     def bounds(self, schema: dict[str, Any]) -> Check | None:
         lo, hi = schema.get("minimum"), schema.get("maximum")
@@ -112,8 +137,7 @@ class _Compiler:
     def k_type(self, kind: Any, schema: dict[str, Any], base: str) -> Check:
         if isinstance(kind, str):
             return _TYPES[kind]
-        tests = [_TYPES[k] for k in kind]
-        return lambda v: any(t(v) for t in tests)
+        return _any_of([_TYPES[k] for k in kind])
 
     def k_enum(self, options: list[Any], schema: dict[str, Any], base: str) -> Check:
         if all(type(o) is str for o in options):
@@ -138,7 +162,8 @@ class _Compiler:
         return check
 
     def k_required(self, names: list[str], schema: dict[str, Any], base: str) -> Check:
-        return lambda v: type(v) is not dict or all(n in v for n in names)
+        needed = frozenset(names)
+        return lambda v: type(v) is not dict or needed.issubset(v)
 
     def k_additionalProperties(self, allowed: Any, schema: dict[str, Any], base: str) -> Check:
         known = frozenset(schema.get("properties", {}))
@@ -151,7 +176,15 @@ class _Compiler:
 
     def k_items(self, items: Any, schema: dict[str, Any], base: str) -> Check:
         sub = self.compile(items, base)
-        return lambda v: type(v) is not list or all(sub(x) for x in v)
+
+        def check(v: Any) -> bool:
+            if type(v) is list:
+                for x in v:
+                    if not sub(x):
+                        return False
+            return True
+
+        return check
 
     def k_maxItems(self, n: int, schema: dict[str, Any], base: str) -> Check:
         return lambda v: type(v) is not list or len(v) <= n
@@ -170,12 +203,10 @@ class _Compiler:
         return lambda v: type(v) is not str or search(v) is not None
 
     def k_allOf(self, subs: list[Any], schema: dict[str, Any], base: str) -> Check:
-        checks = [self.compile(s, base) for s in subs]
-        return lambda v: all(c(v) for c in checks)
+        return _all_of([self.compile(s, base) for s in subs])
 
     def k_anyOf(self, subs: list[Any], schema: dict[str, Any], base: str) -> Check:
-        checks = [self.compile(s, base) for s in subs]
-        return lambda v: any(c(v) for c in checks)
+        return _any_of([self.compile(s, base) for s in subs])
 
     def k_not(self, sub: Any, schema: dict[str, Any], base: str) -> Check:
         check = self.compile(sub, base)

@@ -11,9 +11,10 @@ description as dataclasses would drift from them.
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
@@ -129,14 +130,27 @@ def parse_priority(value: Any) -> int:
     )
 
 
+_SECOND_PREFIXES: dict[int, str] = {}
+
+
 def utc_timestamp(epoch_s: float | None = None) -> str:
-    """RFC 3339 UTC timestamp with milliseconds (``2024-01-15T10:30:00.000Z``)."""
-    dt = (
-        datetime.now(timezone.utc)
-        if epoch_s is None
-        else datetime.fromtimestamp(epoch_s, timezone.utc)
-    )
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    """RFC 3339 UTC timestamp with milliseconds (``2024-01-15T10:30:00.000Z``).
+
+    The date-and-seconds part is cached per second: formatting it is the one
+    expensive step, and a busy node stamps thousands of frames a second.
+    """
+    if epoch_s is None:
+        epoch_s = time.time()
+    second = math.floor(epoch_s)
+    micros = round((epoch_s - second) * 1_000_000)  # as datetime rounds
+    if micros >= 1_000_000:
+        second, micros = second + 1, 0
+    prefix = _SECOND_PREFIXES.get(second)
+    if prefix is None:
+        if len(_SECOND_PREFIXES) > 4096:
+            _SECOND_PREFIXES.clear()
+        prefix = _SECOND_PREFIXES[second] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+    return f"{prefix}{micros // 1000:03d}Z"
 
 
 _ID_PREFIX = os.urandom(4).hex()

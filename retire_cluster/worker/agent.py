@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 from ..protocol.codec import MessageStream, encode
 from ..protocol.errors import ProtocolError, error_from_code
 from ..protocol.messages import Message, ack, error_reply, new_message_id, utc_timestamp
+from ..tls import FingerprintMismatch, check_fingerprint, client_context
 from .config import WorkerConfig, load_or_create_device_id
 from .executor import Executor, Outcome
 from .outbox import Outbox
@@ -137,7 +138,8 @@ class Agent:
             while not self._stopping.is_set():
                 try:
                     reader, writer = await asyncio.open_connection(
-                        self.config.main_host, self.config.main_port, limit=INBOUND_FRAME_LIMIT
+                        self.config.main_host, self.config.main_port, limit=INBOUND_FRAME_LIMIT,
+                        ssl=client_context() if self.config.tls_fingerprint else None,
                     )
                 except OSError as exc:
                     failures += 1
@@ -147,6 +149,11 @@ class Agent:
                     await self._sleep_unless_stopped(delay)
                     continue
                 try:
+                    if self.config.tls_fingerprint is not None:
+                        try:  # before a single byte (the token least of all) is sent
+                            check_fingerprint(writer.get_extra_info("ssl_object"), self.config.tls_fingerprint)
+                        except FingerprintMismatch as exc:
+                            raise FatalError(f"Refusing the main node: {exc}.") from None
                     await self._session(reader, writer)
                     failures = 0
                 except FatalError as exc:
@@ -157,6 +164,7 @@ class Agent:
                     log.warning("connection to main node lost (%s)", exc or type(exc).__name__)
                 finally:
                     self.registered.clear()
+                    self.outbox.spill()  # unacknowledged results survive a restart from now on
                     self._writer = None
                     for fut in self._pending.values():
                         if not fut.done():
@@ -171,6 +179,7 @@ class Agent:
             policy_task.cancel()
             await asyncio.gather(policy_task, return_exceptions=True)
             await self._cancel_all()
+            self.outbox.spill()
         return 0
 
     def _backoff(self, failures: int) -> float:
@@ -375,7 +384,8 @@ class Agent:
                 del self.running[task_id]
         self._last_activity = time.time()
         key = (task_id, attempt)
-        self.outbox.put(key, self._fit({
+        connected = self.registered.is_set()
+        self.outbox.put(key, durable=not connected, data=self._fit({
             "task_id": task_id,
             "attempt": attempt,
             "status": outcome.status,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import FrozenSet, Optional, Tuple
 
+from ..tls import normalise_fingerprint
 from .policy import PolicyConfig
 from .trampoline import Limits
 
@@ -114,6 +115,9 @@ class WorkerConfig:
         limits: resource limits of python_eval and command processes.
         scratch_dir: base of the per-task scratch directories (None:
             <tmp>/retire-cluster-<uid>).
+        tls_fingerprint: SHA-256 fingerprint of the main node's TLS
+            certificate; set, the worker speaks TLS and refuses any other
+            certificate before sending anything (see retire_cluster/tls.py).
     """
 
     main_host: str = "127.0.0.1"
@@ -136,9 +140,12 @@ class WorkerConfig:
     weight: float = 1.0
     limits: Limits = field(default_factory=Limits)
     scratch_dir: Optional[Path] = None
+    tls_fingerprint: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        if self.tls_fingerprint is not None:
+            self.tls_fingerprint = normalise_fingerprint(self.tls_fingerprint)
         unknown = set(self.allow) - OPT_IN_TYPES
         if unknown:
             raise ValueError(

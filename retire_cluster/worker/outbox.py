@@ -1,7 +1,9 @@
 """Results waiting for the main node's acknowledgement, kept on disk.
 
-A result is written here the moment its task ends and removed only when the
-main node acknowledged it. A worker that lost its connection, or was
+A result is kept here from the moment its task ends until the main node
+acknowledged it. While connected it is sent at once and kept in memory (an
+fsync per task would dominate on an SD card); if the connection is lost
+first, or the result finished while disconnected, it is written to disk. A worker that lost its connection, or was
 restarted, reports these tasks as still held at ``register`` and sends them
 again, so no finished work is lost and nothing has to run twice.
 
@@ -32,6 +34,7 @@ class Outbox:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self._items: Dict[Key, Dict[str, Any]] = {}
+        self._volatile: "set[Key]" = set()
         self._load()
 
     def _path(self, key: Key) -> Path:
@@ -52,9 +55,29 @@ class Outbox:
         if self._items:
             log.info("%d result(s) from an earlier run wait to be delivered", len(self._items))
 
-    def put(self, key: Key, data: Dict[str, Any]) -> None:
-        """Keep ``data`` (the task_result content) until :meth:`remove`."""
+    def put(self, key: Key, data: Dict[str, Any], *, durable: bool = True) -> None:
+        """Keep ``data`` (the task_result content) until :meth:`remove`.
+
+        ``durable=False`` keeps it in memory only (it is about to be sent on a
+        live connection); :meth:`spill` writes such entries to disk when the
+        connection is lost before they were acknowledged.
+        """
         self._items[key] = data
+        if durable:
+            self._write(key, data)
+        else:
+            self._volatile.add(key)
+
+    def spill(self) -> None:
+        """Write every entry kept only in memory to disk."""
+        for key in sorted(self._volatile):
+            data = self._items.get(key)
+            if data is not None:
+                self._write(key, data)
+        self._volatile.clear()
+
+    def _write(self, key: Key, data: Dict[str, Any]) -> None:
+        self._volatile.discard(key)
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self._path(key)
         tmp = path.with_suffix(".tmp")
@@ -65,6 +88,10 @@ class Outbox:
         os.replace(tmp, path)
 
     def remove(self, key: Key) -> None:
+        if key in self._volatile:
+            self._volatile.discard(key)
+            self._items.pop(key, None)
+            return
         if self._items.pop(key, None) is not None:
             try:
                 self._path(key).unlink()

@@ -1,0 +1,196 @@
+"""Shared pieces of the benchmarks: start the real main node, measure it, drive raw load.
+
+Everything talks to 127.0.0.1 only. The load runs in this process on uvloop
+(when importable) with a bare asyncio.Protocol per connection, so the
+client side costs as little as possible; the main node is a separate process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+try:
+    import orjson
+
+    dumps = orjson.dumps
+    loads = orjson.loads
+except ImportError:  # pragma: no cover
+    def dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+    loads = json.loads
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    return (f"{os.cpu_count()} cores {cpu}, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def _no_http() -> list[str]:
+    """--no-http when this version has a web dashboard (benchmarks measure the TCP node)."""
+    out = subprocess.run([sys.executable, "-m", "retire_cluster", "main", "--help"], capture_output=True,
+                         text=True, env=env())
+    return ["--no-http"] if "--no-http" in out.stdout else []
+
+
+class MainNode:
+    """`retire-cluster main` in a subprocess on a free port.
+
+    Connection caps are raised (a config file) so that thousands of simulated
+    devices may come from 127.0.0.1.
+    """
+
+    def __init__(self, *args: str, data_dir: Path | None = None, connections: int = 19_000) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="rc-bench-")
+        self.data_dir = data_dir or Path(self.tmp.name) / "main"
+        conf = Path(self.tmp.name) / "bench-main.json"
+        conf.write_text(json.dumps({"max_connections": connections, "max_connections_per_address": connections}))
+        self.args = ("--config", str(conf), *args)
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.started_s = 0.0
+
+    def start(self) -> MainNode:
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "retire_cluster", "main", "--host", "127.0.0.1", "--port", "0",
+             "--data-dir", str(self.data_dir), "--log-level", "warning", *_no_http(), *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
+        )
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("retire-cluster main node") and "listening on" in line:
+                self.port = int(line.rsplit(":", 1)[1])
+            if line.startswith("  retire-cluster worker"):
+                break
+        else:
+            raise RuntimeError("main node did not start")
+        self.started_s = time.perf_counter() - t0
+        return self
+
+    @property
+    def token(self) -> str:
+        return (self.data_dir / "token").read_text().strip()
+
+    @property
+    def process(self) -> psutil.Process:
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid)
+
+    def rss_mib(self) -> float:
+        return self.process.memory_info().rss / 2**20
+
+    def cpu_s(self) -> float:
+        t = self.process.cpu_times()
+        return t.user + t.system
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.tmp.cleanup()
+
+
+class LineClient(asyncio.Protocol):
+    """One raw connection: send frames, get a callback per received line."""
+
+    def __init__(self, on_line: Callable[[LineClient, dict[str, Any]], None]) -> None:
+        self.on_line = on_line
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+        self.lost = asyncio.get_event_loop().create_future()
+        self.user: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            nl = self.buf.find(b"\n")
+            if nl < 0:
+                return
+            line, self.buf = self.buf[:nl], self.buf[nl + 1:]
+            self.on_line(self, loads(line))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+    def send(self, obj: dict[str, Any]) -> None:
+        assert self.transport is not None
+        self.transport.write(dumps(obj) + b"\n")
+
+
+async def connect(port: int, on_line: Callable[[LineClient, dict[str, Any]], None]) -> LineClient:
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_connection(lambda: LineClient(on_line), "127.0.0.1", port)
+    return proto
+
+
+def register_frame(device_id: str, token: str, message_id: str = "r") -> dict[str, Any]:
+    return {
+        "message_type": "register", "message_id": message_id, "sender_id": device_id, "auth_token": token,
+        "data": {
+            "device_info": {"hostname": device_id, "platform": "linux", "architecture": "x86_64",
+                            "python_version": "3.11.7", "role": "worker"},
+            "hardware_specs": {"cpu_cores": 2, "memory_total": 2**31, "disk_space": 2**35,
+                               "network_interfaces": ["eth0"]},
+            "capabilities": ["computational"], "task_types": ["echo"], "max_concurrent_tasks": 1,
+        },
+    }
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    return sorted_values[index]
+
+
+def run(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+
+
+def emit(name: str, table: list[tuple[str, Any]], extra: dict[str, Any]) -> None:
+    width = max(len(k) for k, _ in table)
+    print(f"{name} ({machine_line()})")
+    for key, value in table:
+        print(f"  {key:<{width}}  {value}")
+    print(json.dumps({"benchmark": name, "machine": machine_line(), **extra}))

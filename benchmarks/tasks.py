@@ -1,0 +1,151 @@
+"""End-to-end no-op task throughput and single round trip, with real workers.
+
+    python benchmarks/tasks.py [--quick] [--tasks N] [--round-trips N]
+
+Starts the main node and 2 real `retire-cluster worker` processes, then a
+client (this process) submits `echo` tasks with a window of submissions in
+flight and counts completions from `task_update` pushes: tasks/s from first
+submission to last recorded result. Then one task at a time (submit, wait for
+its result, repeat) for the round-trip p50/p99. Runs with
+`--synchronous normal` and `full`; reports RSS of the main node and workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psutil
+from _harness import MainNode, connect, emit, env, percentile, run
+
+
+def start_workers(node: MainNode, count: int, slots: int) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for i in range(count):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "retire_cluster", "worker", "--main", f"127.0.0.1:{node.port}",
+             "--token", node.token, "--device-id", f"bench-w{i}", "--data-dir", str(node.data_dir / f"w{i}"),
+             "--max-tasks", str(slots), "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env()))
+    return procs
+
+
+async def drive(node: MainNode, tasks: int, round_trips: int, window: int, workers: int) -> dict[str, Any]:
+    token = node.token
+    done = asyncio.Event()
+    state: dict[str, Any] = {"completed": 0, "waiting": {}, "devices": 0, "finished_at": {}}
+    replies: dict[str, asyncio.Future[Any]] = {}
+
+    def on_line(client: Any, msg: dict[str, Any]) -> None:
+        kind = msg["message_type"]
+        if kind in ("ack", "error"):
+            fut = replies.pop(msg["data"].get("original_message_id"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            return
+        if kind == "task_update":
+            task = msg["data"]["task"]
+            if task["status"] == "completed":
+                state["completed"] += 1
+                state["finished_at"][task["task_id"]] = time.perf_counter()
+                waiter = state["waiting"].pop(task["task_id"], None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(time.perf_counter())
+                if state["completed"] == state.get("target"):
+                    done.set()
+
+    client = await connect(node.port, on_line)
+    counter = iter(range(10**9))
+
+    def request(kind: str, data: dict[str, Any]) -> asyncio.Future[Any]:
+        mid = f"b{next(counter)}"
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        replies[mid] = fut
+        client.send({"message_type": kind, "message_id": mid, "sender_id": "bench", "auth_token": token, "data": data})
+        return fut
+
+    await request("subscribe", {})
+    for _ in range(600):  # the workers are separate processes: poll until both registered
+        if len((await request("list_devices", {}))["data"]["result"]["devices"]) >= workers:
+            break
+        await asyncio.sleep(0.1)
+    echo = {"task": {"task_type": "echo", "payload": {"message": "x"}}}
+
+    # Throughput: keep `window` submissions outstanding.
+    state["target"] = tasks
+    sem = asyncio.Semaphore(window)
+
+    async def one() -> None:
+        async with sem:
+            reply = await request("task_submit", echo)
+            assert reply["message_type"] == "ack", reply
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(tasks)))
+    await asyncio.wait_for(done.wait(), 600)
+    elapsed = time.perf_counter() - t0
+
+    # Round trips: one task at a time.
+    samples = []
+    for _ in range(round_trips):
+        start = time.perf_counter()
+        reply = await request("task_submit", echo)
+        task_id = reply["data"]["result"]["task_id"]
+        state["target"] = None
+        finished = state["finished_at"].get(task_id)  # the update may come in the same read as the ack
+        if finished is None:
+            waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+            state["waiting"][task_id] = waiter
+            finished = await asyncio.wait_for(waiter, 60)
+        samples.append(finished - start)
+    samples.sort()
+    client.transport.close()
+    return {"tasks_per_s": round(tasks / elapsed), "seconds": round(elapsed, 2),
+            "round_trip_p50_ms": round(1000 * percentile(samples, 0.5), 3),
+            "round_trip_p99_ms": round(1000 * percentile(samples, 0.99), 3)}
+
+
+def measure(synchronous: str, tasks: int, round_trips: int, window: int) -> dict[str, Any]:
+    node = MainNode("--synchronous", synchronous).start()
+    workers = start_workers(node, 2, 256)
+    try:
+        rss_rest = node.rss_mib()
+        result = run(drive(node, tasks, round_trips, window, len(workers)))
+        result.update({
+            "synchronous": synchronous, "tasks": tasks, "main_rss_mib": round(node.rss_mib(), 1),
+            "main_rss_at_rest_mib": round(rss_rest, 1),
+            "worker_rss_mib": [round(psutil.Process(w.pid).memory_info().rss / 2**20, 1) for w in workers],
+        })
+        return result
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait(30)
+        node.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2,000 tasks, 100 round trips, normal only")
+    ap.add_argument("--tasks", type=int, default=10_000)
+    ap.add_argument("--round-trips", type=int, default=500)
+    ap.add_argument("--window", type=int, default=2_000)
+    ap.add_argument("--synchronous", nargs="+", default=["normal", "full"])
+    args = ap.parse_args()
+    if args.quick:
+        args.tasks, args.round_trips, args.synchronous = 2_000, 100, ["normal"]
+    rows = [measure(s, args.tasks, args.round_trips, args.window) for s in args.synchronous]
+    table = [(f"synchronous={r['synchronous']}",
+              f"{r['tasks_per_s']:,} tasks/s  round trip p50 {r['round_trip_p50_ms']} ms  "
+              f"p99 {r['round_trip_p99_ms']} ms  main RSS {r['main_rss_mib']} MiB (rest "
+              f"{r['main_rss_at_rest_mib']})  workers {r['worker_rss_mib']} MiB") for r in rows]
+    emit("tasks", table, {"results": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Many tasks at once: read a JSON Lines file, submit with bounded concurrency, wait for all.
+
+Used by ``retire-cluster submit-batch``; usable from Python too:
+
+    specs, bad = read_batch(open("tasks.jsonl"))
+    async with AsyncClient(main, token) as client:
+        outcome = await submit_batch(client, specs, concurrency=64)
+        records = await wait_batch(client, [t for t in outcome.values() if isinstance(t, str)])
+
+Python 3.9 syntax, standard library only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from ..protocol.errors import ProtocolError
+from .aio import AsyncClient
+
+__all__ = ["BATCH_FIELDS", "parse_batch_line", "read_batch", "submit_batch", "summarise", "wait_batch"]
+
+#: What a line may hold.
+BATCH_FIELDS = ("task_type", "payload", "priority", "timeout", "requirements", "max_retries",
+                "retry_on_timeout", "idempotency_key")
+
+Spec = Tuple[int, Dict[str, Any]]
+
+
+def parse_batch_line(text: str) -> Dict[str, Any]:
+    """One line into a task object (``task_submit.data.task``).
+
+    Raises:
+        ValueError: a sentence saying what is wrong with the line.
+    """
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError('not a JSON object; write {"task_type": "echo", "payload": {...}}')
+    unknown = sorted(set(obj) - set(BATCH_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}; use {', '.join(BATCH_FIELDS)}")
+    if not isinstance(obj.get("task_type"), str) or not obj["task_type"]:
+        raise ValueError("task_type is missing or not a string")
+    if not isinstance(obj.get("payload", {}), dict):
+        raise ValueError("payload must be a JSON object")
+    return obj
+
+
+def read_batch(lines: Iterable[str]) -> Tuple[List[Spec], List[Tuple[int, str]]]:
+    """(line number, task) pairs, and (line number, problem) for the bad lines.
+
+    Blank lines and lines starting with ``#`` are skipped.
+    """
+    specs: List[Spec] = []
+    bad: List[Tuple[int, str]] = []
+    for number, raw in enumerate(lines, start=1):
+        text = raw.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            specs.append((number, parse_batch_line(text)))
+        except ValueError as exc:
+            bad.append((number, str(exc)))
+    return specs, bad
+
+
+async def submit_batch(client: AsyncClient, specs: List[Spec], *, concurrency: int = 64,
+                       stop_on_error: bool = False,
+                       progress: Optional[Callable[[int], None]] = None) -> Dict[int, Any]:
+    """Submit the tasks with at most ``concurrency`` requests in flight on the one connection.
+
+    Returns line -> task id, or line -> ``{"error": sentence}`` for a task the main
+    node refused. With ``stop_on_error`` nothing more is sent after a refusal, and
+    the lines never sent are missing from the result. ``progress(1)`` is called per
+    answered submission.
+
+    Raises:
+        ClientError: the main node cannot be reached.
+    """
+    outcome: Dict[int, Any] = {}
+    pending = iter(specs)
+    stop = False
+
+    async def submitter() -> None:
+        nonlocal stop
+        for line, spec in pending:
+            if stop:
+                return
+            options = {k: v for k, v in spec.items() if k not in ("task_type", "payload")}
+            try:
+                outcome[line] = await client.submit(spec["task_type"], spec.get("payload"), **options)
+            except ProtocolError as exc:
+                outcome[line] = {"error": f"refused by the main node: {exc.message}"}
+                stop = stop or stop_on_error
+            if progress is not None:
+                progress(1)
+
+    await client.connect()
+    await asyncio.gather(*(submitter() for _ in range(max(1, min(concurrency, len(specs))))))
+    return outcome
+
+
+async def wait_batch(client: AsyncClient, task_ids: List[str],
+                     progress: Optional[Callable[[int], None]] = None) -> Dict[str, Dict[str, Any]]:
+    """Every task's final record, by task id (``progress(1)`` as each ends)."""
+    records: Dict[str, Dict[str, Any]] = {}
+    async for record in client.as_completed(task_ids):
+        records[record["task_id"]] = record
+        if progress is not None:
+            progress(1)
+    return records
+
+
+def _one_line(text: Any, width: int = 60) -> str:
+    flat = " ".join(str("" if text is None else text).split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def summarise(submitted: List[Tuple[int, str]], records: Dict[str, Dict[str, Any]]) -> Any:
+    """Table rows (line, task, status, output or error), JSON results, and counts by status."""
+    counts: Dict[str, int] = {}
+    rows, results = [], []
+    for line, task_id in submitted:
+        record = records[task_id]
+        status = record["status"]
+        counts[status] = counts.get(status, 0) + 1
+        result = record.get("result") or {}
+        text = result.get("output") if status == "completed" else record.get("error") or result.get("error")
+        rows.append([str(line), task_id, status, _one_line(text)])
+        results.append({"line": line, "task_id": task_id, "status": status, "output": result.get("output"),
+                        "error": record.get("error"), "device": record.get("assigned_device")})
+    return rows, results, counts

@@ -1,0 +1,174 @@
+"""What the asyncio and the blocking client share: errors, the task spec, which
+requests may be sent again after a broken connection, backoff, local fallback.
+
+Errors a client raises::
+
+    retire_cluster.protocol.errors.ProtocolError   the main node answered `error`
+     +-- NotFound, Conflict, Unauthorized, ...      one class per wire code (re-exported here)
+    ClientError (ConnectionError)                   the main node could not be reached
+     +-- ConnectionLost                             the connection broke with a request in flight
+    TaskFailed                                      a task ended failed / timeout (ClusterExecutor)
+    TimeoutError                                    no reply, or the task did not end, in time
+
+Python 3.9 syntax, standard library only.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Dict, Iterable, Iterator, List, Optional
+
+from ..protocol.errors import error_from_code
+from ..protocol.messages import TERMINAL_STATUSES, Message
+
+__all__ = [
+    "IDEMPOTENT_TYPES",
+    "LOCAL_TASK_TYPES",
+    "SUBMIT_OPTIONS",
+    "TERMINAL",
+    "ClientError",
+    "ConnectionLost",
+    "TaskFailed",
+    "backoff_delays",
+    "check_fallback",
+    "chunks",
+    "is_idempotent",
+    "local_record",
+    "on_cluster",
+    "reply_result",
+    "run_locally",
+    "task_spec",
+]
+
+#: Task statuses that never change again.
+TERMINAL = frozenset(s.value for s in TERMINAL_STATUSES)
+#: Requests whose repetition changes nothing: sent again after a reconnect.
+IDEMPOTENT_TYPES = frozenset({"task_status", "task_list", "list_devices", "cluster_status", "subscribe"})
+#: ``task_submit.data.task`` fields besides task_type and payload.
+SUBMIT_OPTIONS = frozenset(
+    {"priority", "timeout", "requirements", "max_retries", "retry_on_timeout", "idempotency_key"}
+)
+#: Task types ``execute(..., fallback="local")`` can run in this process.
+LOCAL_TASK_TYPES = ("echo", "python_eval", "sleep")
+#: The subscribe schema takes at most this many task ids per frame.
+SUBSCRIBE_CHUNK = 10000
+
+
+class ClientError(ConnectionError):
+    """The main node could not be reached, or the connection broke."""
+
+
+class ConnectionLost(ClientError):
+    """The connection broke before the reply came; the request may or may not have taken effect."""
+
+
+class TaskFailed(Exception):
+    """A task ended ``failed`` or ``timeout``. ``record`` is its whole task record."""
+
+    def __init__(self, record: Dict[str, Any]) -> None:
+        self.record = record
+        self.task_id = str(record.get("task_id"))
+        self.status = str(record.get("status"))
+        result = record.get("result") or {}
+        reason = record.get("error") or result.get("error") or "no details"
+        super().__init__(f"task {self.task_id} {self.status}: {reason}")
+
+
+def is_idempotent(message_type: str, data: Dict[str, Any]) -> bool:
+    """Whether sending this request twice is harmless (so it is retried on a new connection).
+
+    A ``task_submit`` is, when it carries an ``idempotency_key``: the main node
+    answers a repeat with the first task's id.
+    """
+    if message_type in IDEMPOTENT_TYPES:
+        return True
+    return message_type == "task_submit" and bool((data.get("task") or {}).get("idempotency_key"))
+
+
+def task_spec(task_type: str, payload: Optional[Dict[str, Any]], options: Dict[str, Any]) -> Dict[str, Any]:
+    """``task_submit.data.task`` from ``submit()`` arguments; options set to None are left out.
+
+    Raises:
+        TypeError: an option the protocol does not know (a typo would otherwise be refused
+            by the main node with a less direct message).
+    """
+    unknown = sorted(set(options) - SUBMIT_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown submit option {unknown[0]!r}; use {', '.join(sorted(SUBMIT_OPTIONS))}")
+    task: Dict[str, Any] = {"task_type": task_type, "payload": payload or {}}
+    task.update({k: v for k, v in options.items() if v is not None})
+    return task
+
+
+def reply_result(reply: Message) -> Dict[str, Any]:
+    """The ``ack`` result of a reply, or raise the typed error of an ``error`` reply."""
+    if reply.message_type == "error":
+        data = reply.data
+        path = data.get("path")
+        raise error_from_code(str(data.get("code")), str(data.get("error")),
+                              path=path if isinstance(path, str) else None)
+    result = reply.data.get("result")
+    return result if isinstance(result, dict) else {}
+
+
+def backoff_delays(initial_s: float, maximum_s: float) -> Iterator[float]:
+    """Exponential delays from ``initial_s`` to ``maximum_s``, each jittered to 50-100 %."""
+    delay = initial_s
+    while True:
+        yield delay * (0.5 + random.random() / 2)
+        delay = min(delay * 2, maximum_s)
+
+
+def chunks(items: List[str], size: int = SUBSCRIBE_CHUNK) -> Iterable[List[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# -- local fallback -------------------------------------------------------------
+
+
+def check_fallback(fallback: Optional[str], task_type: str) -> None:
+    """Raise ValueError unless ``fallback`` is None, or "local" for a type this process can run."""
+    if fallback is None:
+        return
+    if fallback != "local":
+        raise ValueError(f"fallback must be None or 'local', not {fallback!r}")
+    if task_type not in LOCAL_TASK_TYPES:
+        raise ValueError(f"fallback='local' runs only {', '.join(LOCAL_TASK_TYPES)}, not {task_type!r}")
+
+
+async def run_locally(task_type: str, payload: Optional[Dict[str, Any]], timeout_s: Optional[float],
+                      task_id: Optional[str] = None) -> Dict[str, Any]:
+    """Run a task in this process with the worker's executor; return a task record.
+
+    ``python_eval`` runs in a child Python process with the task timeout, exactly
+    as on a worker (never a bare ``eval`` here).
+    """
+    from ..worker.executor import Executor
+
+    executor = Executor(frozenset(LOCAL_TASK_TYPES), plugins={})  # built-ins only, no plug-in code
+    task = {"task_id": task_id or "local", "task_type": task_type, "payload": payload or {},
+            "timeout": timeout_s or 3600.0}
+    outcome = await executor.run(task, lambda _pct, _msg: None)
+    return local_record(task_id, task_type, payload, outcome.status, outcome.result(), outcome.error,
+                        outcome.execution_time_s)
+
+
+def local_record(task_id: Optional[str], task_type: str, payload: Optional[Dict[str, Any]], status: str,
+                 result: Dict[str, Any], error: Optional[str], execution_time_s: float) -> Dict[str, Any]:
+    """A task record for a run in this process. ``task_id`` is the cluster task it replaced."""
+    return {
+        "task_id": task_id, "task_type": task_type, "payload": payload or {}, "status": status,
+        "result": result, "error": error, "execution_time": execution_time_s,
+        "assigned_device": None, "attempts": [], "ran_on": "local",
+    }  # fmt: skip
+
+
+def on_cluster(record: Dict[str, Any]) -> Dict[str, Any]:
+    """The record with ``ran_on`` = ``cluster:<device_id>``."""
+    out = dict(record)
+    device = record.get("assigned_device")
+    if device is None and record.get("attempts"):
+        device = record["attempts"][-1].get("device_id")
+    out["ran_on"] = f"cluster:{device}" if device else "cluster"
+    return out

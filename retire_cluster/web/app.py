@@ -1,0 +1,385 @@
+"""The aiohttp application of the main node: routes, auth, errors, events, start/stop.
+
+Theory of operation: the HTTP side owns no cluster state. A request becomes the
+same :class:`~retire_cluster.protocol.messages.Message` a TCP client would
+send, is validated by the node's :class:`MessageValidator` against the same
+JSON Schemas, and goes to the same handler method (:meth:`WebApp.call`); the
+handler's ``error`` becomes a JSON body with the same ``code`` and an HTTP
+status from :data:`HTTP_STATUS`. Live views come from the node's listener
+hook (task changes from ``publish()``, device changes), never from polling.
+
+Auth: every route needs ``Authorization: Bearer <cluster token>`` except
+``GET /api/v1/health`` and the page itself (``/`` and ``/static/...``, which
+hold no cluster data: the page asks for the token and sends it with every
+request). Nothing is needed when the node runs ``--insecure``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ..protocol.codec import dumps
+from ..protocol.errors import (
+    FrameTooLarge,
+    InternalError,
+    InvalidMessage,
+    NotFound,
+    Overloaded,
+    ProtocolError,
+    Unauthorized,
+)
+from ..protocol.messages import Message, new_message_id, utc_timestamp
+from . import HTTPBindError
+from .events import LogFeed, Stream
+
+if TYPE_CHECKING:
+    from ..main.node import MainNode
+    from ..main.registry import Device
+    from ..main.tasks import Task
+
+__all__ = ["HTTP_STATUS", "STATIC_DIR", "HttpPeer", "WebApp", "json_response"]
+
+log = logging.getLogger("retire_cluster.web")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+#: wire error code -> HTTP status
+HTTP_STATUS = {
+    "invalid_json": 400,
+    "invalid_message": 400,
+    "unknown_message_type": 400,
+    "frame_too_large": 413,
+    "unauthorized": 401,
+    "not_registered": 403,
+    "forbidden": 403,
+    "not_found": 404,
+    "conflict": 409,
+    "overloaded": 429,
+    "internal": 500,
+}
+
+#: paths served without the token
+PUBLIC_PATHS = frozenset({"/", "/api/v1/health", "/favicon.ico"})
+
+WEB_KEY: web.AppKey[WebApp] = web.AppKey("retire_cluster_web")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=dumps(obj), status=status, content_type="application/json", headers=headers)
+
+
+def error_response(exc: ProtocolError, status: int | None = None) -> web.Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="retire-cluster"'} if exc.code == "unauthorized" else None
+    return json_response(exc.to_data(), status or HTTP_STATUS.get(exc.code, 500), headers)
+
+
+class HttpPeer:
+    """Stands in for a TCP connection when a handler serves an HTTP request.
+
+    It never registers (``device_id`` stays None), so the worker handlers
+    answer ``not_registered`` as they would on a fresh TCP connection.
+    """
+
+    device_id: str | None = None
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.subscribed: set[str] = set()
+        self.subscribed_all = False
+
+    def __repr__(self) -> str:
+        return f"<HttpPeer {self.peer}>"
+
+
+class WebApp:
+    """The HTTP server of one :class:`MainNode`. ``await start(host, port)``, then ``await stop()``.
+
+    Args:
+        node: the main node whose handlers and state this serves.
+        keepalive_s: seconds between ``: keep-alive`` comments on idle streams.
+        ring_size: events each stream keeps for ``Last-Event-ID`` resume.
+        max_streams: open ``/stream/...`` responses in total; one more gets 429.
+        max_pending: events that may wait for one slow stream reader before
+            it is dropped (it reconnects and resumes from the ring).
+        heartbeats_kept: recent heartbeats kept per device for ``/devices/{id}``.
+    """
+
+    def __init__(
+        self,
+        node: MainNode,
+        *,
+        keepalive_s: float = 15.0,
+        ring_size: int = 1000,
+        max_streams: int = 100,
+        max_pending: int = 1000,
+        heartbeats_kept: int = 20,
+    ) -> None:
+        from .metrics import Metrics
+
+        self.node = node
+        self.keepalive_s = keepalive_s
+        self.max_streams = max_streams
+        self.max_pending = max_pending
+        self.streams = {name: Stream(name, ring_size) for name in ("devices", "tasks", "logs")}
+        self.metrics = Metrics(node, self)
+        #: device id -> its recent heartbeats (newest last)
+        self.heartbeats: dict[str, deque[dict[str, Any]]] = {}
+        self._heartbeats_kept = heartbeats_kept
+        self._dirty_devices: set[str] = set()
+        self._flush_scheduled = False
+        self._runner: web.AppRunner | None = None
+        self._log_feed: LogFeed | None = None
+        self.address: tuple[str, int] | None = None
+        self.app = self._build()
+
+    # -- the application --------------------------------------------------
+
+    def _build(self) -> web.Application:
+        from .api import Api
+        from .openapi import OpenApi
+        from .text import TextApi
+
+        app = web.Application(
+            middlewares=[self._errors, self._auth], client_max_size=self.node.config.max_frame_bytes
+        )
+        app[WEB_KEY] = self
+        Api(self).add_routes(app.router)
+        TextApi(self).add_routes(app.router)
+        OpenApi(self).add_routes(app.router)
+        app.router.add_get("/metrics", self.metrics_route)
+        app.router.add_get("/text/metrics", self.metrics_route)
+        for name in self.streams:
+            app.router.add_get(f"/stream/{name}", self.stream_route)
+        app.router.add_get("/", self.page)
+        app.router.add_static("/static/", STATIC_DIR, append_version=False)
+        return app
+
+    @property
+    def open_streams(self) -> int:
+        return sum(len(s.subscribers) for s in self.streams.values())
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every failure becomes a JSON body with a wire code (see HTTP_STATUS)."""
+        try:
+            return await handler(request)
+        except ProtocolError as exc:
+            if isinstance(exc, InternalError):
+                log.error("internal error answering %s %s: %s", request.method, request.path, exc.message)
+            return error_response(exc)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(FrameTooLarge(
+                f"The request body is larger than {self.node.config.max_frame_bytes} bytes "
+                "(the main node's max_frame_bytes)."))  # fmt: skip
+        except web.HTTPNotFound:
+            return error_response(NotFound(f"No route {request.path}; GET /api/v1/openapi.json lists them."))
+        except web.HTTPMethodNotAllowed as exc:
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            return error_response(
+                InvalidMessage(f"{request.method} is not allowed on {request.path}; use {allowed}."), 405
+            )
+        except web.HTTPException:
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            ref = uuid.uuid4().hex[:12]
+            log.exception("internal error [%s] answering %s %s", ref, request.method, request.path)
+            return error_response(
+                InternalError(f"Internal error (reference {ref}); the main node's log has the details.")
+            )
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self.node.token is None or request.path in PUBLIC_PATHS or request.path.startswith("/static/"):
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not self.node.token_ok(token.strip()):
+            raise Unauthorized(
+                "Send the cluster token as `Authorization: Bearer TOKEN`; "
+                "`retire-cluster token` on the main node prints it."
+            )
+        return await handler(request)
+
+    # -- calling the node's handlers ----------------------------------------
+
+    async def call(self, message_type: str, data: dict[str, Any], request: web.Request | None = None) -> Any:
+        """Run one request through the node exactly as if it came over TCP.
+
+        Returns the ``ack`` result. Raises the handler's RemoteProtocolError
+        (the caller's middleware turns it into a JSON error).
+        """
+        peer = f"http:{request.remote}" if request is not None else "http:dashboard"
+        msg = Message(message_type, new_message_id(), "http-api", data,
+                      timestamp=utc_timestamp(self.node.clock()))  # fmt: skip
+        self.node.validator.validate(msg)
+        result = self.node.handlers.handle(HttpPeer(peer), msg)  # type: ignore[arg-type]
+        if isinstance(result, Awaitable):
+            result = await result
+        return result
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen; returns the bound (host, port). Raises HTTPBindError."""
+        loop = asyncio.get_running_loop()
+        self._log_feed = LogFeed(self.streams["logs"], loop)
+        logging.getLogger("retire_cluster").addHandler(self._log_feed)
+        self.node.add_listener(self.on_node_event)
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()
+            raise HTTPBindError(
+                exc.errno or 0,
+                f"cannot listen for HTTP on {host}:{port} ({exc.strerror or exc}); "
+                "choose another --http-port, or --no-http",
+            ) from None
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        bound = sockets[0].getsockname() if sockets else (host, port)
+        self.address = (str(bound[0]), int(bound[1]))
+        return self.address
+
+    async def stop(self) -> None:
+        """Close the streams, then the listening socket and open requests."""
+        self.node.remove_listener(self.on_node_event)
+        if self._log_feed is not None:
+            logging.getLogger("retire_cluster").removeHandler(self._log_feed)
+            self._log_feed = None
+        for stream in self.streams.values():
+            stream.close_all()
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    # -- events from the node ---------------------------------------------
+
+    def on_node_event(self, kind: str, obj: Any) -> None:
+        """The node's listener: ``("task", Task)`` from publish(), ``("device", Device)``."""
+        if kind == "task":
+            self._task_changed(obj)
+        elif kind == "device":
+            # Heartbeats arrive in bursts: one event per device per loop pass.
+            self._dirty_devices.add(obj.device_id)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush_devices)
+
+    def _task_changed(self, task: Task) -> None:
+        self.metrics.on_task(task)
+        self.streams["tasks"].emit("task", task.to_record(), task.task_id)
+
+    def _flush_devices(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty_devices = self._dirty_devices, set()
+        stream = self.streams["devices"]
+        for device_id in sorted(dirty):
+            device = self.node.registry.get(device_id)
+            if device is not None:
+                self._remember_heartbeat(device)
+                # Device events are snapshots: with nobody listening, skip the
+                # costly record (a busy node sees tens of thousands a second).
+                if stream.subscribers:
+                    stream.emit("device", device.to_record(), device_id)
+                else:
+                    stream.skip()
+
+    def _remember_heartbeat(self, device: Device) -> None:
+        if not device.last_seen:
+            return
+        kept = self.heartbeats.get(device.device_id)
+        if kept is None:
+            kept = self.heartbeats[device.device_id] = deque(maxlen=self._heartbeats_kept)
+        at = utc_timestamp(device.last_seen)
+        if kept and kept[-1]["at"] == at:
+            return
+        kept.append({"at": at, "status": device.status.value, "active_tasks": len(device.running),
+                     "system_metrics": dict(device.metrics)})  # fmt: skip
+
+    # -- routes that are not part of the JSON API ---------------------------
+
+    async def metrics_route(self, request: web.Request) -> web.Response:
+        body, content_type = await self.metrics.render(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def page(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def stream_route(self, request: web.Request) -> web.StreamResponse:
+        """``/stream/{devices,tasks,logs}``: Server-Sent Events, resumable with Last-Event-ID."""
+        from .events import KEEPALIVE, Subscriber, format_event
+
+        name = request.path.rsplit("/", 1)[1]
+        stream = self.streams[name]
+        accept = _stream_filter(name, request)
+        if self.open_streams >= self.max_streams:
+            raise Overloaded(f"{self.max_streams} event streams are open, the maximum; close some first.")
+        last_id = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+        sub = Subscriber(accept, self.max_pending)
+        resumed = stream.subscribe(sub, last_id)
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        try:
+            await response.prepare(request)
+            head = b"retry: 2000\n\n"
+            if not resumed:
+                head += format_event(stream.last_id, "reset", {"reason": "missed events; reload the state"})
+            elif last_id is None and name == "devices":
+                devices = [d.to_record() for d in sorted(self.node.registry, key=lambda d: d.device_id)]
+                head += format_event(stream.last_id, "snapshot", {"devices": devices})
+            await response.write(head)
+            while not sub.closed:
+                if not sub.pending:
+                    try:
+                        await asyncio.wait_for(sub.wake.wait(), self.keepalive_s)
+                    except asyncio.TimeoutError:
+                        await response.write(KEEPALIVE)
+                        continue
+                data = sub.take()
+                if data:
+                    await response.write(data)
+        except ConnectionResetError:
+            pass  # the reader went away
+        finally:
+            stream.unsubscribe(sub)
+        if sub.dropped:
+            log.info("dropped a slow /stream/%s reader %s (it can resume with Last-Event-ID)", name, request.remote)
+        return response
+
+
+def _stream_filter(name: str, request: web.Request) -> Callable[[str | None], bool] | None:
+    """``?task_id=A&task_id=B`` on /stream/tasks, ``?device_id=`` on devices, ``?level=`` on logs."""
+    unknown = set(request.query) - {"last_event_id", {"tasks": "task_id", "devices": "device_id",
+                                                       "logs": "level"}[name]}
+    if unknown:
+        raise InvalidMessage(f"unknown query parameter {sorted(unknown)[0]!r} on /stream/{name}.",
+                             path=f"?{sorted(unknown)[0]}")
+    if name == "logs":
+        level = request.query.get("level")
+        if level is None:
+            return None
+        order = ["debug", "info", "warning", "error", "critical"]
+        if level not in order:
+            raise InvalidMessage(f"level must be one of {', '.join(order)}.", path="?level")
+        wanted = set(order[order.index(level):])
+        return lambda key: key in wanted
+    keys = set(request.query.getall("task_id" if name == "tasks" else "device_id", []))
+    if not keys:
+        return None
+    return lambda key: key in keys

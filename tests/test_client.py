@@ -1,0 +1,519 @@
+"""The Python clients: AsyncClient against an in-process main node whose worker the test plays,
+the blocking Client and ClusterExecutor from worker threads, and faked main nodes that break
+connections on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Dict, List, Optional
+
+import pytest
+from conftest import Peer, fake_worker, make_config, settle
+
+from retire_cluster.client import (
+    AsyncClient,
+    Client,
+    ClientError,
+    ClusterExecutor,
+    Conflict,
+    ConnectionLost,
+    InvalidMessage,
+    NotFound,
+    TaskFailed,
+    Unauthorized,
+)
+from retire_cluster.main import MainNode
+from retire_cluster.tls import certificate_fingerprint, format_fingerprint
+
+
+def addr(node: MainNode) -> str:
+    return f"{node.address[0]}:{node.address[1]}"
+
+
+async def client_of(node: MainNode, **kwargs: Any) -> AsyncClient:
+    client = AsyncClient(addr(node), node.token, timeout_s=10, **kwargs)
+    await client.connect()
+    return client
+
+
+async def take_assignment(worker: Peer) -> Dict[str, Any]:
+    """The next task_assign pushed to a fake worker, acknowledged (the task is then running)."""
+    assign = await worker.next_push("task_assign")
+    await worker.send("ack", {"original_message_id": assign["message_id"], "result": {}})
+    return dict(assign["data"]["task"])
+
+
+async def report(worker: Peer, task: Dict[str, Any], output: str = "done", status: str = "completed") -> None:
+    result = {"output": output, "exit_code": 0 if status == "completed" else 1, "metrics": {}}
+    if status != "completed":
+        result["error"] = "it broke"
+    reply = await worker.request("task_result", {"task_id": task["task_id"], "attempt": task["attempt"],
+                                                 "status": status, "execution_time": 0.01, "result": result})
+    assert reply["message_type"] == "ack", reply
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    """Poll ``check`` until it holds (with a deadline; never a fixed sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await check():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+# -- AsyncClient ----------------------------------------------------------------------------
+
+
+async def test_requests_and_typed_errors(node: MainNode) -> None:
+    client = await client_of(node)
+    try:
+        task_id = await client.submit("echo", {"message": "hi"}, priority="high", max_retries=1)
+        record = await client.status(task_id)
+        assert record["status"] == "pending" and record["priority"] == 10 and record["max_retries"] == 1
+        assert [t["task_id"] for t in await client.tasks(task_type="echo", limit=5)] == [task_id]
+        assert (await client.cluster_status())["tasks"]["pending"] == 1
+        assert await client.devices() == []
+        with pytest.raises(NotFound, match="No task 'nope'"):
+            await client.status("nope")
+        with pytest.raises(InvalidMessage) as refused:
+            await client.submit("echo", requirements={"min_cpus": 2})
+        assert refused.value.path and "requirements" in refused.value.path
+        with pytest.raises(TypeError, match="unknown submit option 'prio'"):
+            await client.submit("echo", prio="high")
+        assert (await client.cancel(task_id))["status"] == "cancelled"
+        with pytest.raises(Conflict, match="already ended"):
+            await client.cancel(task_id)
+        assert client.connections_opened == 1
+    finally:
+        await client.close()
+
+
+async def test_a_wrong_token_is_unauthorized_and_no_server_is_a_client_error(node: MainNode) -> None:
+    client = AsyncClient(addr(node), "wrong", timeout_s=10)
+    try:
+        with pytest.raises(Unauthorized):
+            await client.cluster_status()
+    finally:
+        await client.close()
+    nobody = AsyncClient("127.0.0.1:1", None, timeout_s=5)
+    with pytest.raises(ClientError, match="cannot connect to the main node at 127.0.0.1:1"):
+        await nobody.connect()
+    await nobody.close()
+
+
+async def test_many_requests_in_flight_on_one_connection(node: MainNode) -> None:
+    client = await client_of(node)
+    try:
+        ids = await asyncio.gather(*(client.submit("echo", {"message": str(i)}) for i in range(200)))
+        assert len(set(ids)) == 200
+        records = await asyncio.gather(*(client.status(t) for t in ids))
+        assert [r["payload"]["message"] for r in records] == [str(i) for i in range(200)]
+        assert client.connections_opened == 1
+    finally:
+        await client.close()
+
+
+async def test_wait_and_as_completed_follow_pushed_updates(node: MainNode) -> None:
+    worker = await fake_worker(node, "dev-1", cores=4)
+    client = await client_of(node)
+    try:
+        first = await client.submit("echo", {"message": "a"})
+        task = await take_assignment(worker)
+        await report(worker, task, "a")
+        ids = [first] + [await client.submit("echo", {"message": m}) for m in "bcd"]
+        held = {}
+        for _ in range(3):
+            t = await take_assignment(worker)
+            held[t["task_id"]] = t
+        seen: List[str] = []
+
+        async def collect() -> None:
+            async for record in client.as_completed(ids, timeout_s=30):
+                seen.append(record["task_id"])
+
+        collector = asyncio.ensure_future(collect())
+        await eventually(lambda: _true(seen == [first]))
+        for task_id in (ids[2], ids[3], ids[1]):
+            await report(worker, held[task_id], "x")
+            await eventually(lambda task_id=task_id: _true(seen[-1] == task_id))
+        await asyncio.wait_for(collector, 10)
+        assert seen == [first, ids[2], ids[3], ids[1]]
+        done = await client.wait(ids[1], timeout_s=10)
+        assert done["status"] == "completed" and done["attempts"][0]["device_id"] == "dev-1"
+    finally:
+        await client.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_wait_times_out(node: MainNode) -> None:
+    client = await client_of(node)
+    try:
+        task_id = await client.submit("echo")
+        with pytest.raises(TimeoutError, match="did not end within 0.05 s"):
+            await client.wait(task_id, timeout_s=0.05)
+    finally:
+        await client.close()
+
+
+async def test_updates_stream_after_subscribing_to_all(node: MainNode) -> None:
+    client = await client_of(node)
+    try:
+        stream = client.updates()
+        await client.subscribe()
+        task_id = await client.submit("echo", {"message": "x"})
+        record = await asyncio.wait_for(stream.get(), 10)
+        assert record["task_id"] == task_id and record["status"] == "pending"
+        stream.close()
+    finally:
+        await client.close()
+
+
+async def test_waiting_survives_a_dropped_connection(node: MainNode) -> None:
+    worker = await fake_worker(node, "dev-1")
+    client = await client_of(node, backoff_initial_s=0.01)
+    try:
+        task_id = await client.submit("echo", {"message": "m"})
+        task = await take_assignment(worker)
+        waiting = asyncio.ensure_future(client.wait(task_id, timeout_s=30))
+        await eventually(lambda: _true(any(c.subscribed for c in node.server.connections)))
+        for conn in list(node.server.connections):
+            if conn.device_id is None:
+                conn.close()  # the client's connection
+        await report(worker, task, "after the drop")  # the update is pushed while the client is away
+        record = await asyncio.wait_for(waiting, 30)
+        assert record["result"]["output"] == "after the drop"
+        assert client.connections_opened >= 2
+    finally:
+        await client.close()
+
+
+# -- a main node that breaks the connection after reading one request ----------------------------
+
+
+class Flaky:
+    """Accepts connections; drops the first request on each of the first ``drops`` connections,
+    answers the next ``overloads`` requests ``overloaded``, then answers like a main node would
+    (task_status and task_submit only)."""
+
+    def __init__(self, drops: int = 1, overloads: int = 0) -> None:
+        self.drops = drops
+        self.overloads = overloads
+        self.received: List[Dict[str, Any]] = []
+        self.server: Optional[asyncio.base_events.Server] = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                msg = json.loads(line)
+                self.received.append(msg)
+                if self.drops:
+                    self.drops -= 1
+                    return
+                result: Dict[str, Any] = {"task": {"task_id": "t1", "status": "pending"}}
+                if msg["message_type"] == "task_submit":
+                    result = {"task_id": "t1"}
+                reply = {"message_type": "ack", "message_id": "s", "sender_id": "main-node",
+                         "data": {"original_message_id": msg["message_id"], "result": result}}
+                if self.overloads:
+                    self.overloads -= 1
+                    reply = {"message_type": "error", "message_id": "s", "sender_id": "main-node",
+                             "data": {"original_message_id": msg["message_id"], "code": "overloaded",
+                                      "error": "More than 5000 requests per second on this connection."}}
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_idempotent_reads_are_sent_again_on_a_new_connection() -> None:
+    flaky = Flaky(drops=1)
+    client = AsyncClient(await flaky.start(), None, timeout_s=10, backoff_initial_s=0.01)
+    try:
+        assert (await client.status("t1"))["status"] == "pending"
+        assert client.connections_opened == 2
+        assert [m["message_type"] for m in flaky.received] == ["task_status", "task_status"]
+    finally:
+        await client.close()
+        await flaky.stop()
+
+
+async def test_a_submit_is_not_repeated_unless_it_has_an_idempotency_key() -> None:
+    flaky = Flaky(drops=2)
+    client = AsyncClient(await flaky.start(), None, timeout_s=10, backoff_initial_s=0.01)
+    try:
+        with pytest.raises(ConnectionLost, match="task_submit was sent but not answered"):
+            await client.submit("echo")
+        assert await client.submit("echo", idempotency_key="k1") == "t1"
+        assert [m["message_type"] for m in flaky.received] == ["task_submit"] * 3
+        assert flaky.received[2]["data"]["task"]["idempotency_key"] == "k1"
+    finally:
+        await client.close()
+        await flaky.stop()
+
+
+async def test_overloaded_requests_are_sent_again_after_a_pause() -> None:
+    flaky = Flaky(drops=0, overloads=3)
+    client = AsyncClient(await flaky.start(), None, timeout_s=10, backoff_initial_s=0.01)
+    try:
+        assert await client.submit("echo") == "t1"  # not acted on when refused: safe to repeat
+        assert [m["message_type"] for m in flaky.received] == ["task_submit"] * 4
+    finally:
+        await client.close()
+        await flaky.stop()
+
+
+def test_the_blocking_client_also_retries_reads_but_not_submits() -> None:
+    async def scenario() -> None:
+        flaky = Flaky(drops=2)
+        address = await flaky.start()
+
+        def blocking() -> None:
+            with Client(address, None, timeout_s=10, backoff_initial_s=0.01) as client:
+                with pytest.raises(ConnectionLost):
+                    client.submit("echo")
+                assert client.status("t1")["status"] == "pending"
+                assert client.connections_opened == 3
+
+        try:
+            await asyncio.to_thread(blocking)
+        finally:
+            await flaky.stop()
+
+    asyncio.run(scenario())
+
+
+# -- execute() with a local fallback ----------------------------------------------------------
+
+
+async def test_fallback_runs_locally_when_no_device_takes_the_task(node: MainNode) -> None:
+    client = await client_of(node)
+    try:
+        record = await client.execute("python_eval", {"expression": "sum(range(100000))"},
+                                      fallback="local", fallback_after_s=0.1)
+        assert record["ran_on"] == "local" and record["status"] == "completed"
+        assert record["result"]["output"] == "4999950000"
+        assert (await client.status(record["task_id"]))["status"] == "cancelled"
+        failed = await client.execute("python_eval", {"expression": "1/0"}, fallback="local", fallback_after_s=0)
+        assert failed["status"] == "failed" and "ZeroDivisionError" in failed["error"]
+        with pytest.raises(ValueError, match="runs only echo, python_eval, sleep"):
+            await client.execute("command", {"argv": ["true"]}, fallback="local")
+    finally:
+        await client.close()
+
+
+async def test_fallback_is_not_used_when_a_device_takes_the_task(node: MainNode) -> None:
+    worker = await fake_worker(node, "dev-1")
+    client = await client_of(node)
+    try:
+        running = asyncio.ensure_future(client.execute("echo", {"message": "hi"}, fallback="local",
+                                                       fallback_after_s=30))
+        task = await take_assignment(worker)
+        await report(worker, task, "hi from dev-1")
+        record = await asyncio.wait_for(running, 30)
+        assert record["ran_on"] == "cluster:dev-1" and record["result"]["output"] == "hi from dev-1"
+    finally:
+        await client.close()
+
+
+async def test_fallback_uses_the_cluster_result_when_the_cancel_comes_too_late(node: MainNode) -> None:
+    worker = await fake_worker(node, "dev-1", accepting=False)  # registered, but takes nothing yet
+    client = await client_of(node)
+    real_cancel = client.cancel
+
+    async def cancel_after_the_task_ended(task_id: str) -> Dict[str, Any]:
+        await worker.request("heartbeat", {"accepting": True, "active_tasks": 0})
+        task = await take_assignment(worker)
+        await report(worker, task, "cluster won")
+        return await real_cancel(task_id)
+
+    client.cancel = cancel_after_the_task_ended  # type: ignore[method-assign]
+    try:
+        record = await client.execute("echo", {"message": "x"}, fallback="local", fallback_after_s=0.05)
+        assert record["ran_on"] == "cluster:dev-1" and record["result"]["output"] == "cluster won"
+    finally:
+        await client.close()
+
+
+# -- the blocking Client and ClusterExecutor, driven from threads ---------------------------------
+
+
+async def test_blocking_client_waits_and_yields_as_completed(node: MainNode) -> None:
+    worker = await fake_worker(node, "dev-1", cores=4)
+
+    def submit_three() -> List[str]:
+        with Client(addr(node), node.token, timeout_s=10) as client:
+            return [client.submit("echo", {"message": m}) for m in "abc"]
+
+    ids = await asyncio.to_thread(submit_three)
+    held = {}
+    for _ in range(3):
+        t = await take_assignment(worker)
+        held[t["task_id"]] = t
+    await report(worker, held[ids[1]], "b")
+
+    client = Client(addr(node), node.token, timeout_s=10)
+    records = client.as_completed(ids, timeout_s=30)
+    first = await asyncio.to_thread(next, records)
+    assert first["task_id"] == ids[1]
+    await report(worker, held[ids[2]], "c")
+    assert (await asyncio.to_thread(next, records))["task_id"] == ids[2]
+    await report(worker, held[ids[0]], "a")
+    assert (await asyncio.to_thread(next, records))["result"]["output"] == "a"
+    assert await asyncio.to_thread(list, records) == []
+    done = await asyncio.to_thread(client.wait, ids[0], 10)
+    assert done["status"] == "completed"
+    client.close()
+
+
+async def test_blocking_wait_survives_a_dropped_connection(node: MainNode) -> None:
+    worker = await fake_worker(node, "dev-1")
+    client = Client(addr(node), node.token, timeout_s=10, backoff_initial_s=0.01)
+    task_id = await asyncio.to_thread(client.submit, "echo", {"message": "m"})
+    task = await take_assignment(worker)
+    waiting = asyncio.ensure_future(asyncio.to_thread(client.wait, task_id, 30))
+    await eventually(lambda: _true(any(task_id in c.subscribed for c in node.server.connections)))
+    for conn in list(node.server.connections):
+        if conn.device_id is None:
+            conn.close()
+    await report(worker, task, "after the drop")
+    record = await asyncio.wait_for(waiting, 30)
+    assert record["result"]["output"] == "after the drop" and client.connections_opened == 2
+    client.close()
+
+
+async def test_blocking_subscribe_and_next_update(node: MainNode) -> None:
+    def run() -> List[Any]:
+        with Client(addr(node), node.token, timeout_s=10) as client:
+            client.subscribe()
+            nothing = client.next_update(timeout_s=0.01)
+            task_id = client.submit("echo", {"message": "x"})
+            update = client.next_update(timeout_s=10)
+            return [nothing, task_id, update]
+
+    nothing, task_id, update = await asyncio.to_thread(run)
+    assert nothing is None and update is not None
+    assert update["task_id"] == task_id and update["status"] == "pending"
+
+
+async def test_blocking_execute_falls_back_locally(node: MainNode) -> None:
+    def run() -> Dict[str, Any]:
+        with Client(addr(node), node.token, timeout_s=10) as client:
+            return client.execute("echo", {"message": "here"}, fallback="local", fallback_after_s=0.05)
+
+    record = await asyncio.to_thread(run)
+    assert record["ran_on"] == "local" and record["result"]["output"] == "here"
+
+
+async def test_executor_map_submit_failure_and_cancel(node: MainNode) -> None:
+    worker = await fake_worker(node, "dev-1", cores=8)
+    ex = await asyncio.to_thread(ClusterExecutor, addr(node), node.token, timeout_s=10)
+    try:
+        outputs = asyncio.ensure_future(asyncio.to_thread(lambda: list(ex.map("echo", [{"m": i} for i in range(5)]))))
+        held = [await take_assignment(worker) for _ in range(5)]
+        for task in reversed(held):
+            await report(worker, task, f"out-{task['payload']['m']}")
+        assert await asyncio.wait_for(outputs, 30) == [f"out-{i}" for i in range(5)]
+
+        bad = ex.submit("echo", {"m": "x"})
+        await report(worker, await take_assignment(worker), status="failed")
+        with pytest.raises(TaskFailed, match="failed: it broke"):
+            await asyncio.to_thread(bad.result, 30)
+        assert bad.record is not None and bad.record["status"] == "failed"
+
+        stuck = ex.submit("python_eval", {"expression": "1"})  # no device runs python_eval
+        assert await asyncio.to_thread(stuck.cancel) is True
+        assert stuck.cancelled() and stuck.task_id is not None
+        await settle(node)
+        assert node.lookup(stuck.task_id).status.value == "cancelled"
+
+        refused = ex.submit("echo", requirements={"min_cpus": 1})
+        with pytest.raises(InvalidMessage):
+            await asyncio.to_thread(refused.result, 30)
+        with pytest.raises(TypeError):
+            ex.submit("echo", colour="blue")
+    finally:
+        await asyncio.to_thread(ex.shutdown, True)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit("echo")
+
+
+async def test_executor_shutdown_waits_for_running_tasks(node: MainNode) -> None:
+    worker = await fake_worker(node, "dev-1")
+    ex = await asyncio.to_thread(ClusterExecutor, addr(node), node.token, timeout_s=10)
+    fut = ex.submit("echo", {"message": "late"})
+    closing = asyncio.ensure_future(asyncio.to_thread(ex.shutdown, True))
+    task = await take_assignment(worker)
+    assert not closing.done()
+    await report(worker, task, "late")
+    await asyncio.wait_for(closing, 30)
+    assert fut.result(0) == "late"
+    done, _ = concurrent.futures.wait([fut], 0)
+    assert done == {fut}
+
+
+def test_executor_construction_fails_cleanly_without_a_main_node() -> None:
+    with pytest.raises(ClientError, match="cannot connect"):
+        ClusterExecutor("127.0.0.1:1", None, timeout_s=5)
+
+
+# -- TLS with a pinned certificate ----------------------------------------------------------
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> Any:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=main",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@pytest.fixture
+async def tls_node(tmp_path: Path, certificate: Any):
+    cert, key = certificate
+    n = MainNode(make_config(tmp_path, tls_cert=cert, tls_key=key), run_monitor=False)
+    await n.start()
+    try:
+        yield n
+    finally:
+        await n.stop()
+
+
+async def test_tls_with_a_pinned_fingerprint(tls_node: MainNode) -> None:
+    pin = certificate_fingerprint(tls_node.config.tls_cert)
+    async with AsyncClient(addr(tls_node), tls_node.token, tls_fingerprint=pin, timeout_s=10) as client:
+        assert await client.devices() == []
+    wrong = AsyncClient(addr(tls_node), tls_node.token, tls_fingerprint="ab" * 32, timeout_s=10)
+    with pytest.raises(ClientError, match="not the pinned"):
+        await wrong.connect()
+    await wrong.close()
+
+    def blocking() -> None:
+        with Client(addr(tls_node), tls_node.token, tls_fingerprint=format_fingerprint(pin)) as client:
+            assert client.tasks() == []
+        with Client(addr(tls_node), tls_node.token, tls_fingerprint="ab" * 32) as client:
+            with pytest.raises(ClientError, match="not the pinned"):
+                client.tasks()
+
+    await asyncio.to_thread(blocking)

@@ -1,0 +1,58 @@
+"""The dashboard's ASCII rendering and command-line parsing (no network)."""
+
+from __future__ import annotations
+
+import pytest
+
+from retire_cluster.web.commands import Commands, parse_value
+from retire_cluster.web.render import box_table, device_grid, devices_table, progress_bar, task_progress
+
+
+def test_box_table() -> None:
+    assert box_table(["a", "long header"], [["x", None], [12345, "two\nlines"]]) == (
+        "+-------+-------------+\n"
+        "| a     | long header |\n"
+        "+-------+-------------+\n"
+        "| x     | -           |\n"
+        "| 12345 | two lines   |\n"
+        "+-------+-------------+"
+    )
+
+
+@pytest.mark.parametrize("fraction, text", [(0, "[----------]   0%"), (0.5, "[#####-----]  50%"),
+                                            (1, "[##########] 100%"), (7, "[##########] 100%"),
+                                            (None, "[??????????]    ?")])
+def test_progress_bar(fraction, text) -> None:
+    assert progress_bar(fraction, 10) == text
+
+
+def test_task_progress_follows_the_status() -> None:
+    assert task_progress({"status": "pending"}, 4) == "[----]   0%"
+    assert task_progress({"status": "running", "progress": 75.0}, 4) == "[###-]  75%"
+    assert task_progress({"status": "completed"}, 4) == "[####] 100%"
+    assert task_progress({"status": "failed"}, 4) == "[xxxx] failed"
+
+
+DEVICE = {"device_id": "phone", "status": "online", "connected": True, "accepting": False,
+          "device_info": {"role": "worker", "platform": "android"}, "hardware_specs": {"cpu_cores": 8},
+          "system_metrics": {"cpu_usage": 20.0, "battery_percent": 81, "charging": True},
+          "active_tasks": 1, "max_concurrent_tasks": 4}
+
+
+def test_devices_table_and_grid() -> None:
+    table = devices_table([DEVICE], now=0)
+    assert "online (paused)" in table and "81% charging" in table and "[###-------]  25% 1/4" in table
+    grid = device_grid([DEVICE, dict(DEVICE, device_id="nas", status="offline")], columns=2)
+    lines = grid.splitlines()
+    assert len(lines) == 7 and "| phone" in lines[1] and "| nas" in lines[1]
+    assert "state paused" in grid and "state offline" in grid and "[######--]  81%" in grid
+    assert devices_table([]).startswith("no devices yet")
+
+
+def test_command_values_and_payloads() -> None:
+    assert parse_value("3") == 3 and parse_value("true") is True and parse_value("[1, 2]") == [1, 2]
+    assert parse_value("hello") == "hello" and parse_value('"7"') == "7"
+    assert Commands._payload(["seconds=2.5", "message=a=b"]) == {"seconds": 2.5, "message": "a=b"}
+    assert Commands._payload(['{"expression": "1+1"}']) == {"expression": "1+1"}
+    assert Commands._requirements(["capabilities=gpu,camera", "min_cpu_cores=2"]) == {
+        "capabilities": ["gpu", "camera"], "min_cpu_cores": 2}
