@@ -89,13 +89,21 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int, worke
     await asyncio.wait_for(done.wait(), 600)
     elapsed = time.perf_counter() - t0
 
-    # Round trips: one task at a time.
+    samples = await round_trip_samples(request, state, echo, round_trips)
+    client.transport.close()
+    return {"tasks_per_s": round(tasks / elapsed), "seconds": round(elapsed, 2),
+            "round_trip_p50_ms": round(1000 * percentile(samples, 0.5), 3),
+            "round_trip_p99_ms": round(1000 * percentile(samples, 0.99), 3)}
+
+
+async def round_trip_samples(request: Any, state: dict[str, Any], echo: dict[str, Any], count: int) -> list[float]:
+    """One task at a time: submit, wait for its recorded result; sorted seconds."""
     samples = []
-    for _ in range(round_trips):
+    state["target"] = None
+    for _ in range(count):
         start = time.perf_counter()
         reply = await request("task_submit", echo)
         task_id = reply["data"]["result"]["task_id"]
-        state["target"] = None
         finished = state["finished_at"].get(task_id)  # the update may come in the same read as the ack
         if finished is None:
             waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
@@ -103,10 +111,7 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int, worke
             finished = await asyncio.wait_for(waiter, 60)
         samples.append(finished - start)
     samples.sort()
-    client.transport.close()
-    return {"tasks_per_s": round(tasks / elapsed), "seconds": round(elapsed, 2),
-            "round_trip_p50_ms": round(1000 * percentile(samples, 0.5), 3),
-            "round_trip_p99_ms": round(1000 * percentile(samples, 0.99), 3)}
+    return samples
 
 
 def measure(synchronous: str, tasks: int, round_trips: int, window: int) -> dict[str, Any]:

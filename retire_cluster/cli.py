@@ -439,7 +439,8 @@ def worker_cmd(main_addr: str, token: Optional[str], tls_fingerprint: Optional[s
         sys.stdout.flush()
         return await agent.run()
 
-    sys.exit(run(serve()))
+    # One connection: uvloop would only cost the phone another MiB of memory.
+    sys.exit(run(serve(), fast_loop=False))
 
 
 # -- client commands -----------------------------------------------------------

@@ -26,8 +26,11 @@ def uvloop_available() -> bool:
     return True
 
 
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` on a fresh event loop: uvloop when importable, asyncio's otherwise."""
+def run(main: Coroutine[Any, Any, T], *, fast_loop: bool = True) -> T:
+    """Run ``main`` on a fresh event loop: uvloop when importable (and
+    ``fast_loop``), asyncio's otherwise."""
+    if not fast_loop:
+        return asyncio.run(main)
     try:
         import uvloop
     except ImportError:
