@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..protocol.codec import BadFrame, Event, encode
+from ..protocol.codec import BadFrame, Event, encode, encode_ack
 from ..protocol.errors import (
     InternalError,
     InvalidJSON,
@@ -39,7 +39,6 @@ from ..protocol.messages import (
     DeviceStatus,
     Message,
     TaskStatus,
-    ack,
     error_reply,
     new_message_id,
     utc_timestamp,
@@ -61,6 +60,8 @@ log = logging.getLogger("retire_cluster.main")
 
 NODE_ID = "main-node"
 RECENT_TASKS = 10_000
+#: Heartbeats change only last_seen and metrics: written behind, at most this often.
+HEARTBEAT_WRITE_INTERVAL_S = 10.0
 
 
 def load_or_create_token(config: MainConfig) -> str:
@@ -120,6 +121,7 @@ class MainNode:
         self._monitor_task: asyncio.Task[None] | None = None
         self._schedule_pending = False
         self._dirty_devices: set[str] = set()  # heartbeats to write
+        self._heartbeats_written_at = 0.0
         self._changed_devices: set[str] = set()  # to re-index in the scheduler
         self._background: set[asyncio.Task[Any]] = set()
         self._subs_all: set[Connection] = set()
@@ -253,7 +255,9 @@ class MainNode:
             reopen = device.breaker.reopens_at()
             if reopen is not None and reopen <= now:
                 self.device_changed(device)  # half-open: one trial task may go
-        self._flush_heartbeats()
+        if now - self._heartbeats_written_at >= HEARTBEAT_WRITE_INTERVAL_S:
+            self._heartbeats_written_at = now
+            self._flush_heartbeats()
 
     # -- connections ------------------------------------------------------
 
@@ -316,7 +320,7 @@ class MainNode:
             if isinstance(result, Awaitable):
                 self.spawn(self._finish_async(conn, msg, result))
             else:  # encoding the ack is inside the try: a bad result is `internal` too
-                conn.send(ack(msg.message_id, result, timestamp=utc_timestamp(self.clock())))
+                conn.send_bytes(encode_ack(msg.message_id, result, utc_timestamp(self.clock())))
         except RemoteProtocolError as exc:
             self.reply_error(conn, msg.message_id, exc)
         except Exception:
@@ -325,7 +329,7 @@ class MainNode:
     async def _finish_async(self, conn: Connection, msg: Message, pending: Awaitable[Any]) -> None:
         try:
             result = await pending
-            conn.send(ack(msg.message_id, result, timestamp=utc_timestamp(self.clock())))
+            conn.send_bytes(encode_ack(msg.message_id, result, utc_timestamp(self.clock())))
         except RemoteProtocolError as exc:
             self.reply_error(conn, msg.message_id, exc)
         except asyncio.CancelledError:

@@ -47,7 +47,7 @@ from typing import Any, Callable, Union
 
 from .errors import FrameTooLarge, InvalidJSON, InvalidMessage, RemoteProtocolError
 from .framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder
-from .messages import Message
+from .messages import Message, new_message_id
 
 try:  # pragma: no cover - which branch runs depends on the machine
     import orjson as _orjson
@@ -64,6 +64,7 @@ __all__ = [
     "decode_message",
     "dumps",
     "encode",
+    "encode_ack",
     "loads",
 ]
 
@@ -210,6 +211,20 @@ else:  # pragma: no cover - exercised by the stdlib-only worker test
     def dumps(obj: Any) -> bytes:
         """Serialise to compact UTF-8 JSON bytes."""
         return _json_encoder.encode(obj).encode("utf-8")
+
+
+def encode_ack(original_message_id: str | None, result: Any, timestamp: str | None,
+               sender_id: str = "main-node") -> bytes:
+    """The ``ack`` frame, built without a Message object (the main node's commonest reply)."""
+    frame: dict[str, Any] = {
+        "message_type": "ack",
+        "message_id": new_message_id(),
+        "sender_id": sender_id,
+        "data": {"original_message_id": original_message_id, "result": {} if result is None else result},
+    }
+    if timestamp is not None:
+        frame["timestamp"] = timestamp
+    return dumps(frame) + b"\n"
 
 
 def encode(message: Message) -> bytes:

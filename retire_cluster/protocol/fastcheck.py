@@ -129,9 +129,11 @@ class _Compiler:
     def k_ref(self, ref: str, schema: dict[str, Any], base: str) -> Check:
         key = base + "|" + ref
         if key not in self.cache:
-            self.cache[key] = lambda v: self.cache[key + "!"](v)  # allows recursion
+            # While the target compiles, a recursive reference goes through
+            # this trampoline; afterwards callers get the target directly.
+            self.cache[key] = lambda v: self.cache[key](v)
             target, target_base = self.resolve(ref, base)
-            self.cache[key + "!"] = self.compile(target, target_base)
+            self.cache[key] = self.compile(target, target_base)
         return self.cache[key]
 
     def k_type(self, kind: Any, schema: dict[str, Any], base: str) -> Check:
