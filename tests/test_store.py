@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from retire_cluster.main.registry import Device
 from retire_cluster.main import store as store_module
+from retire_cluster.main.registry import Device
 from retire_cluster.main.store import SCHEMA_VERSION, Store
 from retire_cluster.main.tasks import Attempt, Task
 from retire_cluster.protocol.messages import DeviceStatus, TaskStatus
