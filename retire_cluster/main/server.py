@@ -381,7 +381,9 @@ class Server:
             host,
             port,
             reuse_address=True,
-            backlog=1024,
+            # After a restart every device reconnects at once: a short accept
+            # queue would drop SYNs and cost each of them a 1 s retransmit.
+            backlog=4096,
             ssl=ssl,
             ssl_handshake_timeout=config.auth_timeout_s if ssl is not None else None,
         )

@@ -23,6 +23,7 @@ from typing import Any
 
 import aiosqlite
 
+from ..protocol.codec import dumps
 from ..protocol.messages import TERMINAL_STATUSES, DeviceStatus, TaskStatus
 from .health import DeviceStats
 from .registry import Device
@@ -159,7 +160,8 @@ def _apply_batch(db: aiosqlite.Connection, groups: list[tuple[str, list[Sequence
 
 
 def _j(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON text for a column (orjson when importable: several times faster)."""
+    return None if value is None else dumps(value).decode("utf-8")
 
 
 def _unj(text: str | None) -> Any:
