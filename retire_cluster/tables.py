@@ -105,12 +105,13 @@ def format_load(metrics: Dict[str, Any]) -> str:
 
 
 DEVICE_HEADERS = ("device", "status", "role", "platform", "cores", "memory", "load", "battery", "tasks",
-                  "last seen")
+                  "ok/failed", "avg time", "breaker", "last seen")
 
 
 def device_row(d: Dict[str, Any], now: Optional[float] = None) -> List[str]:
     info, hw = d.get("device_info") or {}, d.get("hardware_specs") or {}
     metrics = d.get("system_metrics") or {}
+    stats = d.get("statistics") or {}
     status = str(d.get("status", "?"))
     if status == "online" and not d.get("connected", True):
         status += " (away)"
@@ -120,7 +121,9 @@ def device_row(d: Dict[str, Any], now: Optional[float] = None) -> List[str]:
         str(d.get("device_id")), status, str(info.get("role") or "-"), str(info.get("platform") or "-"),
         str(hw.get("cpu_cores", "-")), format_bytes(hw.get("memory_total")), format_load(metrics),
         format_battery(metrics), f"{d.get('active_tasks', 0)}/{d.get('max_concurrent_tasks', 0)}",
-        format_ago(d.get("last_seen"), now),
+        f"{stats.get('successes', 0)}/{stats.get('failures', 0)}",
+        "-" if stats.get("average_time") is None else f"{stats['average_time']:.3f} s",
+        str((d.get("circuit_breaker") or {}).get("state", "-")), format_ago(d.get("last_seen"), now),
     ]  # fmt: skip
 
 

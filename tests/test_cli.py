@@ -218,7 +218,8 @@ def test_watch_once_task_history_and_devices(main_process, worker_process) -> No
 
     devices = against(main, "devices")
     assert devices.stdout.splitlines()[0].split() == ["device", "status", "role", "platform", "cores", "memory",
-                                                       "load", "battery", "tasks", "last", "seen"]
+                                                       "load", "battery", "tasks", "ok/failed", "avg", "time",
+                                                       "breaker", "last", "seen"]
     assert devices.stdout.splitlines()[2].startswith("w1")
 
 
@@ -230,9 +231,11 @@ def test_device_and_task_views() -> None:
         "hardware_specs": {"cpu_cores": 8, "memory_total": 8 * 2**30},
         "system_metrics": {"battery_percent": 87.0, "charging": True, "load_average": [0.52, 0.4, 0.3]},
         "active_tasks": 1, "max_concurrent_tasks": 2, "last_seen": "2027-01-15T08:00:00.000Z",
+        "statistics": {"successes": 7, "failures": 2, "average_time": 1.5}, "circuit_breaker": {"state": "open"},
     }  # fmt: skip
     assert device_row(record, now) == ["phone", "online", "mobile", "android", "8", "8.0 GiB", "0.52",
-                                       "87% charging", "1/2", format_ago("2027-01-15T08:00:00.000Z", now)]
+                                       "87% charging", "1/2", "7/2", "1.500 s", "open",
+                                       format_ago("2027-01-15T08:00:00.000Z", now)]
     paused = dict(record, accepting=False, system_metrics={"cpu_usage": 12.0, "battery_percent": 40})
     assert device_row(paused, now)[1:2] + device_row(paused, now)[6:8] == ["online (paused)", "12% cpu", "40%"]
     assert format_ago("2027-01-15T08:00:00.000Z", 1_800_000_000.0 + 0) != "-"

@@ -373,3 +373,27 @@ async def test_strategy_and_breaker_visible_in_devices(node: MainNode) -> None:
     parked = await submit(client)
     await settle(node)
     assert node.lookup(parked).status is TaskStatus.PENDING  # the open breaker keeps work away
+
+
+async def test_admin_weight_overrides_the_workers_own(tmp_path, clock: FakeClock) -> None:
+    from conftest import make_config
+
+    node = MainNode(make_config(tmp_path, device_weights={"big": 5.0}), clock=clock, run_monitor=False)
+    await node.start()
+    try:
+        await fake_worker(node, "big", weight=1.0)
+        await fake_worker(node, "small", weight=2.0)
+        assert node.registry.get("big").weight == 5.0
+        assert node.registry.get("small").weight == 2.0
+    finally:
+        await node.stop()
+
+
+def test_device_weights_must_be_positive(tmp_path) -> None:
+    import pytest
+
+    from conftest import make_config
+    from retire_cluster.main.config import ConfigError
+
+    with pytest.raises(ConfigError, match="device_weights"):
+        make_config(tmp_path, device_weights={"x": 0})

@@ -77,6 +77,8 @@ class MainConfig:
         http_host: where the HTTP API and dashboard listen; None means ``host``.
         http_port: their TCP port (5000); 0 picks a free one (tests).
         http_enabled: serve HTTP at all (``--no-http`` turns it off).
+        device_weights: device id -> weight for the weighted round robin
+            strategy; overrides the worker's own ``--weight``.
     """
 
     host: str = "0.0.0.0"
@@ -109,8 +111,14 @@ class MainConfig:
     http_host: str | None = None
     http_port: int = 5000
     http_enabled: bool = True
+    device_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.device_weights, dict) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w <= 1000
+            for w in self.device_weights.values()
+        ):
+            raise ConfigError("device_weights must map device ids to weights above 0 and at most 1000.")
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         for name in ("log_file", "tls_cert", "tls_key"):
             if getattr(self, name) is not None:

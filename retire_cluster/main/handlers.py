@@ -98,7 +98,8 @@ class Handlers:
         device.max_tasks = int(data.get("max_concurrent_tasks") or cores)
         device.accepting = bool(data.get("accepting", True))
         device.reason = data.get("reason")
-        device.weight = float(data.get("weight", 1.0))
+        # The admin's setting wins over what the worker asks for.
+        device.weight = float(node.config.device_weights.get(device.device_id, data.get("weight", 1.0)))
         device.status = DeviceStatus.ONLINE
         device.last_seen = now
         if not device.registered_at:
