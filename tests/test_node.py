@@ -391,8 +391,8 @@ async def test_admin_weight_overrides_the_workers_own(tmp_path, clock: FakeClock
 
 def test_device_weights_must_be_positive(tmp_path) -> None:
     import pytest
-
     from conftest import make_config
+
     from retire_cluster.main.config import ConfigError
 
     with pytest.raises(ConfigError, match="device_weights"):
