@@ -46,6 +46,7 @@ def worker_path_files() -> List[Path]:
         PACKAGE / "tables.py",
         PACKAGE / "runtime.py",
         PACKAGE / "tls.py",
+        PACKAGE / "address.py",
         PACKAGE / "__init__.py",
         PACKAGE / "__main__.py",
     ]

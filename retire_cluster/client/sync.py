@@ -29,11 +29,11 @@ import ssl as _ssl
 import time
 from typing import Any, Deque, Dict, Generator, Iterable, List, Optional, Set
 
+from ..address import parse_main_address
 from ..protocol.codec import BadFrame, MessageStream, encode
 from ..protocol.errors import Conflict, Overloaded
 from ..protocol.messages import Message, new_message_id
 from ..tls import check_fingerprint, client_context, normalise_fingerprint
-from ..worker.config import parse_main_address
 from .common import (
     TERMINAL,
     ClientError,

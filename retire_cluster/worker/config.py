@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import FrozenSet, Optional, Tuple
 
+from ..address import DEFAULT_MAIN_PORT, parse_main_address
 from ..tls import normalise_fingerprint
 from .policy import PolicyConfig
 from .trampoline import Limits
@@ -27,7 +28,6 @@ __all__ = [
     "parse_main_address",
 ]
 
-DEFAULT_MAIN_PORT = 8080
 #: Always available.
 BUILTIN_TYPES = frozenset({"echo", "sleep"})
 #: Run code on the device: only where its owner allowed them with --allow.
@@ -36,40 +36,6 @@ OPT_IN_TYPES = frozenset({"python_eval", "command"})
 
 def default_data_dir() -> Path:
     return Path(os.path.expanduser("~")) / ".retire-cluster" / "worker"
-
-
-def parse_main_address(text: str) -> Tuple[str, int]:
-    """``HOST[:PORT]`` (or ``[v6]:PORT``) to (host, port).
-
-    Raises:
-        ValueError: with a sentence saying what is expected.
-    """
-    text = text.strip()
-    if not text:
-        raise ValueError("--main is empty; give the main node as HOST or HOST:PORT.")
-    host, port = text, DEFAULT_MAIN_PORT
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"--main {text!r}: missing ']' after the IPv6 address.")
-        host = text[1:end]
-        rest = text[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"--main {text!r}: expected ':PORT' after ']'.")
-            port = _port(rest[1:], text)
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-        port = _port(port_text, text)
-    if not host:
-        raise ValueError(f"--main {text!r} has no host; give HOST or HOST:PORT.")
-    return host, port
-
-
-def _port(text: str, whole: str) -> int:
-    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
-        raise ValueError(f"--main {whole!r}: the port must be a number from 1 to 65535.")
-    return int(text)
 
 
 def load_or_create_device_id(data_dir: Path) -> str:
