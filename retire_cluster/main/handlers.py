@@ -108,8 +108,7 @@ class Handlers:
         node.device_changed(device)
         log.info("device %s registered from %s", device.device_id, conn.peer)
 
-        async def committed() -> dict[str, Any]:
-            await node.write([Store.upsert_device(device)])
+        def committed() -> dict[str, Any]:
             node.schedule_soon()
             return {
                 "device_id": device.device_id,
@@ -118,7 +117,7 @@ class Handlers:
                 "max_frame_bytes": node.config.max_frame_bytes,
             }
 
-        return committed()
+        return node.then(node.write([Store.upsert_device(device)]), committed)
 
     def _reconcile(self, device: Device, reported: list[dict[str, Any]], now: float) -> None:
         """Keep reported tasks the device still holds; take back the rest."""
@@ -224,11 +223,7 @@ class Handlers:
             node.requeue(task, "handed_back", now, handback=True)
             fut = node.write([])
 
-        async def committed() -> dict[str, Any]:
-            await fut
-            return {"task_id": task.task_id, "status": task.status.value}
-
-        return committed()
+        return node.then(fut, lambda: {"task_id": task.task_id, "status": task.status.value})
 
     def on_assign_reply(self, conn: Connection, msg: Message) -> None:
         """A worker answered a task_assign: accepted (running) or refused (handed back)."""
