@@ -8,6 +8,7 @@ Messages reach a handler already validated against their JSON Schema.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Union
@@ -293,16 +294,16 @@ class Handlers:
         node.scheduler.push(task, now)
         node.schedule_soon()
 
-        async def committed() -> dict[str, Any]:
-            try:
-                await fut
-            except BaseException:
+        def not_stored(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and f.exception() is not None:
                 node.forget_uncommitted(task)
-                raise
+
+        def committed() -> dict[str, Any]:
             node.publish(task)
             return {"task_id": task.task_id}
 
-        return committed()
+        fut.add_done_callback(not_stored)
+        return node.then(fut, committed)
 
     async def task_status(self, conn: Connection, msg: Message) -> dict[str, Any]:
         task = await self.node.fetch(msg.data["task_id"])
@@ -321,11 +322,7 @@ class Handlers:
             node.send_cancel(task, "cancelled")
         fut = node.finish(task, TaskStatus.CANCELLED, node.clock(), error="cancelled by request")
 
-        async def committed() -> dict[str, Any]:
-            await fut
-            return {"task_id": task.task_id, "status": task.status.value}
-
-        return committed()
+        return node.then(fut, lambda: {"task_id": task.task_id, "status": task.status.value})
 
     async def _cancel_old(self, task_id: str) -> dict[str, Any]:
         task = await self.node.store.get_task(task_id)
