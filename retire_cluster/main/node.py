@@ -191,11 +191,11 @@ class MainNode(Dispatcher):
             if task.status is TaskStatus.PENDING:
                 self.scheduler.push(task, now)
                 continue
-            device = self.registry.get(task.assigned_device or "")
-            if device is None or not device.online:
+            holder = self.registry.get(task.assigned_device or "")
+            if holder is None or not holder.online:
                 self.requeue(task, "worker_lost", now)
             else:
-                device.running.add(task.task_id)
+                holder.running.add(task.task_id)
                 self.monitor.watch(task)
         for device in self.registry:
             self.scheduler.update_device(device, now)
