@@ -34,7 +34,13 @@ def start_workers(node: MainNode, count: int, slots: int) -> list[subprocess.Pop
     return procs
 
 
-async def drive(node: MainNode, tasks: int, round_trips: int, window: int, workers: int) -> dict[str, Any]:
+def cpu_s(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
+                workers: list[psutil.Process]) -> dict[str, Any]:
     token = node.token
     done = asyncio.Event()
     state: dict[str, Any] = {"completed": 0, "waiting": {}, "devices": 0, "finished_at": {}}
@@ -49,7 +55,8 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int, worke
             return
         if kind == "task_update":
             task = msg["data"]["task"]
-            if task["status"] == "completed":
+            if task["status"] == "completed" and task["task_id"] not in state["finished_at"]:
+                # Count each task once, however many updates say it completed.
                 state["completed"] += 1
                 state["finished_at"][task["task_id"]] = time.perf_counter()
                 waiter = state["waiting"].pop(task["task_id"], None)
@@ -70,7 +77,7 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int, worke
 
     await request("subscribe", {})
     for _ in range(600):  # the workers are separate processes: poll until both registered
-        if len((await request("list_devices", {}))["data"]["result"]["devices"]) >= workers:
+        if len((await request("list_devices", {}))["data"]["result"]["devices"]) >= len(workers):
             break
         await asyncio.sleep(0.1)
     echo = {"task": {"task_type": "echo", "payload": {"message": "x"}}}
@@ -84,14 +91,18 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int, worke
             reply = await request("task_submit", echo)
             assert reply["message_type"] == "ack", reply
 
-    t0 = time.perf_counter()
+    t0, main_cpu0, worker_cpu0 = time.perf_counter(), node.cpu_s(), sum(map(cpu_s, workers))
     await asyncio.gather(*(one() for _ in range(tasks)))
     await asyncio.wait_for(done.wait(), 600)
     elapsed = time.perf_counter() - t0
+    main_cpu, worker_cpu = node.cpu_s() - main_cpu0, sum(map(cpu_s, workers)) - worker_cpu0
 
     samples = await round_trip_samples(request, state, echo, round_trips)
     client.transport.close()
     return {"tasks_per_s": round(tasks / elapsed), "seconds": round(elapsed, 2),
+            # CPU per task is steadier than wall time on a shared 2-core machine.
+            "main_cpu_us_per_task": round(1e6 * main_cpu / tasks),
+            "worker_cpu_us_per_task": round(1e6 * worker_cpu / tasks),
             "round_trip_p50_ms": round(1000 * percentile(samples, 0.5), 3),
             "round_trip_p99_ms": round(1000 * percentile(samples, 0.99), 3)}
 
@@ -119,7 +130,7 @@ def measure(synchronous: str, tasks: int, round_trips: int, window: int) -> dict
     workers = start_workers(node, 2, 256)
     try:
         rss_rest = node.rss_mib()
-        result = run(drive(node, tasks, round_trips, window, len(workers)))
+        result = run(drive(node, tasks, round_trips, window, [psutil.Process(w.pid) for w in workers]))
         result.update({
             "synchronous": synchronous, "tasks": tasks, "main_rss_mib": round(node.rss_mib(), 1),
             "main_rss_at_rest_mib": round(rss_rest, 1),
@@ -146,7 +157,8 @@ def main() -> None:
         args.tasks, args.round_trips, args.synchronous = 2_000, 100, ["normal"]
     rows = [measure(s, args.tasks, args.round_trips, args.window) for s in args.synchronous]
     table = [(f"synchronous={r['synchronous']}",
-              f"{r['tasks_per_s']:,} tasks/s  round trip p50 {r['round_trip_p50_ms']} ms  "
+              f"{r['tasks_per_s']:,} tasks/s (main CPU {r['main_cpu_us_per_task']} µs/task, workers "
+              f"{r['worker_cpu_us_per_task']})  round trip p50 {r['round_trip_p50_ms']} ms  "
               f"p99 {r['round_trip_p99_ms']} ms  main RSS {r['main_rss_mib']} MiB (rest "
               f"{r['main_rss_at_rest_mib']})  workers {r['worker_rss_mib']} MiB") for r in rows]
     emit("tasks", table, {"results": rows})

@@ -98,6 +98,49 @@ async def test_updates_and_attempts_persist(store: Store) -> None:
     assert (await store.count_tasks())["completed"] == 1
 
 
+async def test_each_row_is_written_once_per_commit(store: Store) -> None:
+    """pending -> assigned -> running -> completed queued together: one insert and one attempt row."""
+    task = make_task(1)
+    ops = [Store.insert_task(task)]
+    task.status, task.attempt, task.assigned_device, task.assigned_at = TaskStatus.ASSIGNED, 1, "d", 5.0
+    task.attempts.append(Attempt(1, "d", 5.0))
+    ops += Store.update_task(task)
+    task.status, task.started_at = TaskStatus.RUNNING, 6.0
+    task.attempts[0].started_at = 6.0
+    ops += Store.update_task(task)
+    task.status, task.result, task.finished_at = TaskStatus.COMPLETED, {"output": "ok"}, 7.0
+    task.attempts[0].finished_at, task.attempts[0].outcome = 7.0, "completed"
+    ops += Store.update_task(task)
+    groups = store_module._grouped(ops)
+    assert [len(rows) for _sql, rows in groups] == [1, 1]
+    futures = [store.write([op]) for op in ops]  # all queued before the writer runs: one commit
+    await asyncio.gather(*futures)
+    back = await store.get_task("t1")
+    assert back is not None and back.status is TaskStatus.COMPLETED and back.result == {"output": "ok"}
+    assert (back.started_at, back.finished_at, back.assigned_device) == (6.0, 7.0, "d")
+    assert [(a.started_at, a.finished_at, a.outcome) for a in back.attempts] == [(6.0, 7.0, "completed")]
+
+
+async def test_device_upsert_wins_over_touches_queued_before_it(store: Store) -> None:
+    device = Device("d1", status=DeviceStatus.ONLINE, last_seen=1.0)
+    ops = [Store.touch_device(device)]
+    device.status, device.last_seen = DeviceStatus.OFFLINE, 2.0
+    ops.append(Store.upsert_device(device))
+    await store.write(ops)
+    (back,) = await store.load_devices()
+    assert (back.status, back.last_seen) == (DeviceStatus.OFFLINE, 2.0)
+    device.status, device.last_seen = DeviceStatus.ONLINE, 3.0
+    await store.write([Store.upsert_device(device), Store.touch_device(Device("d1", last_seen=4.0))])
+    (back,) = await store.load_devices()
+    assert back.last_seen == 4.0  # a touch after the upsert still lands
+
+
+async def test_duplicate_insert_in_one_batch_still_fails(store: Store) -> None:
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.write([Store.insert_task(make_task(1)), Store.insert_task(make_task(1))])
+    assert await store.list_tasks() == []
+
+
 async def test_group_commit_batches_concurrent_writes(store: Store) -> None:
     before = store.commits
     futures = [store.write([Store.insert_task(make_task(n))]) for n in range(200)]

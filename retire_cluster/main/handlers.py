@@ -176,7 +176,10 @@ class Handlers:
         current = task.current_attempt()
         if current is not None:
             current.started_at = now
-        self.node.write(Store.update_task(task)).add_done_callback(lambda _f: self.node.publish(task))
+        # Nothing acts on running rather than assigned (both are held by the
+        # device, and recovery treats them alike), so this write waits for the
+        # next commit: usually the result's, moments later.
+        self.node.write_task(task, lazy=True)
 
     def task_result(self, conn: Connection, msg: Message) -> Result:
         device = self._device(conn)
@@ -287,6 +290,7 @@ class Handlers:
         )
         if key is not None:
             node._idempotency[key] = task.task_id
+        version = node.bump(task)
         fut = node.write([Store.insert_task(task)])
         # Queue it now: if a device is free, the assignment joins the same
         # group commit as the insert, and nothing is sent before that commit.
@@ -299,7 +303,7 @@ class Handlers:
                 node.forget_uncommitted(task)
 
         def committed() -> dict[str, Any]:
-            node.publish(task)
+            node.publish_committed(fut, task, version)
             return {"task_id": task.task_id}
 
         fut.add_done_callback(not_stored)

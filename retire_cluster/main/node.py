@@ -299,6 +299,28 @@ class MainNode(Dispatcher):
     def write(self, ops: list[Op]) -> asyncio.Future[None]:
         return self.store.write(ops)
 
+    def write_task(self, task: Task, *, lazy: bool = False) -> asyncio.Future[None]:
+        """Queue ``task``'s state for commit and publish it once committed.
+
+        The publication is skipped when a newer state of the task was queued
+        in the meantime (its own commit publishes it): subscribers never see
+        a state before it is on disk.
+        """
+        version = self.bump(task)
+        fut = self.store.write(Store.update_task(task), lazy=lazy)
+        fut.add_done_callback(lambda f: self.publish_committed(f, task, version))
+        return fut
+
+    @staticmethod
+    def bump(task: Task) -> int:
+        task.version += 1
+        return task.version
+
+    def publish_committed(self, fut: asyncio.Future[None], task: Task, version: int) -> None:
+        """After a commit: publish ``task`` if that commit holds its latest state."""
+        if task.version == version and not fut.cancelled() and fut.exception() is None:
+            self.publish(task)
+
     def new_breaker(self) -> CircuitBreaker:
         return CircuitBreaker(self.config.breaker_failures, self.config.breaker_reset_s)
 
@@ -330,7 +352,7 @@ class MainNode(Dispatcher):
         if not plan:
             return
         ops: list[Op] = []
-        sent: list[tuple[Task, Device, int]] = []
+        sent: list[tuple[Task, Device, int, int]] = []
         for task, device in plan:
             task.move(TaskStatus.ASSIGNED)
             task.attempt += 1
@@ -341,16 +363,16 @@ class MainNode(Dispatcher):
             task.attempts.append(Attempt(task.attempt, device.device_id, now))
             self.monitor.watch(task)
             ops.extend(Store.update_task(task))
-            sent.append((task, device, task.attempt))
+            sent.append((task, device, task.attempt, self.bump(task)))
         self.write(ops).add_done_callback(lambda fut: self._send_assignments(fut, sent))
 
     def _send_assignments(
-        self, fut: asyncio.Future[None], sent: list[tuple[Task, Device, int]]
+        self, fut: asyncio.Future[None], sent: list[tuple[Task, Device, int, int]]
     ) -> None:
         if fut.cancelled() or fut.exception() is not None:
             log.error("assignments not committed; their leases will expire and requeue them")
             return
-        for task, device, attempt in sent:
+        for task, device, attempt, version in sent:
             if not task.held_by(device.device_id, attempt):
                 continue  # cancelled or lost in the meantime
             conn = device.conn
@@ -367,7 +389,7 @@ class MainNode(Dispatcher):
                         timestamp=utc_timestamp(self.clock()),
                     )
                 )
-            self.publish(task)
+            self.publish_committed(fut, task, version)
 
     def forget_uncommitted(self, task: Task) -> None:
         """The insert of a new task failed to commit: it must never run."""
@@ -402,7 +424,7 @@ class MainNode(Dispatcher):
         task.assigned_at = None
         task.started_at = None
         task.progress = None
-        self.write(Store.update_task(task)).add_done_callback(lambda _f: self.publish(task))
+        self.write_task(task)
         self.scheduler.push(task, now)
         self.schedule_soon()
 
@@ -454,8 +476,7 @@ class MainNode(Dispatcher):
         self._recent[task.task_id] = task
         if len(self._recent) > RECENT_TASKS:
             self._recent.popitem(last=False)
-        fut = self.write(Store.update_task(task))
-        fut.add_done_callback(lambda _f: self.publish(task))
+        fut = self.write_task(task)
         self.schedule_soon()
         return fut
 

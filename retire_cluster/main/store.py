@@ -124,24 +124,65 @@ _UPSERT_DEVICE = (
     "weight=excluded.weight, stats=excluded.stats"
 )
 _TOUCH_DEVICE = "UPDATE devices SET status=?, last_seen=?, metrics=?, stats=? WHERE device_id=?"
-#: Order of statement kinds inside one transaction (rows a statement refers to come first).
-_RANK = {sql: n for n, sql in enumerate((_INSERT_TASK, _UPDATE_TASK, _UPSERT_ATTEMPT, _UPSERT_DEVICE, _TOUCH_DEVICE))}
 
+
+#: A lazy write (a state nothing acts on, such as assigned -> running) joins
+#: the next commit, or gets its own after this long.
+LAZY_COMMIT_S = 0.05
 
 #: Run each batch as one function in aiosqlite's thread (tests turn it off to cover the other path).
 FAST_COMMIT = True
 
 
+#: Where an _UPDATE_TASK's values (all but its trailing task_id) sit in an _INSERT_TASK row.
+_UPDATE_IN_INSERT = (10, 11, 12, 13, 14, 15, 16, 18, 19, 20)
+
+
 def _grouped(ops: Sequence[Op]) -> list[tuple[str, list[Sequence[Any]]]]:
-    """Statements by kind, in dependency order, each kind's rows in their original order."""
-    ordered = sorted(ops, key=lambda op: _RANK.get(op[0], len(_RANK)))
-    groups: list[tuple[str, list[Sequence[Any]]]] = []
-    for sql, params in ordered:
-        if groups and groups[-1][0] == sql:
-            groups[-1][1].append(params)
+    """One transaction's statements: by kind in dependency order, each row written once.
+
+    Every statement carries a whole snapshot of what it writes, so inside one
+    transaction only the last write of a row matters: later updates of a task
+    replace earlier ones (and fold into its insert when that is in the same
+    batch), later attempt and device writes replace earlier ones, and a device
+    upsert makes the heartbeat touches queued before it moot. A task goes
+    pending -> assigned -> running -> completed in three or four snapshots and
+    costs one or two row writes. Kinds this does not know keep their order,
+    after the known ones.
+    """
+    inserts: dict[Any, list[Any]] = {}
+    updates: dict[Any, Sequence[Any]] = {}
+    attempts: dict[tuple[Any, Any], Sequence[Any]] = {}
+    upserts: dict[Any, Sequence[Any]] = {}
+    touches: dict[Any, Sequence[Any]] = {}
+    others: list[tuple[str, list[Sequence[Any]]]] = []
+    for sql, params in ops:
+        if sql == _UPDATE_TASK:
+            row = inserts.get(params[-1])
+            if row is None:
+                updates[params[-1]] = params
+            else:
+                for value, index in zip(params, _UPDATE_IN_INSERT):
+                    row[index] = value
+        elif sql == _UPSERT_ATTEMPT:
+            attempts[(params[0], params[1])] = params
+        elif sql == _INSERT_TASK and params[0] not in inserts:
+            inserts[params[0]] = list(params)
+        elif sql == _TOUCH_DEVICE:
+            touches[params[-1]] = params
+        elif sql == _UPSERT_DEVICE:
+            upserts[params[0]] = params
+            touches.pop(params[0], None)
+        elif others and others[-1][0] == sql:
+            others[-1][1].append(params)
         else:
-            groups.append((sql, [params]))
-    return groups
+            others.append((sql, [params]))
+    groups: list[tuple[str, list[Sequence[Any]]]] = []
+    for sql, rows in ((_INSERT_TASK, inserts), (_UPDATE_TASK, updates), (_UPSERT_ATTEMPT, attempts),
+                      (_UPSERT_DEVICE, upserts), (_TOUCH_DEVICE, touches)):  # fmt: skip
+        if rows:
+            groups.append((sql, list(rows.values())))
+    return groups + others
 
 
 def _apply_batch(db: aiosqlite.Connection, groups: list[tuple[str, list[Sequence[Any]]]]) -> None:
@@ -184,6 +225,7 @@ class Store:
         self._queue: list[Op] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._wakeup = asyncio.Event()
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self.commits = 0
@@ -233,6 +275,9 @@ class Store:
         if self._db is None:
             return
         self._closing = True
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
         self._wakeup.set()
         if self._writer is not None:
             await self._writer
@@ -245,15 +290,29 @@ class Store:
 
     # -- writing ----------------------------------------------------------
 
-    def write(self, ops: Sequence[Op]) -> asyncio.Future[None]:
-        """Queue statements for the next group commit; the future resolves after it."""
+    def write(self, ops: Sequence[Op], *, lazy: bool = False) -> asyncio.Future[None]:
+        """Queue statements for the next group commit; the future resolves after it.
+
+        A ``lazy`` write does not start a commit of its own: it rides along
+        with the next one, or is committed after :data:`LAZY_COMMIT_S`. It
+        keeps a commit off the critical path of what comes next (a worker's
+        result right after its "accepted" ack).
+        """
         if self._db is None or self._closing:
             raise RuntimeError("store is closed")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         self._queue.extend(ops)
         self._waiters.append(fut)
-        self._wakeup.set()
+        if not lazy:
+            self._wakeup.set()
+        elif self._lazy_timer is None:
+            self._lazy_timer = loop.call_later(LAZY_COMMIT_S, self._lazy_due)
         return fut
+
+    def _lazy_due(self) -> None:
+        self._lazy_timer = None
+        self._wakeup.set()
 
     async def flush(self) -> None:
         """Wait until everything queued so far, and any commit under way, is committed."""
@@ -274,6 +333,9 @@ class Store:
                 continue
             ops, waiters = self._queue, self._waiters
             self._queue, self._waiters = [], []
+            if self._lazy_timer is not None:  # what it was armed for is in this commit
+                self._lazy_timer.cancel()
+                self._lazy_timer = None
             try:
                 await self._commit(db, ops)
             except Exception as exc:  # a disk error: every waiter must hear it

@@ -89,6 +89,9 @@ class Task:
     started_at: float | None = None
     finished_at: float | None = None
     attempts: list[Attempt] = field(default_factory=list)
+    #: Bumped at each write of this task (memory only): a state is published
+    #: after its commit only if no newer state was queued in the meantime.
+    version: int = field(default=0, compare=False)
 
     @property
     def terminal(self) -> bool:
