@@ -171,3 +171,31 @@ def test_outbox_keeps_live_results_in_memory_and_spills_them_on_disconnect(tmp_p
     assert list(again) == [("a", 1)]
     again.remove(("a", 1))
     assert not list((tmp_path / "outbox").glob("*.json"))
+
+
+async def test_unanswered_result_times_out_and_stays_in_the_outbox(tmp_path: Path, port: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A main node that never acknowledges a result: the worker stops waiting and keeps the result."""
+    from retire_cluster.worker import agent as agent_module
+
+    monkeypatch.setattr(agent_module, "REQUEST_TIMEOUT_S", 0.3)
+    node = await start_node(tmp_path, port)
+    swallowed = []
+
+    def never_answer(conn, msg):  # the request is taken in, no reply ever goes out
+        swallowed.append(msg)
+        return asyncio.get_running_loop().create_future()
+
+    monkeypatch.setitem(node.handlers._table, "task_result", never_answer)
+    agent = agent_for(port, node.token, tmp_path / "w")
+    runner = asyncio.ensure_future(agent.run())
+    try:
+        task_id = await submit(node, "echo", {"message": "hi"})
+        await wait_until(lambda: swallowed and agent.tasks_finished == 1)
+        await wait_until(lambda: not agent._pending)  # the wait ended (timed out) ...
+        assert [key[0] for key in agent.outbox] == [task_id]  # ... and the result is kept for a re-send
+        assert not node.lookup(task_id).terminal
+    finally:
+        agent.stop()
+        await runner
+        await node.stop()

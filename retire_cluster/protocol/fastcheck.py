@@ -73,6 +73,13 @@ def _json_equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+#: Keywords that :meth:`_Compiler.fused` folds into one check, by ``type``.
+_FUSED = {
+    "object": frozenset({"type", "properties", "required", "additionalProperties"}),
+    "string": frozenset({"type", "minLength", "maxLength", "pattern"}),
+}
+
+
 class _Compiler:
     def __init__(self, documents: dict[str, dict[str, Any]]) -> None:
         self.documents = documents  # by $id
@@ -92,8 +99,13 @@ class _Compiler:
         if schema is False:
             return lambda v: False
         checks: list[Check] = []
+        fused = self.fused(schema, base)
+        if fused is not None:
+            checks.append(fused)
         for key, value in schema.items():
             if key in _IGNORED or key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                continue
+            if fused is not None and key in _FUSED[schema["type"]]:
                 continue
             method = getattr(self, "k_" + key.lstrip("$"), None)
             if method is None:
@@ -107,6 +119,47 @@ class _Compiler:
         if len(checks) == 1:
             return checks[0]
         return _all_of(checks)
+
+    def fused(self, schema: dict[str, Any], base: str) -> Check | None:
+        """One function for an object's or a string's common keywords (a call each costs as much as the test)."""
+        kind = schema.get("type")
+        if kind == "object":
+            props = [(name, self.compile(sub, base)) for name, sub in schema.get("properties", {}).items()]
+            needed = frozenset(schema.get("required", ()))
+            extra = schema.get("additionalProperties", True)
+            known = frozenset(schema.get("properties", {}))
+            closed = extra is False
+            other = None if extra is True or extra is False else self.compile(extra, base)
+
+            def object_check(v: Any) -> bool:
+                if type(v) is not dict or not v.keys() >= needed:
+                    return False
+                if closed:
+                    if not known.issuperset(v):
+                        return False
+                elif other is not None:
+                    for k, x in v.items():
+                        if k not in known and not other(x):
+                            return False
+                for name, sub in props:
+                    if name in v and not sub(v[name]):
+                        return False
+                return True
+
+            return object_check
+        if kind == "string":
+            lo, hi = schema.get("minLength", 0), schema.get("maxLength")
+            pattern = schema.get("pattern")
+            search = None if pattern is None else re.compile(pattern).search
+
+            def string_check(v: Any) -> bool:
+                return (
+                    type(v) is str and len(v) >= lo and (hi is None or len(v) <= hi)
+                    and (search is None or search(v) is not None)
+                )  # fmt: skip
+
+            return string_check
+        return None
 
     def bounds(self, schema: dict[str, Any]) -> Check | None:
         lo, hi = schema.get("minimum"), schema.get("maximum")

@@ -42,6 +42,11 @@ INBOUND_FRAME_LIMIT = 4 * 1024 * 1024
 REQUEST_TIMEOUT_S = 30.0
 
 
+def _expire(fut: "asyncio.Future[Any]", message_type: str) -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError(f"no reply to {message_type} within {REQUEST_TIMEOUT_S:g} s"))
+
+
 class FatalError(Exception):
     """Retrying cannot help (the token was refused); the worker exits."""
 
@@ -292,7 +297,17 @@ class Agent:
         self._send(msg)
         assert self._writer is not None
         await self._writer.drain()
-        waiters = {fut} if wait_for is None else {fut, wait_for}
+        if wait_for is None:  # the common case (results): a timer, not asyncio.wait's machinery
+            timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT_S, _expire, fut, message_type)
+            try:
+                reply = await fut
+            finally:
+                timer.cancel()
+                self._pending.pop(msg.message_id, None)
+            if reply.message_type == "error":
+                raise error_from_code(str(reply.data.get("code")), str(reply.data.get("error")))
+            return reply
+        waiters = {fut, wait_for}
         done, _ = await asyncio.wait(waiters, timeout=REQUEST_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
         if fut not in done:
             self._pending.pop(msg.message_id, None)
