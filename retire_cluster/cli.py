@@ -235,7 +235,7 @@ def main_cmd(config_file: Optional[str], **options: Any) -> None:
     """Start the main node (registry, scheduler, monitor, store) on TCP, with the HTTP API and dashboard."""
     from .main.config import ConfigError
     from .main.node import MainNode
-    from .runtime import run, setup_logging, stop_logging
+    from .runtime import run, setup_logging, stop_logging, tune_gc
 
     try:
         config, host_given = build_main_config(config_file, options)
@@ -292,6 +292,7 @@ def main_cmd(config_file: Optional[str], **options: Any) -> None:
         else:
             click.echo(f"Join a device with:\n  retire-cluster worker --main {shown}:{port} --token {node.token}{pin}")
         sys.stdout.flush()
+        tune_gc()  # after recovery: the recovered state is frozen, not rescanned
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
