@@ -66,14 +66,18 @@ class MainNode:
     """`retire-cluster main` in a subprocess on a free port.
 
     Connection caps are raised (a config file) so that thousands of simulated
-    devices may come from 127.0.0.1.
+    devices may come from 127.0.0.1, and so is the per-connection request rate
+    limit, so that one client can load the node.
     """
 
     def __init__(self, *args: str, data_dir: Path | None = None, connections: int = 19_000) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="rc-bench-")
         self.data_dir = data_dir or Path(self.tmp.name) / "main"
         conf = Path(self.tmp.name) / "bench-main.json"
-        conf.write_text(json.dumps({"max_connections": connections, "max_connections_per_address": connections}))
+        conf.write_text(json.dumps({"max_connections": connections, "max_connections_per_address": connections,
+                                    # the per-connection request rate limit (a safety default, 5,000/s)
+                                    # would cap a single load-generating client
+                                    "client_rate_per_s": 1_000_000.0, "client_burst": 1_000_000}))
         self.args = ("--config", str(conf), *args)
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
