@@ -397,3 +397,20 @@ def test_device_weights_must_be_positive(tmp_path) -> None:
 
     with pytest.raises(ConfigError, match="device_weights"):
         make_config(tmp_path, device_weights={"x": 0})
+
+
+async def test_heartbeats_reindex_devices_only_when_work_is_waiting(node: MainNode, monkeypatch: Any) -> None:
+    """A heartbeat changes its device; with nothing pending the scheduler's index is left alone until work comes."""
+    updated: list = []
+    real = node.scheduler.update_device
+    monkeypatch.setattr(node.scheduler, "update_device", lambda device, now: (updated.append(device.device_id),
+                                                                                real(device, now)))
+    worker = await fake_worker(node)
+    for _ in range(3):
+        await worker.ok("heartbeat", {})
+    await settle(node)
+    assert updated == []
+    client = await Peer.connect(node)
+    task_id = await submit(client)
+    task = await take_assignment(worker)
+    assert task["task_id"] == task_id and set(updated) == {"dev-1"}

@@ -342,6 +342,10 @@ class MainNode(Dispatcher):
         if self._stopping:
             return
         now = self.clock()
+        if not len(self.scheduler):
+            # Nothing to place: devices that changed (every heartbeat changes
+            # one) are re-indexed when work arrives, not at each heartbeat.
+            return
         if self._changed_devices:
             for device_id in self._changed_devices:
                 device = self.registry.get(device_id)
