@@ -125,15 +125,18 @@ async def round_trip_samples(request: Any, state: dict[str, Any], echo: dict[str
     return samples
 
 
-def measure(synchronous: str, tasks: int, round_trips: int, window: int) -> dict[str, Any]:
+def measure(synchronous: str, tasks: int, round_trips: int, window: int, slots: int = 256) -> dict[str, Any]:
     node = MainNode("--synchronous", synchronous).start()
-    workers = start_workers(node, 2, 256)
+    workers = start_workers(node, 2, slots)
     try:
         rss_rest = node.rss_mib()
+        time.sleep(3)  # the workers start, register and settle
+        worker_rest = [round(psutil.Process(w.pid).memory_info().rss / 2**20, 1) for w in workers]
         result = run(drive(node, tasks, round_trips, window, [psutil.Process(w.pid) for w in workers]))
         result.update({
             "synchronous": synchronous, "tasks": tasks, "main_rss_mib": round(node.rss_mib(), 1),
-            "main_rss_at_rest_mib": round(rss_rest, 1),
+            "main_rss_at_rest_mib": round(rss_rest, 1), "worker_slots": slots,
+            "worker_rss_at_rest_mib": worker_rest,
             "worker_rss_mib": [round(psutil.Process(w.pid).memory_info().rss / 2**20, 1) for w in workers],
         })
         return result
@@ -152,15 +155,17 @@ def main() -> None:
     ap.add_argument("--round-trips", type=int, default=500)
     ap.add_argument("--window", type=int, default=2_000)
     ap.add_argument("--synchronous", nargs="+", default=["normal", "full"])
+    ap.add_argument("--slots", type=int, default=256, help="task slots per worker (--max-tasks)")
     args = ap.parse_args()
     if args.quick:
         args.tasks, args.round_trips, args.synchronous = 2_000, 100, ["normal"]
-    rows = [measure(s, args.tasks, args.round_trips, args.window) for s in args.synchronous]
+    rows = [measure(s, args.tasks, args.round_trips, args.window, args.slots) for s in args.synchronous]
     table = [(f"synchronous={r['synchronous']}",
               f"{r['tasks_per_s']:,} tasks/s (main CPU {r['main_cpu_us_per_task']} µs/task, workers "
               f"{r['worker_cpu_us_per_task']})  round trip p50 {r['round_trip_p50_ms']} ms  "
               f"p99 {r['round_trip_p99_ms']} ms  main RSS {r['main_rss_mib']} MiB (rest "
-              f"{r['main_rss_at_rest_mib']})  workers {r['worker_rss_mib']} MiB") for r in rows]
+              f"{r['main_rss_at_rest_mib']})  workers {r['worker_rss_mib']} MiB (rest {r['worker_rss_at_rest_mib']}, "
+              f"{r['worker_slots']} slots)") for r in rows]
     emit("tasks", table, {"results": rows})
 
 
