@@ -43,6 +43,7 @@ def worker_path_files() -> List[Path]:
     files += sorted(PACKAGE.glob("client/*.py"))
     files += [
         PACKAGE / "cli.py",
+        PACKAGE / "cli_client.py",
         PACKAGE / "tables.py",
         PACKAGE / "runtime.py",
         PACKAGE / "tls.py",
@@ -80,6 +81,7 @@ def test_the_file_list_is_complete() -> None:
         "client/batch.py",
         "client/watch.py",
         "cli.py",
+        "cli_client.py",
     ):
         assert PACKAGE / name in FILES, name
     assert all(p.is_file() for p in FILES)

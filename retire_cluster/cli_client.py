@@ -1,0 +1,435 @@
+"""The client commands of ``retire-cluster``: submit, status, devices, tasks, task,
+cancel, submit-batch and watch (registered on the group in :mod:`retire_cluster.cli`).
+
+They read ``--main`` / ``--token`` from ``RETIRE_CLUSTER_MAIN`` /
+``RETIRE_CLUSTER_TOKEN`` too, print tables for people and JSON with ``--json``,
+and exit non-zero with one sentence on any error.
+
+Standard library and click only at import time (the worker imports the
+command group): the client modules are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import click
+
+from .protocol.errors import ProtocolError
+from .protocol.messages import PRIORITY_NAMES, REQUIREMENT_KEYS, TaskStatus
+from .tables import (
+    DEVICE_HEADERS,
+    TASK_HEADERS,
+    device_row,
+    format_table,
+    task_detail,
+    task_row,
+)
+
+EXIT_ERROR = 1
+TASK_STATES = [s.value for s in TaskStatus]
+
+# -- helpers ------------------------------------------------------------------
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def _emit(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True))
+
+
+def _remember_fingerprint(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> None:
+    ctx.meta["retire_cluster.tls_fingerprint"] = value
+
+
+def _tls_fingerprint() -> Optional[str]:
+    """--tls-fingerprint of the client command being run (kept out of every signature)."""
+    ctx = click.get_current_context(silent=True)
+    return None if ctx is None else ctx.meta.get("retire_cluster.tls_fingerprint")
+
+
+def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--tls-fingerprint", envvar="RETIRE_CLUSTER_TLS_FINGERPRINT", expose_value=False,
+                      callback=_remember_fingerprint, metavar="SHA256",
+                      help="Speak TLS and accept only the main node certificate with this SHA-256 "
+                           "fingerprint [env RETIRE_CLUSTER_TLS_FINGERPRINT].")(fn)
+    fn = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fn)
+    fn = click.option("--token", envvar="RETIRE_CLUSTER_TOKEN", default=None,
+                      help="Cluster token [env RETIRE_CLUSTER_TOKEN].")(fn)
+    fn = click.option("--main", "main_addr", envvar="RETIRE_CLUSTER_MAIN", default="127.0.0.1:8080",
+                      show_default=True, help="Main node HOST[:PORT] [env RETIRE_CLUSTER_MAIN].")(fn)
+    return fn
+
+
+def _client(main_addr: str, token: Optional[str]) -> Any:
+    from .client.sync import Client
+
+    try:
+        return Client(main_addr, token, tls_fingerprint=_tls_fingerprint())
+    except ValueError as exc:
+        _fail(str(exc), 2)
+
+
+def _async_client(main_addr: str, token: Optional[str]) -> Any:
+    from .client.aio import AsyncClient
+
+    try:
+        return AsyncClient(main_addr, token, tls_fingerprint=_tls_fingerprint())
+    except ValueError as exc:
+        _fail(str(exc), 2)
+
+
+def _call(fn: Callable[[], Any]) -> Any:
+    """Run a client call, turning every failure into one sentence and exit 1."""
+    from .client.sync import ClientError
+
+    try:
+        return fn()
+    except ProtocolError as exc:
+        hint = ""
+        if exc.code == "unauthorized":
+            hint = " (pass --token or set RETIRE_CLUSTER_TOKEN)"
+        _fail(f"{exc.message}{hint}")
+    except ClientError as exc:
+        _fail(str(exc))
+    except TimeoutError as exc:
+        _fail(f"{exc}; the main node may be overloaded or the task still running.")
+
+
+def parse_requirements(items: Sequence[str]) -> Dict[str, Any]:
+    """``key=value`` pairs for --requires into a requirements object."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not key=value, e.g. min_cpu_cores=2.",
+                                     param_hint="--requires")
+        if key not in REQUIREMENT_KEYS:
+            raise click.BadParameter(
+                f"unknown requirement {key!r}; use one of {', '.join(sorted(REQUIREMENT_KEYS))}.",
+                param_hint="--requires")
+        try:
+            if key == "min_cpu_cores":
+                out[key] = int(value)
+            elif key == "min_memory_gb":
+                out[key] = float(value)
+            elif key == "capabilities":
+                out[key] = [c.strip() for c in value.split(",") if c.strip()]
+            else:
+                out[key] = value
+        except ValueError:
+            raise click.BadParameter(f"{key} needs a number, got {value!r}.", param_hint="--requires") from None
+    return out
+
+
+def _priority(value: Optional[str]) -> Any:
+    if value is None:
+        return None
+    if value.isdigit():
+        number = int(value)
+        if 0 <= number <= 100:
+            return number
+    elif value.lower() in PRIORITY_NAMES:
+        return value.lower()
+    raise click.BadParameter("use low, normal, high, urgent or an integer 0-100.", param_hint="--priority")
+
+
+# -- client commands -----------------------------------------------------------
+
+
+@click.command("submit")
+@click.argument("task_type")
+@click.option("--payload", default="{}", show_default=True, help="Task payload, a JSON object.")
+@click.option("--priority", help="low, normal, high, urgent or 0-100.  [default: normal]")
+@click.option("--timeout", type=float, help="Seconds before the task ends as timeout.  [default: 3600]")
+@click.option("--requires", multiple=True, metavar="KEY=VALUE",
+              help=f"Requirement (repeatable): {', '.join(sorted(REQUIREMENT_KEYS))}.")
+@click.option("--max-retries", type=click.IntRange(0, 100), help="Retries after a lost device.  [default: 3]")
+@click.option("--idempotency-key", help="Submitting twice with the same key returns the first task.")
+@click.option("--wait", is_flag=True, help="Wait for the result and print it.")
+@client_options
+def submit_cmd(task_type: str, payload: str, priority: Optional[str], timeout: Optional[float],
+               requires: Sequence[str], max_retries: Optional[int], idempotency_key: Optional[str],
+               wait: bool, main_addr: str, token: Optional[str], as_json: bool) -> None:
+    """Submit a task of TASK_TYPE (echo, sleep, python_eval, command, ...)."""
+    try:
+        body = json.loads(payload)
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc}); pass an object such as "
+                                 "'{\"message\": \"hi\"}'.", param_hint="--payload") from None
+    if not isinstance(body, dict):
+        raise click.BadParameter("must be a JSON object such as '{\"message\": \"hi\"}'.", param_hint="--payload")
+    if timeout is not None and timeout <= 0:
+        raise click.BadParameter("must be more than 0 seconds.", param_hint="--timeout")
+    options = {
+        "priority": _priority(priority), "timeout": timeout, "requirements": parse_requirements(requires),
+        "max_retries": max_retries, "idempotency_key": idempotency_key,
+    }  # fmt: skip
+    if not options["requirements"]:
+        options["requirements"] = None
+    with _client(main_addr, token) as client:
+        task_id = _call(lambda: client.submit(task_type, body, **options))
+        if not wait:
+            if as_json:
+                _emit({"task_id": task_id})
+            else:
+                click.echo(task_id)
+            return
+        record = _call(lambda: client.wait(task_id))
+    if as_json:
+        _emit(record)
+    else:
+        _print_outcome(record)
+    if record.get("status") != "completed":
+        sys.exit(EXIT_ERROR)
+
+
+def _print_outcome(record: Dict[str, Any]) -> None:
+    result = record.get("result") or {}
+    if record.get("status") == "completed":
+        output = result.get("output")
+        click.echo("" if output is None else output)
+        if result.get("truncated"):
+            click.echo("(output truncated)", err=True)
+        return
+    reason = record.get("error") or result.get("error") or "no details"
+    click.echo(f"task {record.get('task_id')} {record.get('status')}: {reason}", err=True)
+    if result.get("stderr"):
+        click.echo(result["stderr"].rstrip(), err=True)
+
+
+@click.command("status")
+@client_options
+def status_cmd(main_addr: str, token: Optional[str], as_json: bool) -> None:
+    """Cluster summary: devices and tasks by state."""
+    with _client(main_addr, token) as client:
+        status = _call(client.cluster_status)
+    if as_json:
+        _emit(status)
+        return
+    devices, tasks, slots = status["devices"], status["tasks"], status.get("slots", {})
+    click.echo(f"devices: {devices.get('online', 0)} online, {devices.get('offline', 0)} offline; "
+               f"slots: {slots.get('busy', 0)}/{slots.get('total', 0)} busy; "
+               f"queue: {status.get('queue_length', 0)}")
+    click.echo(format_table(["state", "tasks"], [[k, str(v)] for k, v in tasks.items()]))
+
+
+@click.command("devices")
+@click.option("--status", type=click.Choice(["online", "offline"]), help="Only devices in this state.")
+@client_options
+def devices_cmd(status: Optional[str], main_addr: str, token: Optional[str], as_json: bool) -> None:
+    """List devices: status, role, load, battery, active tasks, last seen."""
+    with _client(main_addr, token) as client:
+        devices = _call(lambda: client.devices(status))
+    if as_json:
+        _emit(devices)
+        return
+    if not devices:
+        click.echo("no devices yet; start `retire-cluster worker --main ... --token ...` on one.")
+        return
+    click.echo(format_table(DEVICE_HEADERS, [device_row(d) for d in devices]))
+
+
+@click.command("tasks")
+@click.option("--status", type=click.Choice(TASK_STATES), help="Only tasks in this state.")
+@click.option("--device", help="Only tasks assigned to this device.")
+@click.option("--type", "task_type", help="Only tasks of this type.")
+@click.option("--limit", type=click.IntRange(1, 10000), default=100, show_default=True)
+@client_options
+def tasks_cmd(status: Optional[str], device: Optional[str], task_type: Optional[str], limit: int,
+              main_addr: str, token: Optional[str], as_json: bool) -> None:
+    """List tasks, newest first."""
+    with _client(main_addr, token) as client:
+        tasks = _call(lambda: client.tasks(status=status, device_id=device, task_type=task_type, limit=limit))
+    if as_json:
+        _emit(tasks)
+        return
+    if not tasks:
+        click.echo("no tasks")
+        return
+    click.echo(format_table(TASK_HEADERS, [task_row(t) for t in tasks]))
+
+
+@click.command("task")
+@click.argument("task_id")
+@client_options
+def task_cmd(task_id: str, main_addr: str, token: Optional[str], as_json: bool) -> None:
+    """Show one task: every field, its result, and every attempt (device, times, outcome)."""
+    with _client(main_addr, token) as client:
+        record = _call(lambda: client.status(task_id))
+    if as_json:
+        _emit(record)
+    else:
+        click.echo(task_detail(record))
+
+
+@click.command("cancel")
+@click.argument("task_id")
+@client_options
+def cancel_cmd(task_id: str, main_addr: str, token: Optional[str], as_json: bool) -> None:
+    """Cancel a pending or running task."""
+    with _client(main_addr, token) as client:
+        result = _call(lambda: client.cancel(task_id))
+    if as_json:
+        _emit(result)
+    else:
+        click.echo(f"task {task_id} cancelled")
+
+
+# -- submit-batch ------------------------------------------------------------------
+
+
+@click.command("submit-batch")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option("--concurrency", type=click.IntRange(1, 10000), default=64, show_default=True,
+              help="Submissions in flight at once on the connection.")
+@click.option("--wait", is_flag=True, help="Wait for every task, then print how each ended.")
+@click.option("--on-error", type=click.Choice(["skip", "abort"]), default="skip", show_default=True,
+              help="A bad line or a refused task: report it and go on, or stop.")
+@client_options
+def submit_batch_cmd(file: Any, concurrency: int, wait: bool, on_error: str, main_addr: str,
+                     token: Optional[str], as_json: bool) -> None:
+    """Submit one task per line of FILE (JSON Lines; - reads stdin).
+
+    Each line is an object such as {"task_type": "echo", "payload": {"message": "hi"}}, optionally
+    with priority, timeout, requirements, max_retries, retry_on_timeout, idempotency_key. Blank lines
+    and lines starting with # are skipped. Prints the task ids (with --wait, how each ended) and a
+    summary on stderr. Exits 1 if any line was not submitted or any task did not complete; 2 when
+    --on-error abort stops at a bad line (then nothing is sent).
+    """
+    from .client.batch import read_batch, submit_batch
+
+    specs, bad = read_batch(file)
+    if bad and on_error == "abort":
+        _fail(f"{file.name} line {bad[0][0]}: {bad[0][1]}; nothing was submitted.", 2)
+    errors: List[Dict[str, Any]] = [{"line": n, "error": f"{text}; skipped"} for n, text in bad]
+    client = _async_client(main_addr, token)
+
+    async def send() -> Dict[int, Any]:
+        try:
+            await client.connect()
+            with click.progressbar(length=len(specs), label="submitting", file=sys.stderr) as bar:
+                return await submit_batch(client, specs, concurrency=concurrency,
+                                          stop_on_error=on_error == "abort", progress=bar.update)
+        finally:
+            await client.close()
+
+    outcome = _call(lambda: _run_async(send()))
+    submitted = [(line, outcome[line]) for line, _ in specs if isinstance(outcome.get(line), str)]
+    errors += [{"line": line, "error": outcome[line]["error"]} for line, _ in specs
+               if isinstance(outcome.get(line), dict)]
+    errors.sort(key=lambda e: e["line"])
+    for error in errors:
+        click.echo(f"{file.name} line {error['line']}: {error['error']}", err=True)
+    not_sent = len(specs) - len(outcome)
+    report: Dict[str, Any] = {"submitted": [{"line": n, "task_id": t} for n, t in submitted],
+                              "errors": errors, "not_sent": not_sent}
+    problems = f"; {len(errors)} lines refused or skipped" if errors else ""
+    if not_sent:
+        problems += f"; {not_sent} not sent after the error (--on-error abort)"
+    if wait:
+        done = _wait_and_report(main_addr, token, submitted, report, problems, as_json)
+        sys.exit(EXIT_ERROR if errors or not_sent or done < len(submitted) else 0)
+    if as_json:
+        _emit(report)
+    else:
+        for _, task_id in submitted:
+            click.echo(task_id)
+    click.echo(f"submitted {len(submitted)} tasks{problems}", err=True)
+    sys.exit(EXIT_ERROR if errors or not_sent else 0)
+
+
+def _wait_and_report(main_addr: str, token: Optional[str], submitted: List[Any], report: Dict[str, Any],
+                     problems: str, as_json: bool) -> int:
+    """`submit-batch --wait`: wait for all, print how each ended; return how many completed."""
+    from .client.batch import summarise, wait_batch
+
+    client = _async_client(main_addr, token)
+
+    async def gather() -> Dict[str, Dict[str, Any]]:
+        try:
+            await client.connect()
+            with click.progressbar(length=len(submitted), label="waiting", file=sys.stderr) as bar:
+                return await wait_batch(client, [t for _, t in submitted], progress=bar.update)
+        finally:
+            await client.close()
+
+    records = _call(lambda: _run_async(gather()))
+    rows, results, counts = summarise(submitted, records)
+    done = int(counts.get("completed", 0))
+    if as_json:
+        report.update(results=results, counts=counts)
+        _emit(report)
+    elif rows:
+        click.echo(format_table(["line", "task", "status", "output / error"], rows))
+    others = "".join(f", {n} {s}" for s, n in sorted(counts.items()) if s != "completed")
+    click.echo(f"{len(submitted)} tasks: {done} completed{others}{problems}", err=True)
+    return done
+
+
+# -- watch ---------------------------------------------------------------------------
+
+_HOME, _CLEAR_SCREEN, _CLEAR_TO_EOL, _CLEAR_BELOW = "\x1b[H", "\x1b[2J", "\x1b[K", "\x1b[J"
+
+
+@click.command("watch")
+@click.option("--interval", type=click.FloatRange(0.2, 3600), default=2.0, show_default=True,
+              help="Seconds between device refreshes (and between snapshots when not on a terminal).")
+@click.option("--limit", type=click.IntRange(1, 1000), default=15, show_default=True, help="Tasks shown.")
+@click.option("--once", is_flag=True, help="Print one frame and exit.")
+@client_options
+def watch_cmd(interval: float, limit: int, once: bool, main_addr: str, token: Optional[str],
+              as_json: bool) -> None:
+    """A live view of devices and tasks, redrawn in place on a terminal; Ctrl-C quits.
+
+    Task changes arrive as pushed updates; devices are re-read every --interval. Not on a
+    terminal it prints a snapshot every --interval (with --json, one JSON object per line).
+    """
+    import shutil
+    import time
+
+    from .client.watch import View, render, watch
+
+    tty = sys.stdout.isatty() and not as_json and not once
+
+    def draw(view: Any) -> None:
+        if as_json:
+            click.echo(json.dumps(view.to_json(), ensure_ascii=False, sort_keys=True, indent=2 if once else None))
+        elif not tty:
+            click.echo(render(view, time.time()) + ("" if once else "\n"))
+        else:
+            size = shutil.get_terminal_size()
+            lines = [line[: size.columns] for line in render(view, time.time()).splitlines()[: size.lines - 1]]
+            click.echo(_HOME + "".join(line + _CLEAR_TO_EOL + "\n" for line in lines) + _CLEAR_BELOW, nl=False)
+
+    client = _async_client(main_addr, token)
+
+    async def run() -> None:
+        try:
+            await watch(client, View(main_addr, limit), draw, interval_s=interval, once=once,
+                        redraw_on_change=tty)
+        finally:
+            await client.close()
+
+    if tty:
+        click.echo(_CLEAR_SCREEN, nl=False)
+    try:
+        _call(lambda: _run_async(run()))
+    except KeyboardInterrupt:
+        pass
+
+
+def _run_async(coro: Any) -> Any:
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+#: Added to the ``retire-cluster`` group by :mod:`retire_cluster.cli`.
+COMMANDS = [submit_cmd, status_cmd, devices_cmd, tasks_cmd, task_cmd, cancel_cmd, submit_batch_cmd, watch_cmd]
