@@ -359,3 +359,41 @@ def test_worker_and_cli_import_without_the_web_packages() -> None:
     out = subprocess.run([sys.executable, "-c", BLOCKER], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# -- rate limit ---------------------------------------------------------------------------
+
+
+async def test_requests_beyond_the_rate_limit_get_429_with_retry_after(tmp_path: Path) -> None:
+    import aiohttp
+    from conftest import FakeClock
+    from webutil import Cluster as WebCluster
+
+    clock = FakeClock()
+    node = MainNode(make_config(tmp_path, http_enabled=True, http_port=0, client_rate_per_s=0.5, client_burst=3),
+                    clock=clock, run_monitor=False)
+    await node.start()
+    c = WebCluster(node, aiohttp.ClientSession())
+    try:
+        for _ in range(3):
+            assert (await c.request("GET", "/api/v1/health", auth=False))[0] == 200
+        status, body = await c.request("GET", "/api/v1/devices")
+        assert status == 429 and body["code"] == "overloaded" and "retry after 2" in body["error"]
+        async with c.session.get(c.url("/")) as resp:  # the page too: every route counts
+            assert resp.status == 429 and resp.headers["Retry-After"] == "2"
+        clock.advance(2.0)  # one request's worth refilled
+        assert (await c.request("GET", "/api/v1/devices"))[0] == 200
+        assert (await c.request("GET", "/api/v1/devices"))[0] == 429
+    finally:
+        await c.close()
+
+
+def test_rate_limiter_keeps_a_bounded_number_of_addresses() -> None:
+    from retire_cluster.web.app import RateLimiter
+
+    now = [0.0]
+    limiter = RateLimiter(1.0, 1, lambda: now[0], max_addresses=3)
+    assert [limiter.take(a) for a in ("a", "b", "c", "d")] == [0.0, 0.0, 0.0, 0.0]
+    assert len(limiter._buckets) == 3  # "a" was the least recently seen
+    assert limiter.take("d") == 1.0  # d's bucket is empty: one second until its next request
+    assert limiter.take("a") == 0.0  # a was forgotten: it starts with a full bucket again

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,6 +84,33 @@ def error_response(exc: ProtocolError, status: int | None = None) -> web.Respons
     return json_response(exc.to_data(), status or HTTP_STATUS.get(exc.code, 500), headers)
 
 
+class RateLimiter:
+    """A token bucket per source address: ``burst`` requests at once, refilled at ``rate`` a second.
+
+    At most ``max_addresses`` buckets are kept (the least recently seen goes
+    first), so a flood from many addresses cannot grow it without bound.
+    """
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float], max_addresses: int = 10_000) -> None:
+        self.rate, self.burst, self.clock, self.max_addresses = rate, float(burst), clock, max_addresses
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, address: str) -> float:
+        """0.0 when a request from ``address`` may go ahead, else the seconds until it may."""
+        now = self.clock()
+        tokens, then = self._buckets.pop(address, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - then) * self.rate)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate
+        self._buckets[address] = (tokens, now)
+        if len(self._buckets) > self.max_addresses:
+            self._buckets.popitem(last=False)
+        return wait
+
+
 class HttpPeer:
     """Stands in for a TCP connection when a handler serves an HTTP request.
 
@@ -140,6 +168,7 @@ class WebApp:
         self._runner: web.AppRunner | None = None
         self._log_feed: LogFeed | None = None
         self.address: tuple[str, int] | None = None
+        self.limiter = RateLimiter(node.config.client_rate_per_s, node.config.client_burst, node.clock)
         self.app = self._build()
 
     # -- the application --------------------------------------------------
@@ -150,7 +179,7 @@ class WebApp:
         from .text import TextApi
 
         app = web.Application(
-            middlewares=[self._errors, self._auth], client_max_size=self.node.config.max_frame_bytes
+            middlewares=[self._errors, self._rate, self._auth], client_max_size=self.node.config.max_frame_bytes
         )
         app[WEB_KEY] = self
         Api(self).add_routes(app.router)
@@ -198,6 +227,18 @@ class WebApp:
             return error_response(
                 InternalError(f"Internal error (reference {ref}); the main node's log has the details.")
             )
+
+    @web.middleware
+    async def _rate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The TCP port's client rate limit, per source address (HTTP connections come and go)."""
+        wait = self.limiter.take(request.remote or "")
+        if wait:
+            response = error_response(Overloaded(
+                f"More than {self.node.config.client_rate_per_s:g} requests per second from this address "
+                f"(bursts up to {self.node.config.client_burst}); retry after {wait:.2g} s."))  # fmt: skip
+            response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            return response
+        return await handler(request)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -84,6 +84,7 @@ def _op(summary: str, responses: dict[str, Any], *, params: list[dict[str, Any]]
     op: dict[str, Any] = {"summary": summary, "responses": dict(responses)}
     for code in errors:
         op["responses"][str(code)] = {"$ref": f"#/components/responses/E{code}"}
+    op["responses"]["429"] = {"$ref": "#/components/responses/E429"}  # every route is rate-limited
     op["responses"]["500"] = {"$ref": "#/components/responses/E500"}
     if not public:
         op["responses"]["401"] = {"$ref": "#/components/responses/E401"}
@@ -197,7 +198,8 @@ def build_document(server_url: str | None = None) -> dict[str, Any]:
             (404, "not_found."),
             (409, "conflict: the task already ended."),
             (413, "frame_too_large: the body is larger than max_frame_bytes."),
-            (429, "overloaded: too many open event streams."),
+            (429, "overloaded: more requests from this address than client_rate_per_s / client_burst "
+                  "allow (Retry-After says when to retry), or too many open event streams."),
             (500, "internal: the main node's log has the details (the reference is in the sentence)."),
         )
     }
