@@ -163,6 +163,53 @@ async def connect(port: int, on_line: Callable[[LineClient, dict[str, Any]], Non
     return proto
 
 
+class Requester:
+    """One client connection that matches each ``ack``/``error`` to its request.
+
+    Pushes (``task_update`` and the like) go to ``on_push``.
+    """
+
+    def __init__(self, token: str | None, on_push: Callable[[dict[str, Any]], None], sender_id: str = "bench") -> None:
+        self.token, self.on_push, self.sender_id = token, on_push, sender_id
+        self.replies: dict[str, asyncio.Future[Any]] = {}
+        self.counter = iter(range(10**12))
+        self.client: LineClient | None = None
+
+    async def open(self, port: int) -> Requester:
+        self.client = await connect(port, self._on_line)
+        return self
+
+    def _on_line(self, _client: LineClient, msg: dict[str, Any]) -> None:
+        if msg["message_type"] in ("ack", "error"):
+            fut = self.replies.pop(msg["data"].get("original_message_id"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        else:
+            self.on_push(msg)
+
+    def request(self, kind: str, data: dict[str, Any]) -> asyncio.Future[Any]:
+        """Send a request; the future resolves to its reply frame."""
+        assert self.client is not None
+        mid = f"{self.sender_id}-{next(self.counter)}"
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.replies[mid] = fut
+        self.client.send({"message_type": kind, "message_id": mid, "sender_id": self.sender_id,
+                          "auth_token": self.token, "data": data})
+        return fut
+
+    async def wait_for_devices(self, count: int, timeout_s: float = 60.0) -> None:
+        """Poll list_devices until ``count`` devices registered (workers are separate processes)."""
+        for _ in range(int(timeout_s * 10)):
+            if len((await self.request("list_devices", {}))["data"]["result"]["devices"]) >= count:
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"fewer than {count} devices registered within {timeout_s:g} s")
+
+    def close(self) -> None:
+        if self.client is not None and self.client.transport is not None:
+            self.client.transport.close()
+
+
 def register_frame(device_id: str, token: str, message_id: str = "r") -> dict[str, Any]:
     return {
         "message_type": "register", "message_id": message_id, "sender_id": device_id, "auth_token": token,

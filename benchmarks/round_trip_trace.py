@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _harness import MainNode, connect, emit, run
+from _harness import MainNode, Requester, emit, run
 
 TRACE_HOOKS = Path(__file__).resolve().parent / "trace"
 
@@ -82,46 +82,26 @@ def split_steps(events: list[tuple[int, str, str, str]]) -> list[list[float]]:
 async def drive(node: MainNode, count: int, marks: list[tuple[int, str, str, str]]) -> None:
     done: dict[str, asyncio.Future[None]] = {}
     finished: set[str] = set()
-    replies: dict[str, asyncio.Future[Any]] = {}
 
-    def on_line(_client: Any, msg: dict[str, Any]) -> None:
-        kind = msg["message_type"]
-        if kind in ("ack", "error"):
-            fut = replies.pop(msg["data"].get("original_message_id"), None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-        elif kind == "task_update" and msg["data"]["task"]["status"] == "completed":
+    def on_push(msg: dict[str, Any]) -> None:
+        if msg["message_type"] == "task_update" and msg["data"]["task"]["status"] == "completed":
             marks.append((time.perf_counter_ns(), "client", "recv", "task_update"))
             finished.add(msg["data"]["task"]["task_id"])
             waiter = done.pop(msg["data"]["task"]["task_id"], None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
-    client = await connect(node.port, on_line)
-    counter = iter(range(10**9))
-
-    def request(kind: str, data: dict[str, Any]) -> asyncio.Future[Any]:
-        mid = f"t{next(counter)}"
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        replies[mid] = fut
-        if kind == "task_submit":
-            marks.append((time.perf_counter_ns(), "client", "send", kind))
-        client.send({"message_type": kind, "message_id": mid, "sender_id": "trace", "auth_token": node.token,
-                     "data": data})
-        return fut
-
-    await request("subscribe", {})
-    for _ in range(600):
-        if (await request("list_devices", {}))["data"]["result"]["devices"]:
-            break
-        await asyncio.sleep(0.1)
+    client = await Requester(node.token, on_push, sender_id="trace").open(node.port)
+    await client.request("subscribe", {})
+    await client.wait_for_devices(1)
     for _ in range(count):
-        sent = request("task_submit", {"task": {"task_type": "echo", "payload": {"message": "x"}}})
-        task_id = (await sent)["data"]["result"]["task_id"]
+        marks.append((time.perf_counter_ns(), "client", "send", "task_submit"))
+        reply = await client.request("task_submit", {"task": {"task_type": "echo", "payload": {"message": "x"}}})
+        task_id = reply["data"]["result"]["task_id"]
         if task_id not in finished:  # the update may come in the same read as the ack
             done[task_id] = asyncio.get_running_loop().create_future()
             await asyncio.wait_for(done[task_id], 60)
-    client.transport.close()
+    client.close()
 
 
 def main() -> None:

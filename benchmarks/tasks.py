@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 import psutil
-from _harness import MainNode, connect, emit, env, percentile, run
+from _harness import MainNode, Requester, emit, env, percentile, run
 
 
 def start_workers(node: MainNode, count: int, slots: int) -> list[subprocess.Popen[bytes]]:
@@ -41,19 +41,11 @@ def cpu_s(proc: psutil.Process) -> float:
 
 async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
                 workers: list[psutil.Process]) -> dict[str, Any]:
-    token = node.token
     done = asyncio.Event()
     state: dict[str, Any] = {"completed": 0, "waiting": {}, "devices": 0, "finished_at": {}}
-    replies: dict[str, asyncio.Future[Any]] = {}
 
-    def on_line(client: Any, msg: dict[str, Any]) -> None:
-        kind = msg["message_type"]
-        if kind in ("ack", "error"):
-            fut = replies.pop(msg["data"].get("original_message_id"), None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-            return
-        if kind == "task_update":
+    def on_push(msg: dict[str, Any]) -> None:
+        if msg["message_type"] == "task_update":
             task = msg["data"]["task"]
             if task["status"] == "completed" and task["task_id"] not in state["finished_at"]:
                 # Count each task once, however many updates say it completed.
@@ -65,21 +57,10 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
                 if state["completed"] == state.get("target"):
                     done.set()
 
-    client = await connect(node.port, on_line)
-    counter = iter(range(10**9))
-
-    def request(kind: str, data: dict[str, Any]) -> asyncio.Future[Any]:
-        mid = f"b{next(counter)}"
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        replies[mid] = fut
-        client.send({"message_type": kind, "message_id": mid, "sender_id": "bench", "auth_token": token, "data": data})
-        return fut
-
+    client = await Requester(node.token, on_push).open(node.port)
+    request = client.request
     await request("subscribe", {})
-    for _ in range(600):  # the workers are separate processes: poll until both registered
-        if len((await request("list_devices", {}))["data"]["result"]["devices"]) >= len(workers):
-            break
-        await asyncio.sleep(0.1)
+    await client.wait_for_devices(len(workers))
     echo = {"task": {"task_type": "echo", "payload": {"message": "x"}}}
 
     # Throughput: keep `window` submissions outstanding.
@@ -98,7 +79,7 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
     main_cpu, worker_cpu = node.cpu_s() - main_cpu0, sum(map(cpu_s, workers)) - worker_cpu0
 
     samples = await round_trip_samples(request, state, echo, round_trips)
-    client.transport.close()
+    client.close()
     return {"tasks_per_s": round(tasks / elapsed), "seconds": round(elapsed, 2),
             # CPU per task is steadier than wall time on a shared 2-core machine.
             "main_cpu_us_per_task": round(1e6 * main_cpu / tasks),
