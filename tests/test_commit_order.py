@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from typing import Any, Dict, List
+import threading
+from typing import Any, Dict, List, Optional
 
 from conftest import Peer, fake_worker, settle
 from test_node import report, submit, take_assignment
@@ -20,10 +21,13 @@ from retire_cluster.main import MainNode, store
 from retire_cluster.protocol.messages import TaskStatus
 
 
-def on_disk(node: MainNode, task_id: str) -> Dict[str, Any]:
+def on_disk(node: MainNode, task_id: str) -> Optional[Dict[str, Any]]:
     """The committed row, read through a connection of its own (what a crash would leave)."""
     with sqlite3.connect(str(node.config.db_path)) as db:
-        status, = db.execute("SELECT status FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+        row = db.execute("SELECT status FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+        if row is None:
+            return None
+        status, = row
         started = [r[0] for r in db.execute(
             "SELECT started_at FROM task_attempts WHERE task_id=? ORDER BY attempt", (task_id,))]
     return {"status": status, "started_at": started}
@@ -80,21 +84,21 @@ async def test_lazy_write_is_committed_at_stop(tmp_path: Any, node: MainNode, mo
     assert on_disk(node, task_id)["status"] == "running"
 
 
-async def test_update_is_published_only_for_its_committed_state(node: MainNode) -> None:
+async def test_update_is_published_only_for_its_committed_state(node: MainNode, monkeypatch: Any) -> None:
     """A cancel queued while the insert's commit is under way: one update, sent after the cancel's commit."""
     watcher = await Peer.connect(node, "watcher")
     await watcher.ok("subscribe", {})
     client = await Peer.connect(node)
-    gate = asyncio.Event()
-    commit = node.store._commit
-    in_commit = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    gate, in_commit = threading.Event(), asyncio.Event()
+    apply_batch = store._apply_batch
 
-    async def held(db: Any, ops: Any) -> None:
-        in_commit.set()
-        await gate.wait()
-        await commit(db, ops)
+    def held(db: Any, groups: Any) -> None:  # runs in the SQLite thread
+        loop.call_soon_threadsafe(in_commit.set)
+        gate.wait(60)
+        apply_batch(db, groups)
 
-    node.store._commit = held  # type: ignore[method-assign]
+    monkeypatch.setattr(store, "_apply_batch", held)
     submitting = asyncio.ensure_future(submit(client))
     await in_commit.wait()  # the insert is being committed, not yet on disk
     (task,) = node.tasks.values()
@@ -111,3 +115,96 @@ async def test_update_is_published_only_for_its_committed_state(node: MainNode) 
     # Without the version check the insert's commit would have published the
     # in-memory "cancelled" before the cancel was on disk, then again after.
     assert await updates(watcher) == ["cancelled"]
+
+
+class HeldCommits:
+    """Holds every commit in the SQLite thread until released (the loop keeps running)."""
+
+    def __init__(self, monkeypatch: Any, fail: bool = False) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.gate = threading.Event()
+        self.started = asyncio.Event()
+        self.fail = fail
+        apply_batch = store._apply_batch
+
+        def held(db: Any, groups: Any) -> None:  # runs in the SQLite thread
+            self.loop.call_soon_threadsafe(self.started.set)
+            self.gate.wait(60)
+            if self.fail:
+                raise sqlite3.OperationalError("disk I/O error")
+            apply_batch(db, groups)
+
+        monkeypatch.setattr(store, "_apply_batch", held)
+
+    def release(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.gate.set()
+
+
+async def test_new_task_is_sent_while_its_insert_commits(node: MainNode, monkeypatch: Any) -> None:
+    """The first assignment rides in the insert's transaction and goes out before that commit ends."""
+    watcher = await Peer.connect(node, "watcher")
+    await watcher.ok("subscribe", {})
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    held = HeldCommits(monkeypatch)
+    mid = await client.send("task_submit", {"task": {"task_type": "echo", "payload": {"message": "hi"}}})
+    await held.started.wait()
+    push = await worker.next_push("task_assign")  # while the insert + assignment commit is held
+    task_id = push["data"]["task"]["task_id"]
+    assert on_disk(node, task_id) is None
+    report_sent = asyncio.ensure_future(report(worker, dict(push["data"]["task"])))
+    acked = asyncio.ensure_future(client.reply_to(mid))
+    published = asyncio.ensure_future(watcher.next_push("task_update"))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    # Neither the submission nor the result is acknowledged, nor anything published, before the commit.
+    assert not report_sent.done() and not acked.done() and not published.done()
+    held.release()
+    reply = await acked
+    assert reply["message_type"] == "ack" and reply["data"]["result"]["task_id"] == task_id
+    assert (await report_sent)["message_type"] == "ack"
+    assert (await published)["data"]["task"]["status"] == "completed"
+    assert on_disk(node, task_id)["status"] == "completed"
+    assert await updates(watcher) == []  # nothing else: "assigned" was overtaken before its commit
+
+
+async def test_stored_task_is_sent_only_after_its_assignment_commits(node: MainNode, monkeypatch: Any) -> None:
+    """A task stored earlier (here: submitted before any device) may be re-sent after a restart: commit first."""
+    client = await Peer.connect(node)
+    task_id = await submit(client)
+    held = HeldCommits(monkeypatch)
+    joining = asyncio.ensure_future(fake_worker(node))
+    await held.started.wait()  # the registration's commit, which the assignment joins
+    for _ in range(20):
+        await asyncio.sleep(0)
+    task = node.lookup(task_id)
+    assert task.status is TaskStatus.ASSIGNED and task.assigned_device == "dev-1"  # in memory only
+    device = node.registry.get("dev-1")
+    assert device.conn is not None and not device.conn.pending_assigns  # nothing sent yet
+    held.release()
+    worker = await joining
+    push = await worker.next_push("task_assign")
+    assert push["data"]["task"]["task_id"] == task_id
+    assert on_disk(node, task_id)["status"] in ("assigned", "running")
+
+
+async def test_failed_insert_cancels_the_task_on_its_device(node: MainNode, monkeypatch: Any) -> None:
+    watcher = await Peer.connect(node, "watcher")
+    await watcher.ok("subscribe", {})
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    held = HeldCommits(monkeypatch)
+    mid = await client.send("task_submit", {"task": {"task_type": "echo", "payload": {"message": "hi"}}})
+    push = await worker.next_push("task_assign")
+    task_id = push["data"]["task"]["task_id"]
+    held.release(fail=True)
+    reply = await client.reply_to(mid)
+    assert reply["message_type"] == "error" and reply["data"]["code"] == "internal"
+    cancel = await worker.next_push("task_cancel")
+    assert cancel["data"]["task_id"] == task_id and cancel["data"]["reason"] == "not_stored"
+    monkeypatch.setattr(held, "fail", False)
+    result = await report(worker, dict(push["data"]["task"]))
+    assert result["message_type"] == "error" and result["data"]["code"] == "not_found"
+    assert node.lookup(task_id) is None and on_disk(node, task_id) is None
+    assert await updates(watcher) == []

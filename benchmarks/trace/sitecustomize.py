@@ -46,8 +46,8 @@ def _dump(*_args):
 def _install_main():
     from retire_cluster.main import server, store
 
-    received, flush, commit, apply_batch = (server.Connection.data_received, server.Connection.flush,
-                                            store.Store._commit, store._apply_batch)
+    received, flush, start, finish, apply_batch = (server.Connection.data_received, server.Connection.flush,
+                                                   store.Store._start, store.Store._finish, store._apply_batch)
 
     def data_received(self, data):
         _mark("recv", _types(data))
@@ -58,10 +58,14 @@ def _install_main():
             _mark("send", _types(b"".join(self._out)))
         flush(self)
 
-    async def committed(db, ops):
-        _mark("commit-start", str(len(ops)))
-        await commit(db, ops)
+    def started(self):
+        if self._queue and not self._in_flight:
+            _mark("commit-start", str(len(self._queue)))
+        start(self)
+
+    def finished(self, waiters, exc, count):
         _mark("commit-end")
+        finish(self, waiters, exc, count)
 
     def applied(db, groups):
         _mark("thread-start")
@@ -70,7 +74,8 @@ def _install_main():
 
     server.Connection.data_received = data_received
     server.Connection.flush = flushed
-    store.Store._commit = staticmethod(committed)
+    store.Store._start = started
+    store.Store._finish = finished
     store._apply_batch = applied
 
 

@@ -291,12 +291,14 @@ class Handlers:
         if key is not None:
             node._idempotency[key] = task.task_id
         version = node.bump(task)
-        fut = node.write([Store.insert_task(task)])
-        # Queue it now: if a device is free, the assignment joins the same
-        # group commit as the insert, and nothing is sent before that commit.
+        # Queue it first: the scheduling pass then runs before the commit
+        # starts, so if a device is free the assignment joins the insert's
+        # transaction, and is sent to the device while that commit runs.
         node.tasks[task.task_id] = task
         node.scheduler.push(task, now)
         node.schedule_soon()
+        task.insert_batch = node.store.next_batch
+        fut = node.write([Store.insert_task(task)])
 
         def not_stored(f: asyncio.Future[None]) -> None:
             if not f.cancelled() and f.exception() is not None:

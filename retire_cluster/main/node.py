@@ -29,6 +29,7 @@ from ..protocol.errors import (
     Overloaded,
 )
 from ..protocol.messages import (
+    ACTIVE_STATUSES,
     DeviceStatus,
     Message,
     TaskStatus,
@@ -368,39 +369,82 @@ class MainNode(Dispatcher):
             self.monitor.watch(task)
             ops.extend(Store.update_task(task))
             sent.append((task, device, task.attempt, self.bump(task)))
-        self.write(ops).add_done_callback(lambda fut: self._send_assignments(fut, sent))
+        batch = self.store.next_batch  # the transaction these ops join
+        fut = self.write(ops)
+        early = [s for s in sent if s[0].insert_batch == batch]
+        late = [s for s in sent if s[0].insert_batch != batch] if len(early) < len(sent) else []
+        if early:
+            self._send_assignments(early)
+        fut.add_done_callback(lambda f: self._assignments_committed(f, sent, late))
 
-    def _send_assignments(
-        self, fut: asyncio.Future[None], sent: list[tuple[Task, Device, int, int]]
+    def _send_assignments(self, sent: list[tuple[Task, Device, int, int]]) -> None:
+        """Send each device its new tasks (and write them out now, not at the end of the pass).
+
+        The first assignment of a task whose insert is in the same
+        transaction goes out while that transaction commits, so the device's
+        work overlaps the commit instead of waiting for it (the largest step
+        of a single round trip). Nothing the device says is believed before
+        that commit: its ack and result are handled in memory and written in
+        later transactions, which SQLite applies in order, and the submitter
+        and subscribers hear of the task only after its commit. If the main
+        node dies first, the task never existed: it was not acknowledged, its
+        id is never used again (so no attempt number is reused), and the
+        device's claim and result are refused when it re-registers
+        (at-least-once execution allows the run; nothing records it). If the
+        commit fails, :meth:`forget_uncommitted` tells the device to stop.
+        Every other assignment (a retry, a task stored earlier) is sent only
+        after its commit: a device may hold that task's attempt number
+        across a restart, so it must be on disk before anyone hears it.
+        """
+        touched: dict[int, Connection] = {}
+        now = self.clock()
+        for task, device, attempt, _version in sent:
+            if not task.held_by(device.device_id, attempt):
+                continue  # cancelled or lost in the meantime
+            conn = device.conn
+            if conn is None or conn.closed:
+                continue  # the lease expires and requeues it
+            mid = new_message_id()
+            conn.pending_assigns[mid] = (task.task_id, attempt)
+            conn.send(
+                Message(
+                    "task_assign",
+                    mid,
+                    NODE_ID,
+                    {"task": task.assignment()},
+                    target_id=device.device_id,
+                    timestamp=utc_timestamp(now),
+                )
+            )
+            touched[id(conn)] = conn
+        for conn in touched.values():
+            conn.flush()
+
+    def _assignments_committed(
+        self,
+        fut: asyncio.Future[None],
+        sent: list[tuple[Task, Device, int, int]],
+        late: list[tuple[Task, Device, int, int]],
     ) -> None:
         if fut.cancelled() or fut.exception() is not None:
             log.error("assignments not committed; their leases will expire and requeue them")
             return
+        if late:
+            self._send_assignments(late)
         for task, device, attempt, version in sent:
-            if not task.held_by(device.device_id, attempt):
-                continue  # cancelled or lost in the meantime
-            conn = device.conn
-            if conn is not None and not conn.closed:
-                mid = new_message_id()
-                conn.pending_assigns[mid] = (task.task_id, attempt)
-                conn.send(
-                    Message(
-                        "task_assign",
-                        mid,
-                        NODE_ID,
-                        {"task": task.assignment()},
-                        target_id=device.device_id,
-                        timestamp=utc_timestamp(self.clock()),
-                    )
-                )
-            self.publish_committed(fut, task, version)
+            if task.held_by(device.device_id, attempt):
+                self.publish_committed(fut, task, version)
 
     def forget_uncommitted(self, task: Task) -> None:
-        """The insert of a new task failed to commit: it must never run."""
+        """The insert of a new task failed to commit: it must not run (its device is told to stop)."""
         log.error("task %s was not stored; dropping it", task.task_id)
         if task.idempotency_key is not None:
             self._idempotency.pop(task.idempotency_key, None)
         self.tasks.pop(task.task_id, None)
+        self._recent.pop(task.task_id, None)
+        self.bump(task)  # publications queued for it are skipped: nobody hears of it
+        if task.status in ACTIVE_STATUSES:
+            self.send_cancel(task, "not_stored")  # it was sent to its device while the commit ran
         device = self.registry.get(task.assigned_device or "")
         if device is not None and task.task_id in device.running:
             device.running.discard(task.task_id)

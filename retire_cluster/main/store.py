@@ -2,8 +2,9 @@
 
 Theory of operation: the node keeps the live state in memory and the store
 keeps it durable. Writes are queued with :meth:`Store.write`, which returns a
-future; one writer task commits everything queued so far in a single
-transaction and then resolves those futures, so a burst of N submissions costs
+future; the next loop pass hands everything queued so far to aiosqlite's
+thread as a single transaction (while one is under way, the queue waits for
+it) and its end resolves those futures, so a burst of N submissions costs
 one commit, not N (group commit). Callers send their acknowledgements only
 after the future resolves: nothing is acknowledged before it is on disk.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,10 +225,17 @@ class Store:
         self._db: aiosqlite.Connection | None = None
         self._queue: list[Op] = []
         self._waiters: list[asyncio.Future[None]] = []
-        self._wakeup = asyncio.Event()
+        self._urgent = False  # a write that wants its own commit is queued
+        self._start_handle: asyncio.Handle | None = None
+        self._in_flight = False  # a batch is in the SQLite thread
         self._lazy_timer: asyncio.TimerHandle | None = None
-        self._writer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        self._closed: asyncio.Future[None] | None = None
+        #: Batches handed to the SQLite thread so far: a write made now joins batch number ``next_batch``.
+        self.next_batch = 0
+        #: Called (at the next loop pass) after every commit, once its waiters' callbacks have run.
+        self.after_commit: list[Callable[[], None]] = []
         self.commits = 0
 
     # -- lifecycle --------------------------------------------------------
@@ -247,7 +255,7 @@ class Store:
             await db.close()
             raise
         self._db = db
-        self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name="store-writer")
+        self._loop = asyncio.get_running_loop()
 
     async def _migrate(self, db: aiosqlite.Connection) -> None:
         async with db.execute("PRAGMA user_version") as cur:
@@ -271,18 +279,26 @@ class Store:
             log.info("database schema migrated to version %d", number + 1)
 
     async def close(self) -> None:
-        """Commit what is queued, stop the writer and close the database."""
+        """Commit what is queued, wait for any commit under way, and close the database."""
         if self._db is None:
             return
-        self._closing = True
-        if self._lazy_timer is not None:
-            self._lazy_timer.cancel()
-            self._lazy_timer = None
-        self._wakeup.set()
-        if self._writer is not None:
-            await self._writer
-        await self._db.close()
-        self._db = None
+        if self._closed is not None:  # a second close() waits for the first one
+            await asyncio.shield(self._closed)
+            return
+        assert self._loop is not None
+        self._closing, self._closed = True, self._loop.create_future()
+        try:
+            if self._lazy_timer is not None:
+                self._lazy_timer.cancel()
+                self._lazy_timer = None
+            try:
+                await self._enqueue([], urgent=True)  # committed after everything queued before it
+            except Exception:
+                pass  # the failed commit was logged and its waiters told
+            db, self._db = self._db, None
+            await db.close()
+        finally:
+            self._closed.set_result(None)
 
     @property
     def is_open(self) -> bool:
@@ -300,78 +316,108 @@ class Store:
         """
         if self._db is None or self._closing:
             raise RuntimeError("store is closed")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        fut = self._enqueue(ops, urgent=not lazy)
+        if lazy and not self._urgent and self._lazy_timer is None:
+            assert self._loop is not None
+            self._lazy_timer = self._loop.call_later(LAZY_COMMIT_S, self._lazy_due)
+        return fut
+
+    def _enqueue(self, ops: Sequence[Op], *, urgent: bool) -> asyncio.Future[None]:
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
         self._queue.extend(ops)
         self._waiters.append(fut)
-        if not lazy:
-            self._wakeup.set()
-        elif self._lazy_timer is None:
-            self._lazy_timer = loop.call_later(LAZY_COMMIT_S, self._lazy_due)
+        if urgent:
+            self._urgent = True
+            self._kick()
         return fut
+
+    def _kick(self) -> None:
+        """Start a commit at the next loop pass, unless one is under way (its end starts the next).
+
+        Waiting one pass lets what the same burst of events queues next (a
+        submission's assignment, say) join this commit.
+        """
+        if self._start_handle is None and not self._in_flight:
+            assert self._loop is not None
+            self._start_handle = self._loop.call_soon(self._start)
 
     def _lazy_due(self) -> None:
         self._lazy_timer = None
-        self._wakeup.set()
+        self._urgent = True
+        self._kick()
 
     async def flush(self) -> None:
         """Wait until everything queued so far, and any commit under way, is committed."""
         await self.write([])
 
-    async def _write_loop(self) -> None:
-        assert self._db is not None
-        db = self._db
-        while True:
-            await self._wakeup.wait()
-            # One more loop pass: what the same burst of events queues next
-            # (a submission's assignment, say) joins this commit.
-            await asyncio.sleep(0)
-            self._wakeup.clear()
-            if not self._waiters and not self._queue:
-                if self._closing:
-                    return
-                continue
-            ops, waiters = self._queue, self._waiters
-            self._queue, self._waiters = [], []
-            if self._lazy_timer is not None:  # what it was armed for is in this commit
-                self._lazy_timer.cancel()
-                self._lazy_timer = None
-            try:
-                await self._commit(db, ops)
-            except Exception as exc:  # a disk error: every waiter must hear it
-                log.exception("commit of %d statements failed", len(ops))
-                for fut in waiters:
-                    if not fut.done():
-                        fut.set_exception(exc)
-            else:
+    def _start(self) -> None:
+        """Hand everything queued so far to the SQLite thread as one transaction."""
+        self._start_handle = None
+        if self._in_flight or not self._waiters or self._db is None:
+            return
+        ops, waiters = self._queue, self._waiters
+        self._queue, self._waiters, self._urgent = [], [], False
+        self.next_batch += 1
+        if self._lazy_timer is not None:  # what it was armed for is in this commit
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        self._in_flight = True
+        if not ops:  # flush(): everything before it is committed already
+            self._finish(waiters, None, 0)
+            return
+        db, loop, groups = self._db, self._loop, _grouped(ops)
+        assert loop is not None
+        tx = getattr(db, "_tx", None)  # aiosqlite's queue of work for its thread (there since 0.17)
+        if FAST_COMMIT and tx is not None:
+            # One hand-off each way: the batch runs as one function in
+            # aiosqlite's thread, which then wakes the loop with the outcome.
+            def job() -> None:
+                try:
+                    _apply_batch(db, groups)
+                except BaseException as exc:  # noqa: B036 - every waiter must hear it
+                    loop.call_soon_threadsafe(self._finish, waiters, exc, len(ops))
+                else:
+                    loop.call_soon_threadsafe(self._finish, waiters, None, len(ops))
+
+            tx.put_nowait((None, job))
+            return
+        task = loop.create_task(self._commit_slow(db, groups))
+        task.add_done_callback(
+            lambda t: self._finish(waiters, asyncio.CancelledError() if t.cancelled() else t.exception(), len(ops))
+        )
+
+    def _finish(self, waiters: list[asyncio.Future[None]], exc: BaseException | None, count: int) -> None:
+        """A commit ended: resolve its waiters, then start the next one if anything is queued."""
+        self._in_flight = False
+        if exc is None:
+            if count:
                 self.commits += 1
-                for fut in waiters:
-                    if not fut.done():
-                        fut.set_result(None)
-            if self._closing and not self._queue and not self._waiters:
-                return
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+        else:  # a disk error: every waiter must hear it
+            log.error("commit of %d statements failed", count, exc_info=exc)
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(exc)
+        assert self._loop is not None
+        for hook in self.after_commit:
+            self._loop.call_soon(hook)  # after the callbacks the waiters just scheduled
+        if self._urgent:
+            self._kick()
 
     @staticmethod
-    async def _commit(db: aiosqlite.Connection, ops: list[Op]) -> None:
-        """One transaction for the whole batch, in as few thread hand-offs as possible.
+    async def _commit_slow(db: aiosqlite.Connection, groups: list[tuple[str, list[Sequence[Any]]]]) -> None:
+        """The same transaction through aiosqlite's public calls (one hand-off per statement).
 
-        Statements are grouped by kind (tasks before attempts before devices,
-        keeping their order within a kind). Each hand-off to aiosqlite's
-        thread costs 60-80 µs, so the whole batch runs as one function in
-        that thread when aiosqlite lets us (``Connection._execute``, there
-        since 0.17); otherwise each group is one executemany and the
-        transaction is ended by commit() (sqlite3's legacy transaction mode
-        opens it at the first write).
+        Used when aiosqlite does not expose its work queue, and by the tests
+        of this path. Statements are grouped by kind as in :func:`_grouped`;
+        sqlite3's legacy transaction mode opens the transaction at the first
+        write and commit() ends it.
         """
-        if not ops:
-            return
-        ordered = _grouped(ops)
-        run_in_thread = getattr(db, "_execute", None)
-        if FAST_COMMIT and run_in_thread is not None:
-            await run_in_thread(_apply_batch, db, ordered)
-            return
         try:
-            for sql, rows in ordered:
+            for sql, rows in groups:
                 if len(rows) == 1:
                     await db.execute(sql, rows[0])
                 else:

@@ -92,6 +92,10 @@ class Task:
     #: Bumped at each write of this task (memory only): a state is published
     #: after its commit only if no newer state was queued in the meantime.
     version: int = field(default=0, compare=False)
+    #: The store batch that carries this task's insert while it is still
+    #: queued (memory only): an assignment joining that same batch may be
+    #: sent before the commit (MainNode._send_assignments says why).
+    insert_batch: int | None = field(default=None, compare=False)
 
     @property
     def terminal(self) -> bool:
