@@ -199,3 +199,42 @@ async def test_unanswered_result_times_out_and_stays_in_the_outbox(tmp_path: Pat
         agent.stop()
         await runner
         await node.stop()
+
+
+class RecordingWriter:
+    """Stands in for the StreamWriter: records each write() (one write is one send on the socket)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    async def drain(self) -> None:
+        return None
+
+
+async def test_an_instant_tasks_ack_and_result_leave_in_one_write(tmp_path: Path) -> None:
+    """Frames queued in one loop pass go out together: the main node wakes once for echo's ack and result."""
+    import json
+
+    from retire_cluster.protocol.messages import Message
+
+    agent = Agent(WorkerConfig(device_id="x", data_dir=tmp_path))
+    writer = RecordingWriter()
+    agent._writer = writer  # type: ignore[assignment]
+    agent.registered.set()
+    agent._on_message(Message("task_assign", "m-1", "main-node", {"task": {
+        "task_id": "t-1", "attempt": 1, "task_type": "echo", "payload": {"message": "hi"}, "timeout": 10}}))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(writer.writes) == 1, writer.writes
+    frames = [json.loads(line) for line in writer.writes[0].splitlines()]
+    assert [f["message_type"] for f in frames] == ["ack", "task_result"]
+    assert frames[1]["data"]["result"]["output"] == "hi"
+    (waiting,) = agent._pending.values()  # the result waits for the main node's ack
+    waiting.set_result(Message("ack", "a-1", "main-node", {"original_message_id": frames[1]["message_id"]}))
+    await wait_until(lambda: not agent.running and not list(agent.outbox))

@@ -84,6 +84,7 @@ class Agent:
         self.tasks_finished = 0
         self.registered = asyncio.Event()
         self._writer: Optional[asyncio.StreamWriter] = None
+        self._out: "list[bytes]" = []  # frames queued in this loop pass, written together at its end
         self._pending: Dict[str, "asyncio.Future[Message]"] = {}
         self._stopping = asyncio.Event()
         self._last_activity = time.time()
@@ -284,9 +285,21 @@ class Agent:
                        timestamp=utc_timestamp(), auth_token=self.config.token)
 
     def _send(self, message: Message) -> None:
+        """Queue a frame; every frame queued in this loop pass goes out in one write.
+
+        An instant task's ack and result then reach the main node together,
+        which wakes it once instead of twice.
+        """
         if self._writer is None or self._writer.is_closing():
             raise ConnectionError("not connected")
-        self._writer.write(encode(message))
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush, self._writer)
+        self._out.append(encode(message))
+
+    def _flush(self, writer: asyncio.StreamWriter) -> None:
+        out, self._out = self._out, []
+        if out and writer is self._writer and not writer.is_closing():
+            writer.write(b"".join(out))
 
     async def _request(self, message_type: str, data: Dict[str, Any],
                        wait_for: "Optional[asyncio.Future[Any]]" = None) -> Message:
@@ -361,9 +374,9 @@ class Agent:
             return
         if held is not None:  # an older attempt of the same task: it was taken from us
             held.job.cancel()
-        self._send(ack(msg.message_id, {"task_id": task_id}, sender_id=self.device_id))
-        job = asyncio.ensure_future(self._run_task(task))
+        job = asyncio.ensure_future(self._run_task(task))  # its first step runs before the flush of the ack
         self.running[task_id] = Running(task, job)
+        self._send(ack(msg.message_id, {"task_id": task_id}, sender_id=self.device_id))
 
     def _on_cancel(self, msg: Message) -> None:
         task_id = str(msg.data.get("task_id"))
@@ -431,6 +444,10 @@ class Agent:
         """Trim output so the task_result frame fits the main node's max_frame_bytes."""
         limit = self.max_frame_bytes - 1024  # envelope and margin
         result = data["result"]
+        if all(v is None or isinstance(v, (str, int, float)) for v in result.values()):
+            texts = sum(len(v) for v in result.values() if isinstance(v, str))
+            if 6 * texts + 4096 < limit:  # fits even if every character were escaped as \uXXXX
+                return data
         for _ in range(8):
             size = len(encode(self._message("task_result", data)))
             if size <= limit:
