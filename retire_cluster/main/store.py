@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,8 +234,6 @@ class Store:
         self._closed: asyncio.Future[None] | None = None
         #: Batches handed to the SQLite thread so far: a write made now joins batch number ``next_batch``.
         self.next_batch = 0
-        #: Called (at the next loop pass) after every commit, once its waiters' callbacks have run.
-        self.after_commit: list[Callable[[], None]] = []
         self.commits = 0
 
     # -- lifecycle --------------------------------------------------------
@@ -401,9 +399,6 @@ class Store:
             for fut in waiters:
                 if not fut.done():
                     fut.set_exception(exc)
-        assert self._loop is not None
-        for hook in self.after_commit:
-            self._loop.call_soon(hook)  # after the callbacks the waiters just scheduled
         if self._urgent:
             self._kick()
 
