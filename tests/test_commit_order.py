@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from conftest import Peer, fake_worker, settle
 from test_node import report, submit, take_assignment
@@ -141,14 +141,20 @@ class HeldCommits:
         self.gate.set()
 
 
-async def test_new_task_is_sent_while_its_insert_commits(node: MainNode, monkeypatch: Any) -> None:
-    """The first assignment rides in the insert's transaction and goes out before that commit ends."""
+async def submit_while_held(node: MainNode, monkeypatch: Any) -> Tuple[Peer, Peer, Peer, HeldCommits, str]:
+    """A subscriber, a client, a worker; commits held from now on; an echo task submitted."""
     watcher = await Peer.connect(node, "watcher")
     await watcher.ok("subscribe", {})
     client = await Peer.connect(node)
     worker = await fake_worker(node)
     held = HeldCommits(monkeypatch)
     mid = await client.send("task_submit", {"task": {"task_type": "echo", "payload": {"message": "hi"}}})
+    return watcher, client, worker, held, mid
+
+
+async def test_new_task_is_sent_while_its_insert_commits(node: MainNode, monkeypatch: Any) -> None:
+    """The first assignment rides in the insert's transaction and goes out before that commit ends."""
+    watcher, client, worker, held, mid = await submit_while_held(node, monkeypatch)
     await held.started.wait()
     push = await worker.next_push("task_assign")  # while the insert + assignment commit is held
     task_id = push["data"]["task"]["task_id"]
@@ -190,12 +196,7 @@ async def test_stored_task_is_sent_only_after_its_assignment_commits(node: MainN
 
 
 async def test_failed_insert_cancels_the_task_on_its_device(node: MainNode, monkeypatch: Any) -> None:
-    watcher = await Peer.connect(node, "watcher")
-    await watcher.ok("subscribe", {})
-    client = await Peer.connect(node)
-    worker = await fake_worker(node)
-    held = HeldCommits(monkeypatch)
-    mid = await client.send("task_submit", {"task": {"task_type": "echo", "payload": {"message": "hi"}}})
+    watcher, client, worker, held, mid = await submit_while_held(node, monkeypatch)
     push = await worker.next_push("task_assign")
     task_id = push["data"]["task"]["task_id"]
     held.release(fail=True)
