@@ -446,7 +446,7 @@ class Agent:
         result = data["result"]
         if all(v is None or isinstance(v, (str, int, float)) for v in result.values()):
             texts = sum(len(v) for v in result.values() if isinstance(v, str))
-            if 6 * texts + 4096 < limit:  # fits even if every character were escaped as \uXXXX
+            if 6 * texts + 4096 < limit:  # fits even if every character became a six-byte \u escape
                 return data
         for _ in range(8):
             size = len(encode(self._message("task_result", data)))
