@@ -209,3 +209,54 @@ async def test_failed_insert_cancels_the_task_on_its_device(node: MainNode, monk
     assert result["message_type"] == "error" and result["data"]["code"] == "not_found"
     assert node.lookup(task_id) is None and on_disk(node, task_id) is None
     assert await updates(watcher) == []
+
+
+async def test_no_assignment_goes_out_before_the_register_reply(node: MainNode, monkeypatch: Any) -> None:
+    """A task submitted while a worker's registration commits reaches it only after its register reply."""
+    client = await Peer.connect(node)
+    held = HeldCommits(monkeypatch)
+    joining = asyncio.ensure_future(fake_worker(node))
+    await held.started.wait()  # the registration is being committed; its reply waits for that
+    await client.send("task_submit", {"task": {"task_type": "echo", "payload": {"message": "hi"}}})
+    for _ in range(20):
+        await asyncio.sleep(0)
+    device = node.registry.get("dev-1")
+    assert device is not None and device.conn is not None and not device.conn.pending_assigns
+    held.release()
+    worker = await joining
+    assert not [m for m in worker.pushed if m["message_type"] == "task_assign"]  # none came before the reply
+    push = await worker.next_push("task_assign")
+    assert push["data"]["task"]["task_type"] == "echo"
+
+
+async def test_unacknowledged_assignment_lost_with_the_connection_uses_no_retry(node: MainNode) -> None:
+    """The device reconnects without an assignment it never acked: it never got it, so no retry is used.
+
+    (A main node killed between committing an assignment and sending it leaves
+    the same state; repeated kills used to burn all of a task's retries.)
+    """
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    task_id = await submit(client, max_retries=0)
+    first = await take_assignment(worker, accept=False)
+    await settle(node)
+    again = await fake_worker(node)  # the same device on a new connection, holding nothing
+    second = await take_assignment(again)
+    task = node.lookup(task_id)
+    assert (first["attempt"], second["attempt"]) == (1, 2)
+    assert [a.outcome for a in task.attempts] == ["not_received", None] and task.attempts_used == 1
+    assert (await report(again, second))["message_type"] == "ack"
+    await settle(node)
+    assert on_disk(node, task_id)["status"] == "completed"
+
+
+async def test_acknowledged_assignment_lost_with_the_connection_is_worker_lost(node: MainNode) -> None:
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    task_id = await submit(client, max_retries=1)
+    await take_assignment(worker, accept=True)
+    await settle(node)
+    assert node.lookup(task_id).status is TaskStatus.RUNNING
+    again = await fake_worker(node)
+    await take_assignment(again)
+    assert [a.outcome for a in node.lookup(task_id).attempts] == ["worker_lost", None]

@@ -110,6 +110,7 @@ class Handlers:
         log.info("device %s registered from %s", device.device_id, conn.peer)
 
         def committed() -> dict[str, Any]:
+            conn.welcomed = True  # this reply goes out before anything pushed from now on
             node.schedule_soon()
             return {
                 "device_id": device.device_id,
@@ -129,7 +130,13 @@ class Handlers:
             if task is None:
                 device.running.discard(task_id)
             elif (task_id, task.attempt) not in claims:
-                node.requeue(task, "worker_lost", now)
+                if task.status is TaskStatus.ASSIGNED:
+                    # Never acknowledged, and not claimed: the device never got
+                    # it (the connection or the main node went down first), so
+                    # it does not count against max_retries.
+                    node.requeue(task, "not_received", now, handback=True)
+                else:
+                    node.requeue(task, "worker_lost", now)
         for task_id, attempt in claims:
             task = node.lookup(task_id)
             if task is None or not task.held_by(device.device_id, attempt):

@@ -371,8 +371,14 @@ class MainNode(Dispatcher):
             sent.append((task, device, task.attempt, self.bump(task)))
         batch = self.store.next_batch  # the transaction these ops join
         fut = self.write(ops)
-        early = [s for s in sent if s[0].insert_batch == batch]
-        late = [s for s in sent if s[0].insert_batch != batch] if len(early) < len(sent) else []
+        # Early only to a device whose register reply went out: a worker reads
+        # that reply first (PROTOCOL.md), and the reply waits for its own commit.
+        early: list[tuple[Task, Device, int, int]] = []
+        late: list[tuple[Task, Device, int, int]] = []
+        for item in sent:
+            task, device = item[0], item[1]
+            ready = task.insert_batch == batch and device.conn is not None and device.conn.welcomed
+            (early if ready else late).append(item)
         if early:
             self._send_assignments(early)
         fut.add_done_callback(lambda f: self._assignments_committed(f, sent, late))

@@ -76,6 +76,8 @@ class Connection(asyncio.Protocol):
         self.subscribed: set[str] = set()
         #: task_assign message ids sent on this connection -> (task_id, attempt)
         self.pending_assigns: dict[str, tuple[str, int]] = {}
+        #: The reply to this connection's register has been sent: pushes may follow it.
+        self.welcomed = False
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
