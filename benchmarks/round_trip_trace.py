@@ -122,10 +122,7 @@ def main() -> None:
         try:
             run(drive(node, count, marks))
         finally:
-            for w in workers:
-                w.terminate()
-            for w in workers:
-                w.wait(30)
+            tasks.stop_workers(workers)
             node.stop()
         rows = split_steps(load_events(trace_dir, marks))
     if not rows:

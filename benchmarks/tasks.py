@@ -34,6 +34,14 @@ def start_workers(node: MainNode, count: int, slots: int) -> list[subprocess.Pop
     return procs
 
 
+def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM all at once, then wait for each (they hand back what they hold and exit)."""
+    for w in procs:
+        w.terminate()
+    for w in procs:
+        w.wait(30)
+
+
 def cpu_s(proc: psutil.Process) -> float:
     t = proc.cpu_times()
     return t.user + t.system
@@ -122,10 +130,7 @@ def measure(synchronous: str, tasks: int, round_trips: int, window: int, slots: 
         })
         return result
     finally:
-        for w in workers:
-            w.terminate()
-        for w in workers:
-            w.wait(30)
+        stop_workers(workers)
         node.stop()
 
 
