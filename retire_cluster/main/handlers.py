@@ -273,12 +273,22 @@ class Handlers:
         except ValueError as exc:
             raise InvalidMessage(str(exc), path="$.data.task.priority") from None
         key = spec.get("idempotency_key")
+        wait_s = msg.data.get("wait")
         if key is not None and key in node._idempotency:
             existing_id = node._idempotency[key]
 
             async def existing() -> dict[str, Any]:
-                await node.store.flush()
-                return {"task_id": existing_id, "existing": True}
+                flushed = node.store.write([])  # its insert is committed when this is
+                await flushed
+                result: dict[str, Any] = {"task_id": existing_id, "existing": True}
+                if wait_s is not None:
+                    held = node.lookup(existing_id)
+                    if held is None:
+                        stored = await node.store.get_task(existing_id)
+                        result["task"] = stored.to_record() if stored is not None else None
+                    else:
+                        result["task"] = (await node.wait_for_end(held, float(wait_s), flushed))["task"]
+                return result
 
             return existing()
         now = node.clock()
@@ -305,7 +315,11 @@ class Handlers:
         node.scheduler.push(task, now)
         node.schedule_soon()
         task.insert_batch = node.store.next_batch
-        fut = node.write([Store.insert_task(task)])
+        # A client that waits for the end hears nothing before it, so the
+        # insert may wait for the result's commit (MainNode.wait_hold_s at most).
+        if wait_s is not None:
+            node.hold_insert(task)
+        fut = node.store.write([Store.insert_task(task)], within=node.wait_hold_s if task.held else None)
 
         def not_stored(f: asyncio.Future[None]) -> None:
             if not f.cancelled() and f.exception() is not None:
@@ -316,7 +330,9 @@ class Handlers:
             return {"task_id": task.task_id}
 
         fut.add_done_callback(not_stored)
-        return node.then(fut, committed)
+        if wait_s is None:
+            return node.then(fut, committed)
+        return node.wait_for_end(task, float(wait_s), node.then(fut, committed))
 
     async def task_status(self, conn: Connection, msg: Message) -> dict[str, Any]:
         task = await self.node.fetch(msg.data["task_id"])

@@ -56,6 +56,11 @@ NODE_ID = "main-node"
 RECENT_TASKS = 10_000
 #: Heartbeats change only last_seen and metrics: written behind, at most this often.
 HEARTBEAT_WRITE_INTERVAL_S = 10.0
+#: A submission whose client waits for the end (``task_submit`` with
+#: ``wait``) and that goes to a free device at once has its commit held this
+#: long: an instant task's result then usually comes in time to share it (one
+#: commit per task instead of two; the client hears nothing before either).
+WAIT_HOLD_S = 0.02
 
 
 def load_or_create_token(config: MainConfig) -> str:
@@ -120,6 +125,10 @@ class MainNode(Dispatcher):
         self._background: set[asyncio.Task[Any]] = set()
         self._subs_all: set[Connection] = set()
         self._subs: dict[str, set[Connection]] = {}
+        #: task_id -> callbacks run when the task's end is committed (task_submit with wait)
+        self._end_waiters: dict[str, list[Callable[[], None]]] = {}
+        self.wait_hold_s = WAIT_HOLD_S
+        self._held: list[Task] = []  # submissions with wait, until the next scheduling pass
         self._stopping = False
         self.stopped = asyncio.Event()
         #: callback(kind, obj) on every ("task", Task) publish and ("device", Device) change
@@ -338,8 +347,27 @@ class MainNode(Dispatcher):
             self._schedule_pending = True
             asyncio.get_running_loop().call_soon(self._schedule)
 
+    def hold_insert(self, task: Task) -> None:
+        """``task`` was submitted with ``wait``: its insert waits for the next scheduling pass.
+
+        That pass keeps it held (``wait_hold_s``) if the task goes to a device
+        at once, and commits it at once otherwise.
+        """
+        task.held = True
+        self._held.append(task)
+        self.schedule_soon()
+
     def _schedule(self) -> None:
         self._schedule_pending = False
+        held, self._held = self._held, []
+        self._place()
+        for task in held:
+            task.held = False
+            if task.status is not TaskStatus.ASSIGNED or task.insert_batch != self.store.next_batch:
+                self.store.hurry()  # not sent early: nothing to wait for
+                break
+
+    def _place(self) -> None:
         if self._stopping:
             return
         now = self.clock()
@@ -370,7 +398,6 @@ class MainNode(Dispatcher):
             ops.extend(Store.update_task(task))
             sent.append((task, device, task.attempt, self.bump(task)))
         batch = self.store.next_batch  # the transaction these ops join
-        fut = self.write(ops)
         # Early only to a device whose register reply went out: a worker reads
         # that reply first (PROTOCOL.md), and the reply waits for its own commit.
         early: list[tuple[Task, Device, int, int]] = []
@@ -379,6 +406,9 @@ class MainNode(Dispatcher):
             task, device = item[0], item[1]
             ready = task.insert_batch == batch and device.conn is not None and device.conn.welcomed
             (early if ready else late).append(item)
+        # Only held submissions sent early: the commit waits for their results (wait_hold_s).
+        held = not late and all(item[0].held for item in early)
+        fut = self.store.write(ops, within=self.wait_hold_s if held else None)
         if early:
             self._send_assignments(early)
         fut.add_done_callback(lambda f: self._assignments_committed(f, sent, late))
@@ -627,8 +657,23 @@ class MainNode(Dispatcher):
             except Exception:  # a listener's bug must not stop the node
                 log.exception("listener %r failed on a %s change", callback, kind)
 
+    def wait_for_end(self, task: Task, seconds: float, stored: asyncio.Future[Any]) -> asyncio.Future[dict[str, Any]]:
+        """A future of ``{"task_id", "task"}`` once ``task``'s end is committed, or after ``seconds``.
+
+        ``stored`` is the commit of the task's insert: nothing is answered
+        before it (its failure is the answer), so a record given out is on
+        disk. The record after ``seconds`` may be of a task still running.
+        The answer is the reply itself (no further future in between), so it
+        goes out before the device's own ack in the same pass.
+        """
+        waiter = _EndWaiter(self, task, stored, seconds)
+        return waiter.out
+
     def publish(self, task: Task) -> None:
         """Push ``task_update`` to the connections subscribed to this task."""
+        if task.terminal and task.task_id in self._end_waiters:
+            for answer in list(self._end_waiters[task.task_id]):
+                answer()
         if self._listeners:
             self._notify("task", task)
         targets = self._subs_all | self._subs.get(task.task_id, set())
@@ -648,3 +693,47 @@ class MainNode(Dispatcher):
         if task.terminal:
             for conn in self._subs.pop(task.task_id, set()):
                 conn.subscribed.discard(task.task_id)
+
+
+class _EndWaiter:
+    """One ``task_submit`` with ``wait``: answered at the task's committed end, or when the wait runs out."""
+
+    def __init__(self, node: MainNode, task: Task, stored: asyncio.Future[Any], seconds: float) -> None:
+        self.node, self.task, self.stored = node, task, stored
+        loop = asyncio.get_running_loop()
+        self.out: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.due = task.terminal and stored.done()  # answer once stored: it ended, or the wait ran out
+        self.timer = loop.call_later(seconds, self.ran_out)
+        if not self.due:
+            node._end_waiters.setdefault(task.task_id, []).append(self.answer)
+        stored.add_done_callback(self.after_store)
+
+    def forget(self) -> None:
+        self.timer.cancel()
+        waiters = self.node._end_waiters.get(self.task.task_id)
+        if waiters is not None and self.answer in waiters:
+            waiters.remove(self.answer)
+            if not waiters:
+                del self.node._end_waiters[self.task.task_id]
+
+    def answer(self) -> None:
+        self.forget()
+        if not self.out.done():
+            self.out.set_result({"task_id": self.task.task_id, "task": self.task.to_record()})
+
+    def after_store(self, f: asyncio.Future[Any]) -> None:
+        if self.out.done():
+            return
+        if f.cancelled():
+            self.forget()
+            self.out.cancel()
+        elif f.exception() is not None:
+            self.forget()
+            self.out.set_exception(f.exception())  # type: ignore[arg-type]
+        elif self.due:
+            self.answer()
+
+    def ran_out(self) -> None:
+        self.due = True
+        if self.stored.done():
+            self.after_store(self.stored)

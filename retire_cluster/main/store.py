@@ -228,7 +228,8 @@ class Store:
         self._urgent = False  # a write that wants its own commit is queued
         self._start_handle: asyncio.Handle | None = None
         self._in_flight = False  # a batch is in the SQLite thread
-        self._lazy_timer: asyncio.TimerHandle | None = None
+        self._lazy_timer: asyncio.TimerHandle | None = None  # the deadline of lazy and held writes
+        self._lazy_due_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._closed: asyncio.Future[None] | None = None
@@ -304,21 +305,35 @@ class Store:
 
     # -- writing ----------------------------------------------------------
 
-    def write(self, ops: Sequence[Op], *, lazy: bool = False) -> asyncio.Future[None]:
+    def write(self, ops: Sequence[Op], *, lazy: bool = False, within: float | None = None) -> asyncio.Future[None]:
         """Queue statements for the next group commit; the future resolves after it.
 
         A ``lazy`` write does not start a commit of its own: it rides along
         with the next one, or is committed after :data:`LAZY_COMMIT_S`. It
         keeps a commit off the critical path of what comes next (a worker's
-        result right after its "accepted" ack).
+        result right after its "accepted" ack). ``within`` is the same with a
+        deadline of that many seconds (a held submission: its task's result
+        may come in time to share the commit).
         """
         if self._db is None or self._closing:
             raise RuntimeError("store is closed")
-        fut = self._enqueue(ops, urgent=not lazy)
-        if lazy and not self._urgent and self._lazy_timer is None:
-            assert self._loop is not None
-            self._lazy_timer = self._loop.call_later(LAZY_COMMIT_S, self._lazy_due)
+        if lazy and within is None:
+            within = LAZY_COMMIT_S
+        fut = self._enqueue(ops, urgent=within is None)
+        if within is not None and not self._urgent:
+            self._commit_within(within)
         return fut
+
+    def _commit_within(self, seconds: float) -> None:
+        """Start a commit at most ``seconds`` from now (an earlier deadline stands)."""
+        assert self._loop is not None
+        due = self._loop.time() + seconds
+        if self._lazy_timer is not None:
+            if self._lazy_due_at <= due:
+                return
+            self._lazy_timer.cancel()
+        self._lazy_due_at = due
+        self._lazy_timer = self._loop.call_at(due, self._lazy_due)
 
     def _enqueue(self, ops: Sequence[Op], *, urgent: bool) -> asyncio.Future[None]:
         assert self._loop is not None
@@ -329,6 +344,12 @@ class Store:
             self._urgent = True
             self._kick()
         return fut
+
+    def hurry(self) -> None:
+        """Commit what is queued at the next loop pass instead of at its deadline."""
+        if self._waiters:
+            self._urgent = True
+            self._kick()
 
     def _kick(self) -> None:
         """Start a commit at the next loop pass, unless one is under way (its end starts the next).

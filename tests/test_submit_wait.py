@@ -1,0 +1,172 @@
+"""``task_submit`` with ``wait``: one reply when the task has ended, and one commit for an instant task.
+
+A client that waits for the end hears nothing before it, so when the task
+goes to a free device at once, the main node holds the insert's commit (at
+most ``MainNode.wait_hold_s``) and the result usually comes in time to share
+it: insert, assignment, running and the result in one transaction instead of
+two. The reply still waits for that commit, and carries the final record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Dict
+
+import pytest
+from conftest import Peer, fake_worker, settle
+from test_commit_order import HeldCommits, on_disk
+from test_node import report, take_assignment
+
+from retire_cluster.main import MainNode
+from retire_cluster.protocol.messages import TaskStatus
+
+
+def spec(**extra: Any) -> Dict[str, Any]:
+    task: Dict[str, Any] = {"task_type": "echo", "payload": {"message": "hi"}}
+    task.update(extra)
+    return task
+
+
+async def test_reply_comes_with_the_final_record(node: MainNode) -> None:
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    mid = await client.send("task_submit", {"task": spec(), "wait": 30})
+    task = await take_assignment(worker)
+    await report(worker, task, output="hi")
+    reply = await client.reply_to(mid)
+    assert reply["message_type"] == "ack", reply
+    result = reply["data"]["result"]
+    assert result["task_id"] == task["task_id"]
+    assert result["task"]["status"] == "completed" and result["task"]["result"]["output"] == "hi"
+    assert on_disk(node, task["task_id"])["status"] == "completed"  # what the reply says is on disk
+
+
+async def test_an_instant_task_costs_one_commit(node: MainNode, monkeypatch: Any) -> None:
+    monkeypatch.setattr(node, "wait_hold_s", 3600.0)  # only the result's commit may carry the insert
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    await settle(node)
+    commits = node.store.commits
+    mid = await client.send("task_submit", {"task": spec(), "wait": 30})
+    task = await take_assignment(worker)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert on_disk(node, task["task_id"]) is None  # held: nothing is on disk, nobody has been told
+    assert node.store.commits == commits
+    await report(worker, task)
+    reply = await client.reply_to(mid)
+    assert reply["data"]["result"]["task"]["status"] == "completed"
+    assert node.store.commits == commits + 1  # insert, assignment, running and result together
+
+
+async def test_without_wait_the_insert_is_committed_at_once(node: MainNode) -> None:
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    await settle(node)
+    commits = node.store.commits
+    reply = await client.ok("task_submit", {"task": spec()})
+    assert on_disk(node, reply["task_id"]) == {"status": "assigned", "started_at": [None]}
+    task = await take_assignment(worker)
+    await report(worker, task)
+    assert node.store.commits == commits + 2
+
+
+async def test_held_insert_is_committed_by_its_deadline(node: MainNode, monkeypatch: Any) -> None:
+    monkeypatch.setattr(node, "wait_hold_s", 0.0)
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    mid = await client.send("task_submit", {"task": spec(), "wait": 30})
+    task = await take_assignment(worker)
+    for _ in range(500):
+        if on_disk(node, task["task_id"]) is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert on_disk(node, task["task_id"]) is not None  # the worker never answered; the insert is stored
+    await report(worker, task)
+    assert (await client.reply_to(mid))["data"]["result"]["task"]["status"] == "completed"
+
+
+async def test_a_task_with_no_free_device_is_not_held(node: MainNode, monkeypatch: Any) -> None:
+    monkeypatch.setattr(node, "wait_hold_s", 3600.0)
+    client = await Peer.connect(node)
+    mid = await client.send("task_submit", {"task": spec(), "wait": 0.05})
+    reply = await client.reply_to(mid)
+    record = reply["data"]["result"]["task"]
+    assert record["status"] == "pending"  # the wait ran out; the record says where it stands
+    assert on_disk(node, record["task_id"]) == {"status": "pending", "started_at": []}
+
+
+async def test_wait_running_out_replies_with_the_record_so_far(node: MainNode) -> None:
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    mid = await client.send("task_submit", {"task": spec(), "wait": 0.05})
+    task = await take_assignment(worker)
+    reply = await client.reply_to(mid)
+    record = reply["data"]["result"]["task"]
+    assert record["task_id"] == task["task_id"] and record["status"] in ("assigned", "running")
+    assert on_disk(node, task["task_id"])["status"] in ("assigned", "running")
+    await report(worker, task)
+    await settle(node)
+    assert not node._end_waiters  # nothing is left behind for it
+
+
+async def test_failed_insert_is_the_answer(node: MainNode, monkeypatch: Any) -> None:
+    client = await Peer.connect(node)
+    held = HeldCommits(monkeypatch)
+    mid = await client.send("task_submit", {"task": spec(), "wait": 30})
+    await held.started.wait()
+    held.release(fail=True)
+    reply = await client.reply_to(mid)
+    assert reply["message_type"] == "error" and reply["data"]["code"] == "internal"
+    assert not node._end_waiters
+
+
+async def test_idempotent_resubmission_waits_for_the_same_task(node: MainNode) -> None:
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    first = await client.ok("task_submit", {"task": spec(idempotency_key="k-1")})
+    mid = await client.send("task_submit", {"task": spec(idempotency_key="k-1"), "wait": 30})
+    task = await take_assignment(worker)
+    await report(worker, task)
+    result = (await client.reply_to(mid))["data"]["result"]
+    assert result["existing"] is True and result["task_id"] == first["task_id"]
+    assert result["task"]["status"] == "completed"
+    again = await client.ok("task_submit", {"task": spec(idempotency_key="k-1"), "wait": 30})
+    assert again["task"]["status"] == "completed"  # ended already: answered at once
+
+
+async def test_cancelled_while_waiting(node: MainNode) -> None:
+    client = await Peer.connect(node)
+    mid = await client.send("task_submit", {"task": spec(), "wait": 30})
+    for _ in range(100):
+        if node.tasks:
+            break
+        await asyncio.sleep(0.01)
+    (task,) = node.tasks.values()
+    await settle(node)
+    canceller = await Peer.connect(node, "canceller")
+    await canceller.ok("task_cancel", {"task_id": task.task_id})
+    reply = await client.reply_to(mid)
+    assert reply["data"]["result"]["task"]["status"] == "cancelled"
+    assert task.status is TaskStatus.CANCELLED
+
+
+@pytest.mark.parametrize("wait", [0, -1, 3601, "5", True, None])
+async def test_bad_wait_is_refused(node: MainNode, wait: Any) -> None:
+    client = await Peer.connect(node)
+    reply = await client.request("task_submit", {"task": spec(), "wait": wait})
+    assert reply["message_type"] == "error" and reply["data"]["code"] == "invalid_message"
+    assert reply["data"]["path"] == "$.data.wait"
+    assert not node.tasks
+
+
+async def test_store_write_within(node: MainNode) -> None:
+    await settle(node)
+    held = node.store.write([], within=3600.0)
+    await asyncio.sleep(0.01)
+    assert not held.done()  # it waits for its deadline, or for another commit
+    node.store.write([])  # an urgent write: the commit carries everything queued
+    await asyncio.wait_for(held, 30)
+    soon = node.store.write([], within=0.0)
+    later = node.store.write([], within=3600.0)  # a later deadline does not push the first one back
+    await asyncio.wait_for(asyncio.gather(soon, later), 30)
