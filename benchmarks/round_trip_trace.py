@@ -4,28 +4,25 @@
 
 Starts the main node and one real worker (2 slots) with the hooks in
 benchmarks/trace/ on their PYTHONPATH, then submits one `echo` task at a time
-and waits for its `task_update` "completed", as tasks.py's round trips do.
+with `wait` and waits for the reply, as tasks.py's round trips do.
 Every process records monotonic timestamps (receive, send, commit start and
 end, the commit's own time in aiosqlite's thread); this script lines them up
 per round trip and prints the median (and p10/p90) of each step. The hooks
 add a few microseconds per step, so the total is a little above tasks.py's.
 
-The commit of the submission (insert and assignment) runs while the worker
-works, so it is not a step of its own: when it ends later than the result
-arrives, the wait shows up in "queue the result".
+The submission's insert and assignment are held (the client waits for the
+end), so one commit carries them with the running state and the result.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from _harness import MainNode, Requester, emit, run
 
@@ -41,9 +38,9 @@ STEPS = [
     ("worker -> main node", "main", "recv", "task_result"),
     ("decode, validate, queue the result", "main", "commit-start", ""),
     ("commit: hand-off to the SQLite thread", "main", "thread-start", ""),
-    ("commit: the result in SQLite", "main", "thread-end", ""),
+    ("commit: the task and its result in SQLite", "main", "thread-end", ""),
     ("commit: hand-off back to the event loop", "main", "commit-end", ""),
-    ("commit -> task_update written", "main", "send", "task_update"),
+    ("commit -> reply written", "main", "send", "client:ack"),
     ("main node -> client", "client", "recv", ""),
 ]
 
@@ -80,27 +77,14 @@ def split_steps(events: list[tuple[int, str, str, str]]) -> list[list[float]]:
 
 
 async def drive(node: MainNode, count: int, marks: list[tuple[int, str, str, str]]) -> None:
-    done: dict[str, asyncio.Future[None]] = {}
-    finished: set[str] = set()
-
-    def on_push(msg: dict[str, Any]) -> None:
-        if msg["message_type"] == "task_update" and msg["data"]["task"]["status"] == "completed":
-            marks.append((time.perf_counter_ns(), "client", "recv", "task_update"))
-            finished.add(msg["data"]["task"]["task_id"])
-            waiter = done.pop(msg["data"]["task"]["task_id"], None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-
-    client = await Requester(node.token, on_push, sender_id="trace").open(node.port)
-    await client.request("subscribe", {})
+    client = await Requester(node.token, lambda _msg: None, sender_id="trace").open(node.port)
     await client.wait_for_devices(1)
+    waited = {"task": {"task_type": "echo", "payload": {"message": "x"}}, "wait": 60}
     for _ in range(count):
         marks.append((time.perf_counter_ns(), "client", "send", "task_submit"))
-        reply = await client.request("task_submit", {"task": {"task_type": "echo", "payload": {"message": "x"}}})
-        task_id = reply["data"]["result"]["task_id"]
-        if task_id not in finished:  # the update may come in the same read as the ack
-            done[task_id] = asyncio.get_running_loop().create_future()
-            await asyncio.wait_for(done[task_id], 60)
+        reply = await client.request("task_submit", waited)
+        marks.append((time.perf_counter_ns(), "client", "recv", "ack"))
+        assert reply["data"]["result"]["task"]["status"] == "completed", reply
     client.close()
 
 

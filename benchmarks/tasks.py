@@ -5,8 +5,10 @@
 Starts the main node and 2 real `retire-cluster worker` processes, then a
 client (this process) submits `echo` tasks with a window of submissions in
 flight and counts completions from `task_update` pushes: tasks/s from first
-submission to last recorded result. Then one task at a time (submit, wait for
-its result, repeat) for the round-trip p50/p99. Runs with
+submission to last recorded result. Then one task at a time for the
+round-trip p50/p99, two ways: `task_submit` with `wait` (one request, one
+reply with the result: the round trip reported) and, for comparison, submit
+then wait for the `task_update` push of a subscribed connection. Runs with
 `--synchronous normal` and `full`; reports RSS of the main node and workers.
 """
 
@@ -86,18 +88,36 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
     elapsed = time.perf_counter() - t0
     main_cpu, worker_cpu = node.cpu_s() - main_cpu0, sum(map(cpu_s, workers)) - worker_cpu0
 
-    samples = await round_trip_samples(request, state, echo, round_trips)
-    client.close()
+    updated = await round_trip_samples(request, state, echo, round_trips)
+    client.close()  # its subscription would add a push to every round trip below
+    waiter = await Requester(node.token, lambda _msg: None, sender_id="bench-wait").open(node.port)
+    samples = await waited_round_trips(waiter.request, echo, round_trips)
+    waiter.close()
     return {"tasks_per_s": round(tasks / elapsed), "seconds": round(elapsed, 2),
             # CPU per task is steadier than wall time on a shared 2-core machine.
             "main_cpu_us_per_task": round(1e6 * main_cpu / tasks),
             "worker_cpu_us_per_task": round(1e6 * worker_cpu / tasks),
             "round_trip_p50_ms": round(1000 * percentile(samples, 0.5), 3),
-            "round_trip_p99_ms": round(1000 * percentile(samples, 0.99), 3)}
+            "round_trip_p99_ms": round(1000 * percentile(samples, 0.99), 3),
+            "round_trip_update_p50_ms": round(1000 * percentile(updated, 0.5), 3),
+            "round_trip_update_p99_ms": round(1000 * percentile(updated, 0.99), 3)}
+
+
+async def waited_round_trips(request: Any, echo: dict[str, Any], count: int) -> list[float]:
+    """One task at a time with ``task_submit`` ``wait``: its one reply carries the result; sorted seconds."""
+    samples = []
+    waited = dict(echo, wait=60)
+    for _ in range(count):
+        start = time.perf_counter()
+        reply = await request("task_submit", waited)
+        samples.append(time.perf_counter() - start)
+        assert reply["data"]["result"]["task"]["status"] == "completed", reply
+    samples.sort()
+    return samples
 
 
 async def round_trip_samples(request: Any, state: dict[str, Any], echo: dict[str, Any], count: int) -> list[float]:
-    """One task at a time: submit, wait for its recorded result; sorted seconds."""
+    """One task at a time: submit, then wait for its ``task_update`` (subscribed); sorted seconds."""
     samples = []
     state["target"] = None
     for _ in range(count):
@@ -149,7 +169,7 @@ def main() -> None:
     table = [(f"synchronous={r['synchronous']}",
               f"{r['tasks_per_s']:,} tasks/s (main CPU {r['main_cpu_us_per_task']} µs/task, workers "
               f"{r['worker_cpu_us_per_task']})  round trip p50 {r['round_trip_p50_ms']} ms  "
-              f"p99 {r['round_trip_p99_ms']} ms  main RSS {r['main_rss_mib']} MiB (rest "
+              f"p99 {r['round_trip_p99_ms']} ms (via task_update p50 {r['round_trip_update_p50_ms']} ms)  main RSS {r['main_rss_mib']} MiB (rest "
               f"{r['main_rss_at_rest_mib']})  workers {r['worker_rss_mib']} MiB (rest {r['worker_rss_at_rest_mib']}, "
               f"{r['worker_slots']} slots)") for r in rows]
     emit("tasks", table, {"results": rows})

@@ -36,7 +36,7 @@ def main():
         return mid
 
     def reply_to(mid):
-        for line in lines:  # pushes (task_update) that arrive first are skipped here
+        for line in lines:
             msg = json.loads(line)
             if msg["data"].get("original_message_id") == mid:
                 if msg["message_type"] == "error":
@@ -44,20 +44,16 @@ def main():
                 return msg["data"]["result"]
         sys.exit("error: the main node closed the connection")
 
-    # Subscribe to everything first so the task's final update cannot be missed.
-    reply_to(send("subscribe", {}))
-    task_id = reply_to(send("task_submit", {"task": {"task_type": args.task_type,
-                                                      "payload": json.loads(args.payload)}}))["task_id"]
-    for line in lines:
-        msg = json.loads(line)
-        task = msg["data"].get("task", {})
-        if msg["message_type"] == "task_update" and task.get("task_id") == task_id:
-            if task["status"] in ("completed", "failed", "cancelled", "timeout"):
-                result = task.get("result") or {}
-                if task["status"] != "completed":
-                    sys.exit(f"task {task_id} {task['status']}: {task.get('error')}")
-                print(result.get("output"))
-                return
+    # With "wait" the one reply comes when the task has ended (or after an
+    # hour); submitting again with the same idempotency key waits for the same task.
+    data = {"task": {"task_type": args.task_type, "payload": json.loads(args.payload),
+                     "idempotency_key": uuid.uuid4().hex}, "wait": 3600}
+    task = reply_to(send("task_submit", data))["task"]
+    while task["status"] not in ("completed", "failed", "cancelled", "timeout"):
+        task = reply_to(send("task_submit", data))["task"]
+    if task["status"] != "completed":
+        sys.exit(f"task {task['task_id']} {task['status']}: {task.get('error')}")
+    print((task.get("result") or {}).get("output"))
 
 
 if __name__ == "__main__":

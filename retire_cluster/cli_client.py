@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import click
 
 from .protocol.errors import ProtocolError
-from .protocol.messages import PRIORITY_NAMES, REQUIREMENT_KEYS, TaskStatus
+from .protocol.messages import PRIORITY_NAMES, REQUIREMENT_KEYS, TERMINAL_STATUSES, TaskStatus
 from .tables import (
     DEVICE_HEADERS,
     TASK_HEADERS,
@@ -174,14 +174,16 @@ def submit_cmd(task_type: str, payload: str, priority: Optional[str], timeout: O
     if not options["requirements"]:
         options["requirements"] = None
     with _client(main_addr, token) as client:
-        task_id = _call(lambda: client.submit(task_type, body, **options))
         if not wait:
+            task_id = _call(lambda: client.submit(task_type, body, **options))
             if as_json:
                 _emit({"task_id": task_id})
             else:
                 click.echo(task_id)
             return
-        record = _call(lambda: client.wait(task_id))
+        record = _call(lambda: client.run(task_type, body, **options))  # one request: the reply is the end
+        if record.get("status") not in {s.value for s in TERMINAL_STATUSES}:  # still going after an hour
+            record = _call(lambda: client.wait(str(record["task_id"])))
     if as_json:
         _emit(record)
     else:

@@ -517,3 +517,52 @@ async def test_tls_with_a_pinned_fingerprint(tls_node: MainNode) -> None:
                 client.tasks()
 
     await asyncio.to_thread(blocking)
+
+
+# -- run(): task_submit with wait -----------------------------------------------------------
+
+
+async def test_run_returns_the_final_record_in_one_request(node: MainNode) -> None:
+    worker = await fake_worker(node, "dev-1")
+    client = AsyncClient(addr(node), node.token, timeout_s=0.5)  # the reply may take longer: run() allows for it
+    await client.connect()
+    try:
+        running = asyncio.ensure_future(client.run("echo", {"message": "hi"}, priority="high", wait_s=30))
+        task = await take_assignment(worker)
+        assert task["priority"] == 10
+        await asyncio.sleep(0.6)  # longer than timeout_s: run() extends the deadline by wait_s
+        await report(worker, task, "hi")
+        record = await asyncio.wait_for(running, 10)
+        assert record["status"] == "completed" and record["result"]["output"] == "hi"
+        assert not client._subscribed and not client._subscribed_all  # no subscription was needed
+    finally:
+        await client.close()
+
+
+async def test_run_returns_the_record_so_far_when_the_wait_runs_out(node: MainNode) -> None:
+    client = await client_of(node)
+    try:
+        record = await client.run("echo", wait_s=0.05)
+        assert record["status"] == "pending"  # no device: it goes on waiting for one
+        with pytest.raises(ValueError, match="wait_s must be more than 0 and at most 3600"):
+            await client.run("echo", wait_s=0)
+        with pytest.raises(TypeError, match="unknown submit option"):
+            await client.run("echo", priorty="high")
+    finally:
+        await client.close()
+
+
+async def test_blocking_run(node: MainNode) -> None:
+    worker = await fake_worker(node, "dev-1")
+
+    def run_one() -> Dict[str, Any]:
+        with Client(addr(node), node.token, timeout_s=10) as client:
+            return client.run("echo", {"message": "b"}, wait_s=30)
+
+    running = asyncio.ensure_future(asyncio.to_thread(run_one))
+    task = await take_assignment(worker)
+    await report(worker, task, "b")
+    record = await asyncio.wait_for(running, 10)
+    assert record["status"] == "completed" and record["result"]["output"] == "b"
+    with pytest.raises(ValueError, match="wait_s must be more than 0"):
+        Client(addr(node), node.token).run("echo", wait_s=3601)

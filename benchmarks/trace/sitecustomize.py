@@ -55,7 +55,7 @@ def _install_main():
 
     def flushed(self):
         if self._out:
-            _mark("send", _types(b"".join(self._out)))
+            _mark("send", (self.device_id or "client") + ":" + _types(b"".join(self._out)))
         flush(self)
 
     def started(self):

@@ -35,9 +35,11 @@ __all__ = [
     "is_idempotent",
     "local_record",
     "on_cluster",
+    "MAX_WAIT_S",
     "reply_result",
     "run_locally",
     "task_spec",
+    "waited_submit",
 ]
 
 #: Task statuses that never change again.
@@ -50,6 +52,8 @@ SUBMIT_OPTIONS = frozenset(
 )
 #: Task types ``execute(..., fallback="local")`` can run in this process.
 LOCAL_TASK_TYPES = ("echo", "python_eval", "sleep")
+#: The longest ``wait`` of one task_submit (schemas/task_submit.json).
+MAX_WAIT_S = 3600.0
 #: The subscribe schema takes at most this many task ids per frame.
 SUBSCRIBE_CHUNK = 10000
 
@@ -98,6 +102,19 @@ def task_spec(task_type: str, payload: Optional[Dict[str, Any]], options: Dict[s
     task: Dict[str, Any] = {"task_type": task_type, "payload": payload or {}}
     task.update({k: v for k, v in options.items() if v is not None})
     return task
+
+
+def waited_submit(task_type: str, payload: Optional[Dict[str, Any]], options: Dict[str, Any],
+                  wait_s: float) -> Dict[str, Any]:
+    """``task_submit.data`` for ``run()``: the task and how long the main node may wait before replying.
+
+    Raises:
+        ValueError: ``wait_s`` is not more than 0 and at most :data:`MAX_WAIT_S`.
+    """
+    if not 0 < wait_s <= MAX_WAIT_S:
+        raise ValueError(f"wait_s must be more than 0 and at most {MAX_WAIT_S:g} s; "
+                         "for longer, call wait(task_id) with the record's task_id")
+    return {"task": task_spec(task_type, payload, options), "wait": wait_s}
 
 
 def reply_result(reply: Message) -> Dict[str, Any]:

@@ -35,6 +35,7 @@ from ..protocol.errors import Conflict, Overloaded
 from ..protocol.messages import Message, new_message_id
 from ..tls import check_fingerprint, client_context, normalise_fingerprint
 from .common import (
+    MAX_WAIT_S,
     TERMINAL,
     ClientError,
     ConnectionLost,
@@ -46,6 +47,7 @@ from .common import (
     reply_result,
     run_locally,
     task_spec,
+    waited_submit,
 )
 
 __all__ = ["Client", "ClientError", "ConnectionLost"]
@@ -254,12 +256,14 @@ class Client:
             self._route(reply)
 
     def request(self, message_type: str, data: Optional[Dict[str, Any]] = None, *,
-                idempotent: Optional[bool] = None) -> Dict[str, Any]:
+                idempotent: Optional[bool] = None, extra_s: float = 0.0) -> Dict[str, Any]:
         """Send one request and return its ``ack`` result.
 
         Args:
             idempotent: whether it may be sent again on a new connection when the
                 first one broke before the reply (default: see :func:`is_idempotent`).
+            extra_s: how much longer than ``timeout_s`` the reply may take (a
+                ``task_submit`` with ``wait``).
 
         An ``overloaded`` reply (the main node refused the request before acting
         on it) is retried with backoff until ``timeout_s``.
@@ -273,7 +277,7 @@ class Client:
         body = data or {}
         if idempotent is None:
             idempotent = is_idempotent(message_type, body)
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + self.timeout_s + extra_s
         delays = backoff_delays(self.backoff_initial_s, self.backoff_max_s)
         while True:
             if self._sock is None:
@@ -349,6 +353,21 @@ class Client:
         ``requirements`` (dict), ``max_retries``, ``retry_on_timeout``, ``idempotency_key``.
         """
         return str(self.request("task_submit", {"task": task_spec(task_type, payload, options)})["task_id"])
+
+    def run(self, task_type: str, payload: Optional[Dict[str, Any]] = None, *,
+            wait_s: float = MAX_WAIT_S, **options: Any) -> Dict[str, Any]:
+        """Submit a task and return its record once it has ended: one request, one reply.
+
+        The main node replies when the task's end is committed, or after
+        ``wait_s`` (at most 3600) with the record so far: a ``status`` that is
+        not terminal means the wait ran out (:meth:`wait` goes on waiting).
+        The fastest way to run one task. Options as for :meth:`submit`.
+
+        Raises:
+            ValueError: ``wait_s`` out of range.
+        """
+        body = waited_submit(task_type, payload, options, wait_s)
+        return dict((self.request("task_submit", body, extra_s=wait_s))["task"])
 
     def status(self, task_id: str) -> Dict[str, Any]:
         """The whole task record (status, attempts, result, times)."""
