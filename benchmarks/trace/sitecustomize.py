@@ -80,12 +80,9 @@ def _install_main():
 
 
 def _install_worker():
-    import asyncio.streams
+    from retire_cluster.worker import agent, link
 
-    from retire_cluster.worker import agent
-
-    received, on_message, send = (asyncio.streams.StreamReaderProtocol.data_received, agent.Agent._on_message,
-                                  agent.Agent._send)
+    received, on_message, send = link.Link.data_received, agent.Agent._on_message, agent.Agent._send
 
     def data_received(self, data):
         _mark("transport-recv", _types(data))
@@ -99,7 +96,7 @@ def _install_worker():
         _mark("send", msg.message_type)
         send(self, msg)
 
-    asyncio.streams.StreamReaderProtocol.data_received = data_received
+    link.Link.data_received = data_received
     agent.Agent._on_message = handled
     agent.Agent._send = sent
 

@@ -23,12 +23,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from ..protocol.codec import MessageStream, encode
+from ..protocol.codec import encode
 from ..protocol.errors import ProtocolError, error_from_code
 from ..protocol.messages import Message, ack, error_reply, new_message_id, utc_timestamp
 from ..tls import FingerprintMismatch, check_fingerprint, client_context
 from .config import WorkerConfig, load_or_create_device_id
 from .executor import Executor, Outcome
+from .link import Link
 from .outbox import Outbox
 from .policy import Decision, OwnerPolicy, Readings
 from .profiler import OwnerCpu, Profiler, read_battery
@@ -83,7 +84,7 @@ class Agent:
         self.max_frame_bytes = 1024 * 1024
         self.tasks_finished = 0
         self.registered = asyncio.Event()
-        self._writer: Optional[asyncio.StreamWriter] = None
+        self._writer: Optional[Link] = None
         self._out: "list[bytes]" = []  # frames queued in this loop pass, written together at its end
         self._pending: Dict[str, "asyncio.Future[Message]"] = {}
         self._stopping = asyncio.Event()
@@ -143,8 +144,9 @@ class Agent:
         try:
             while not self._stopping.is_set():
                 try:
-                    reader, writer = await asyncio.open_connection(
-                        self.config.main_host, self.config.main_port, limit=INBOUND_FRAME_LIMIT,
+                    _, link = await asyncio.get_running_loop().create_connection(
+                        lambda: Link(self._on_message, INBOUND_FRAME_LIMIT),
+                        self.config.main_host, self.config.main_port,
                         ssl=client_context() if self.config.tls_fingerprint else None,
                     )
                 except OSError as exc:
@@ -157,10 +159,10 @@ class Agent:
                 try:
                     if self.config.tls_fingerprint is not None:
                         try:  # before a single byte (the token least of all) is sent
-                            check_fingerprint(writer.get_extra_info("ssl_object"), self.config.tls_fingerprint)
+                            check_fingerprint(link.get_extra_info("ssl_object"), self.config.tls_fingerprint)
                         except FingerprintMismatch as exc:
                             raise FatalError(f"Refusing the main node: {exc}.") from None
-                    await self._session(reader, writer)
+                    await self._session(link)
                     failures = 0
                 except FatalError as exc:
                     log.error("%s", exc)
@@ -176,7 +178,7 @@ class Agent:
                         if not fut.done():
                             fut.set_exception(ConnectionError("connection closed"))
                     self._pending.clear()
-                    writer.close()
+                    link.close()
                 if self._burst_done():
                     break
                 if not self._stopping.is_set():
@@ -214,10 +216,9 @@ class Agent:
 
     # -- one connection ---------------------------------------------------
 
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
-        stream = MessageStream(INBOUND_FRAME_LIMIT)
-        read_task = asyncio.ensure_future(self._read_loop(reader, stream))
+    async def _session(self, link: Link) -> None:
+        self._writer = link
+        read_task = link.closed  # fails with the reason when the connection ends
         stop_task = asyncio.ensure_future(self._stopping.wait())
         try:
             try:
@@ -269,17 +270,6 @@ class Agent:
         if pending:
             await asyncio.wait(pending, timeout=5.0)
 
-    async def _read_loop(self, reader: asyncio.StreamReader, stream: MessageStream) -> None:
-        while True:
-            data = await reader.read(65536)
-            for event in stream.feed(data):
-                if isinstance(event, Message):
-                    self._on_message(event)
-                else:
-                    log.warning("bad frame from main node: %s", event.error)
-            if not data:
-                raise ConnectionError("main node closed the connection")
-
     def _message(self, message_type: str, data: Dict[str, Any], message_id: Optional[str] = None) -> Message:
         return Message(message_type, message_id or new_message_id(), self.device_id, data,
                        timestamp=utc_timestamp(), auth_token=self.config.token)
@@ -296,7 +286,7 @@ class Agent:
             asyncio.get_running_loop().call_soon(self._flush, self._writer)
         self._out.append(encode(message))
 
-    def _flush(self, writer: asyncio.StreamWriter) -> None:
+    def _flush(self, writer: Link) -> None:
         out, self._out = self._out, []
         if out and writer is self._writer and not writer.is_closing():
             writer.write(b"".join(out))

@@ -1,0 +1,119 @@
+"""The worker's end of its connection: frames are handled as they arrive.
+
+A protocol rather than a StreamReader and a task reading from it: each chunk
+the socket delivers is split into frames and handed to the agent in the same
+callback, so an assignment is answered one loop pass sooner and no task wakes
+up per read. Writing offers what the agent used of a StreamWriter (write,
+drain, close) on the transport's own flow control.
+
+Python 3.9 syntax and the standard library only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable, List, Optional
+
+from ..protocol.codec import MessageStream
+from ..protocol.messages import Message
+
+__all__ = ["Link"]
+
+log = logging.getLogger("retire_cluster.worker")
+
+
+class Link(asyncio.Protocol):
+    """One connection to the main node.
+
+    Args:
+        on_message: called with each :class:`Message`, in order, as it arrives.
+        max_frame_bytes: the longest frame accepted from the main node.
+
+    ``closed`` is a future that fails with the reason when the connection
+    ends (the main node closed it, it broke, or a frame could not be handled).
+    """
+
+    def __init__(self, on_message: Callable[[Message], None], max_frame_bytes: int) -> None:
+        self._on_message = on_message
+        self._stream = MessageStream(max_frame_bytes)
+        self._transport: Optional[asyncio.Transport] = None
+        self._paused = False
+        self._drain_waiters: List["asyncio.Future[None]"] = []
+        self.closed: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
+
+    # -- protocol callbacks -----------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for event in self._stream.feed(data):
+                if isinstance(event, Message):
+                    self._on_message(event)
+                else:
+                    log.warning("bad frame from main node: %s", event.error)
+        except Exception as exc:  # an oversized frame, or a bug in handling one: end this connection
+            self._end(exc)
+            self.abort()
+
+    def eof_received(self) -> bool:
+        self._end(ConnectionError("main node closed the connection"))
+        return False  # close our side too
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._end(exc if exc is not None else ConnectionError("main node closed the connection"))
+        self._wake_drainers(ConnectionError("connection closed"))
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_drainers(None)
+
+    # -- what the agent uses ----------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._transport is not None:
+            self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._transport is None or self._transport.is_closing()
+
+    async def drain(self) -> None:
+        """Wait while the main node is not reading what was written (the transport's buffer is full)."""
+        if self.is_closing():
+            raise ConnectionError("connection closed")
+        if not self._paused:
+            return
+        waiter: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default if self._transport is None else self._transport.get_extra_info(name, default)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # -- internals ----------------------------------------------------------
+
+    def _end(self, exc: BaseException) -> None:
+        if not self.closed.done():
+            self.closed.set_exception(exc)
+
+    def _wake_drainers(self, exc: Optional[BaseException]) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(exc)
