@@ -54,6 +54,8 @@ class Link(asyncio.Protocol):
                     self._on_message(event)
                 else:
                     log.warning("bad frame from main node: %s", event.error)
+                    if event.error.close:  # too large: the stream cannot go on
+                        raise event.error
         except Exception as exc:  # an oversized frame, or a bug in handling one: end this connection
             self._end(exc)
             self.abort()

@@ -1,0 +1,111 @@
+"""The worker's connection protocol: frames are handled in the callback that receives them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, List
+
+import pytest
+
+from retire_cluster.protocol.errors import FrameTooLarge
+from retire_cluster.protocol.messages import Message
+from retire_cluster.worker.link import Link
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: List[bytes] = []
+        self.closing = False
+        self.aborted = False
+
+    def write(self, data: Any) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = self.aborted = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 8080)}.get(name, default)
+
+
+def frame(message_type: str, n: int) -> bytes:
+    return json.dumps({"message_type": message_type, "message_id": f"m-{n}", "sender_id": "main-node",
+                       "data": {}}).encode() + b"\n"
+
+
+def link_with(seen: List[Message], limit: int = 1 << 20) -> "tuple[Link, FakeTransport]":
+    link = Link(seen.append, limit)
+    transport = FakeTransport()
+    link.connection_made(transport)
+    return link, transport
+
+
+async def test_frames_are_handled_as_they_arrive() -> None:
+    seen: List[Message] = []
+    link, _ = link_with(seen)
+    data = frame("task_assign", 1) + frame("task_cancel", 2)
+    link.data_received(data + frame("ack", 3)[:10])
+    assert [m.message_type for m in seen] == ["task_assign", "task_cancel"]  # no loop pass needed
+    link.data_received(frame("ack", 3)[10:])
+    assert [m.message_id for m in seen] == ["m-1", "m-2", "m-3"]
+    assert not link.closed.done()
+
+
+async def test_the_end_of_the_connection_fails_closed() -> None:
+    link, _ = link_with([])
+    link.eof_received()
+    with pytest.raises(ConnectionError, match="main node closed the connection"):
+        await link.closed
+    link.connection_lost(None)  # a second ending changes nothing
+
+
+async def test_an_oversized_frame_ends_the_connection() -> None:
+    link, transport = link_with([], limit=64)
+    link.data_received(b"x" * 200)
+    assert transport.aborted  # the stream cannot go on: reconnect at once, not after a request times out
+    with pytest.raises(FrameTooLarge):
+        await link.closed
+
+
+async def test_a_handler_error_ends_the_connection() -> None:
+    def broken(msg: Message) -> None:
+        raise RuntimeError("bug")
+
+    link = Link(broken, 1 << 20)
+    transport = FakeTransport()
+    link.connection_made(transport)
+    link.data_received(frame("ack", 1))
+    assert transport.aborted
+    with pytest.raises(RuntimeError, match="bug"):
+        await link.closed
+
+
+async def test_drain_waits_while_writing_is_paused() -> None:
+    link, transport = link_with([])
+    link.write(b"abc")
+    assert transport.written == [b"abc"]
+    await link.drain()  # not paused: returns at once
+    link.pause_writing()
+    draining = asyncio.ensure_future(link.drain())
+    await asyncio.sleep(0)
+    assert not draining.done()
+    link.resume_writing()
+    await asyncio.wait_for(draining, 10)
+    link.pause_writing()
+    lost = asyncio.ensure_future(link.drain())
+    await asyncio.sleep(0)
+    link.connection_lost(None)
+    with pytest.raises(ConnectionError):
+        await lost
+    transport.closing = True
+    with pytest.raises(ConnectionError):
+        await link.drain()
+    assert link.get_extra_info("peername") == ("127.0.0.1", 8080)
