@@ -154,17 +154,41 @@ def test_kill9_main_node_at_random_points_loses_nothing(tmp_path: Path) -> None:
             n += 1
         client.close()
 
-    submitter = threading.Thread(target=submit_stream, daemon=True)
-    submitter.start()
+    ran: List[str] = []  # run(): task_submit with wait, whose one reply says the task completed
+
+    def run_stream() -> None:
+        n = 0
+        client = Client(main.address, main.token, timeout_s=5)
+        while submitting.is_set():
+            key = f"run-{n}"
+            try:
+                record = client.run("echo", {"message": key}, idempotency_key=key, wait_s=5)
+            except (ClientError, TimeoutError, OSError, ProtocolError):
+                client.close()  # the main node is down: the same key waits for the same task
+                client = Client(main.address, main.token, timeout_s=5)
+                time.sleep(0.05)
+                continue
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+                return
+            if record["status"] == "completed":
+                ran.append(record["task_id"])
+                n += 1
+        client.close()
+
+    submitters = [threading.Thread(target=submit_stream, daemon=True), threading.Thread(target=run_stream, daemon=True)]
+    for submitter in submitters:
+        submitter.start()
     try:
         for _ in range(20):
             time.sleep(rng.uniform(0.1, 0.8))
             main.kill9()
             main = MainProcess(data_dir, *FAST).start(port)
         submitting.clear()
-        submitter.join(30)
+        for submitter in submitters:
+            submitter.join(30)
         assert not errors, errors
-        assert len(acked) > 50
+        assert len(acked) > 50 and len(ran) > 50
         with Client(main.address, main.token) as client:
             deadline = time.monotonic() + 120
             while True:  # counts, not task_list: that returns at most 10,000 records
@@ -182,12 +206,17 @@ def test_kill9_main_node_at_random_points_loses_nothing(tmp_path: Path) -> None:
         stored = {row[0]: (row[1], row[2], row[3]) for row in db.execute(
             "SELECT task_id, status, payload, result FROM tasks")}
     assert set(acked) <= set(stored), "an acknowledged submission was lost"
+    assert set(ran) <= set(stored), "a task whose end was replied was lost"
     assert len(set(acked)) == len(acked), "a retried submission created a second task"
-    assert len(stored) == len(set(acked))
-    for task_id in acked:
+    assert len(set(ran)) == len(ran), "a retried run created a second task"
+    # Every stored task was acknowledged, or is a run's (one whose held insert was
+    # committed but whose reply was lost to a kill is run again under the same key).
+    runs = {task_id for task_id, row in stored.items() if json.loads(row[1])["message"].startswith("run-")}
+    assert set(stored) - runs == set(acked)
+    for task_id in set(acked) | set(ran):
         status, payload, result = stored[task_id]
         assert status == "completed" and json.loads(result)["output"] == json.loads(payload)["message"]
     completed = completed_attempts(data_dir / "cluster.db")
-    assert set(completed) == set(acked) and set(completed.values()) == {1}, "a task was recorded twice"
+    assert set(completed) == set(stored) and set(completed.values()) == {1}, "a task was recorded twice"
     with sqlite3.connect(data_dir / "cluster.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
