@@ -6,7 +6,7 @@ Starts the main node and 2 real `retire-cluster worker` processes, then a
 client (this process) submits `echo` tasks with a window of submissions in
 flight and counts completions from `task_update` pushes: tasks/s from first
 submission to last recorded result. Then one task at a time for the
-round-trip p50/p99, two ways: `task_submit` with `wait` (one request, one
+round-trip p50/p99, two ways (in alternating blocks): `task_submit` with `wait` (one request, one
 reply with the result: the round trip reported) and, for comparison, submit
 then wait for the `task_update` push of a subscribed connection. Runs with
 `--synchronous normal` and `full`; reports RSS of the main node and workers.
@@ -23,6 +23,9 @@ from typing import Any
 
 import psutil
 from _harness import MainNode, Requester, emit, env, percentile, run
+
+#: The round trips run in this many alternating blocks of each kind.
+ROUND_TRIP_BLOCKS = 5
 
 
 def start_workers(node: MainNode, count: int, slots: int) -> list[subprocess.Popen[bytes]]:
@@ -88,11 +91,24 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
     elapsed = time.perf_counter() - t0
     main_cpu, worker_cpu = node.cpu_s() - main_cpu0, sum(map(cpu_s, workers)) - worker_cpu0
 
-    updated = await round_trip_samples(request, state, echo, round_trips)
-    client.close()  # its subscription would add a push to every round trip below
-    waiter = await Requester(node.token, lambda _msg: None, sender_id="bench-wait").open(node.port)
-    samples = await waited_round_trips(waiter.request, echo, round_trips)
-    waiter.close()
+    client.close()
+    # The two ways in alternating blocks, each on a fresh connection (a
+    # subscription to all would add a push to every waited round trip), so a
+    # drift of the machine's speed does not favour either.
+    updated: list[float] = []
+    samples: list[float] = []
+    block = max(1, round_trips // ROUND_TRIP_BLOCKS)
+    for done_trips in range(0, round_trips, block):
+        count = min(block, round_trips - done_trips)
+        client = await Requester(node.token, on_push).open(node.port)
+        await client.request("subscribe", {})
+        updated += await round_trip_samples(client.request, state, echo, count)
+        client.close()
+        waiter = await Requester(node.token, lambda _msg: None, sender_id="bench-wait").open(node.port)
+        samples += await waited_round_trips(waiter.request, echo, count)
+        waiter.close()
+    updated.sort()
+    samples.sort()
     return {"tasks_per_s": round(tasks / elapsed), "seconds": round(elapsed, 2),
             # CPU per task is steadier than wall time on a shared 2-core machine.
             "main_cpu_us_per_task": round(1e6 * main_cpu / tasks),
