@@ -238,3 +238,28 @@ async def test_an_instant_tasks_ack_and_result_leave_in_one_write(tmp_path: Path
     (waiting,) = agent._pending.values()  # the result waits for the main node's ack
     waiting.set_result(Message("ack", "a-1", "main-node", {"original_message_id": frames[1]["message_id"]}))
     await wait_until(lambda: not agent.running and not list(agent.outbox))
+
+
+async def test_an_instant_task_is_answered_in_the_pass_that_assigned_it(tmp_path: Path) -> None:
+    """echo runs inside the assignment's callback: no Task, no loop pass before its result is queued."""
+    import json
+
+    from retire_cluster.protocol.messages import Message
+
+    agent = Agent(WorkerConfig(device_id="x", data_dir=tmp_path))
+    writer = RecordingWriter()
+    agent._writer = writer  # type: ignore[assignment]
+    agent.registered.set()
+    tasks_before = len(asyncio.all_tasks())
+    agent._on_message(Message("task_assign", "m-1", "main-node", {"task": {
+        "task_id": "t-1", "attempt": 1, "task_type": "echo", "payload": {"message": "hi"}, "timeout": 10}}))
+    frames = [json.loads(frame) for frame in agent._out]  # queued, not yet written
+    assert [f["message_type"] for f in frames] == ["ack", "task_result"]
+    assert not agent.running and len(asyncio.all_tasks()) == tasks_before
+    assert list(agent.outbox) == [("t-1", 1)]  # kept until the main node acknowledges it
+    (waiting,) = agent._pending.values()
+    waiting.set_result(Message("error", "e-1", "main-node",
+                               {"original_message_id": frames[1]["message_id"], "code": "forbidden",
+                                "error": "This device does not hold that task."}))
+    await wait_until(lambda: not list(agent.outbox))  # a refused result is not sent again
+    assert not agent._pending

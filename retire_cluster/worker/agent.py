@@ -364,6 +364,11 @@ class Agent:
             return
         if held is not None:  # an older attempt of the same task: it was taken from us
             held.job.cancel()
+        if self.executor.instant(task):  # echo: ack and result leave in this pass, no Task for it
+            self._send(ack(msg.message_id, {"task_id": task_id}, sender_id=self.device_id))
+            self._last_activity = time.time()
+            self._finished(task, self.executor.run_instant(task))
+            return
         job = asyncio.ensure_future(self._run_task(task))  # its first step runs before the flush of the ack
         self.running[task_id] = Running(task, job)
         self._send(ack(msg.message_id, {"task_id": task_id}, sender_id=self.device_id))
@@ -400,6 +405,11 @@ class Agent:
             current = self.running.get(task_id)
             if current is not None and current.attempt == attempt:
                 del self.running[task_id]
+        self._finished(task, outcome)
+
+    def _finished(self, task: Dict[str, Any], outcome: Outcome) -> None:
+        """Keep the result in the outbox and send it (when connected)."""
+        task_id, attempt = str(task["task_id"]), int(task["attempt"])
         self._last_activity = time.time()
         key = (task_id, attempt)
         connected = self.registered.is_set()
@@ -411,19 +421,47 @@ class Agent:
             "result": outcome.result(),
         }))
         self.tasks_finished += 1
-        if self.registered.is_set():
-            await self._deliver(key)
+        if connected:
+            self._send_result(key)
 
     async def _deliver(self, key: Tuple[str, int]) -> None:
-        """Send one outbox result; it leaves the outbox once acknowledged."""
+        """Send one outbox result and wait until it is answered (or the wait is given up)."""
+        sent = self._send_result(key)
+        if sent is not None:
+            await asyncio.wait([sent])
+
+    def _send_result(self, key: Tuple[str, int]) -> "Optional[asyncio.Future[Message]]":
+        """Send one outbox result; it leaves the outbox once acknowledged.
+
+        The reply is met by a callback, not a waiting coroutine: an instant
+        task needs no Task at all. No reply (the connection dropped, or
+        nothing within REQUEST_TIMEOUT_S) leaves it in the outbox for the
+        next register.
+        """
         data = self.outbox.get(key)
         if data is None:
-            return
+            return None
+        msg = self._message("task_result", data)
         try:
-            await self._request("task_result", data)
-        except (ConnectionError, asyncio.TimeoutError):
-            return  # re-sent after the next register
-        except ProtocolError as exc:
+            self._send(msg)
+        except ConnectionError:
+            return None  # re-sent after the next register
+        loop = asyncio.get_running_loop()
+        fut: "asyncio.Future[Message]" = loop.create_future()
+        self._pending[msg.message_id] = fut
+        timer = loop.call_later(REQUEST_TIMEOUT_S, _expire, fut, "task_result")
+        fut.add_done_callback(lambda f: self._result_answered(key, msg.message_id, timer, f))
+        return fut
+
+    def _result_answered(self, key: Tuple[str, int], message_id: str, timer: asyncio.TimerHandle,
+                         fut: "asyncio.Future[Message]") -> None:
+        timer.cancel()
+        self._pending.pop(message_id, None)
+        if fut.cancelled() or fut.exception() is not None:
+            return  # no answer: re-sent after the next register
+        reply = fut.result()
+        if reply.message_type == "error":
+            exc = error_from_code(str(reply.data.get("code")), str(reply.data.get("error")))
             log.warning("main node refused result of %s: %s", key[0], exc)
         self.outbox.remove(key)
 

@@ -169,20 +169,32 @@ class Executor:
         after the task's processes are gone.
         """
         task_type = str(task.get("task_type"))
+        if self.instant(task):
+            return self.run_instant(task)
         timeout_s = self._timeout_s(task)
         started = self.clock()
         runner = self._types.get(task_type) if self.can_run(task_type) else None
         try:
             if runner is None:
                 raise TaskFailed(f"task type {task_type!r} is not enabled on this worker")
-            if runner == self._echo:  # instant: no Task and timer for it (a no-op task's cost is all overhead)
-                outcome = self._echo_now(task.get("payload") or {})
-            else:
-                outcome = await asyncio.wait_for(runner(task.get("payload") or {}, timeout_s, progress), timeout_s)
+            outcome = await asyncio.wait_for(runner(task.get("payload") or {}, timeout_s, progress), timeout_s)
         except asyncio.TimeoutError:
             outcome = Outcome("timeout", error=f"stopped after the task timeout of {timeout_s:g} s")
         except TaskFailed as exc:
             outcome = Outcome("failed", error=str(exc))
+        return self._ended(outcome, started)
+
+    def instant(self, task: Dict[str, Any]) -> bool:
+        """True when ``task`` is answered at once (echo): no Task, timer or process of its own."""
+        task_type = str(task.get("task_type"))
+        return self._types.get(task_type) == self._echo and self.can_run(task_type)
+
+    def run_instant(self, task: Dict[str, Any]) -> Outcome:
+        """Run an :meth:`instant` task here and now (a no-op task's cost is all overhead)."""
+        started = self.clock()
+        return self._ended(self._echo_now(task.get("payload") or {}), started)
+
+    def _ended(self, outcome: Outcome, started: float) -> Outcome:
         outcome.execution_time_s = round(self.clock() - started, 6)
         outcome.output, cut_out = _clip(outcome.output, self.output_limit_bytes)
         outcome.stderr, cut_err = _clip(outcome.stderr, self.output_limit_bytes)
