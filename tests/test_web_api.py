@@ -120,6 +120,17 @@ async def test_submit_then_status_and_result(cluster: Cluster) -> None:
     assert status == 200 and again["task"]["status"] == "completed"
 
 
+async def test_submit_with_wait_answers_with_the_ended_task(cluster: Cluster) -> None:
+    status, body = await cluster.request("POST", "/api/v1/tasks?wait=30",
+                                         json={"task_type": "echo", "payload": {"message": "waited"}})
+    assert status == 201
+    assert body["task"]["task_id"] == body["task_id"] and body["task"]["status"] == "completed"
+    assert body["task"]["result"]["output"] == "waited"
+    for bad in ("0", "-1", "3601", "soon"):
+        status, body = await cluster.request("POST", f"/api/v1/tasks?wait={bad}", json={"task_type": "echo"})
+        assert status == 400 and body["code"] == "invalid_message" and body["path"] == "?wait", (bad, body)
+
+
 async def test_submit_is_idempotent_with_a_key(cluster: Cluster) -> None:
     spec = {"task_type": "echo", "payload": {"message": "once"}, "idempotency_key": "k-1"}
     status, first = await cluster.request("POST", "/api/v1/tasks", json=spec)

@@ -156,14 +156,28 @@ class Api:
                               "next_offset": offset + limit if more else None})  # fmt: skip
 
     async def submit(self, request: web.Request) -> web.Response:
-        """The body is the task (``task_type``, ``payload``, ...), as ``task_submit.data.task``."""
-        check_query(request, set())
+        """The body is the task (``task_type``, ``payload``, ...), as ``task_submit.data.task``.
+
+        ``?wait=SECONDS`` answers when the task has ended (or the wait ran
+        out), with its record under ``task``, as ``task_submit`` with ``wait``.
+        """
+        check_query(request, {"wait"})
+        data: dict[str, Any] = {}
+        if "wait" in request.query:
+            try:
+                data["wait"] = float(request.query["wait"])
+            except ValueError:
+                raise InvalidMessage("wait must be a number of seconds (more than 0, at most 3600).",
+                                     path="?wait") from None
         body = await read_json(request, self.node.config.max_json_depth)
         if not isinstance(body, dict):
             raise InvalidMessage("The request body must be a JSON object: the task.", path="$")
+        data["task"] = body
         try:
-            result = await self.web.call("task_submit", {"task": body}, request)
+            result = await self.web.call("task_submit", data, request)
         except InvalidMessage as exc:
+            if exc.path == "$.data.wait":
+                raise InvalidMessage(exc.message.replace("$.data.wait", "?wait", 1), path="?wait") from None
             raise rebase(exc, "$.data.task", "$") from None
         location = f"{API}/tasks/{result['task_id']}"
         return json_response(result, 200 if result.get("existing") else 201, {"Location": location})

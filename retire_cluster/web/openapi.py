@@ -143,8 +143,13 @@ def _paths() -> dict[str, Any]:
                 _param("offset", "query", "Skip this many (next_offset of the previous page).",
                        {"type": "integer"})]),
             "post": _op("Submit a task (validated exactly as task_submit on TCP).", {
-                "201": _json({"type": "object", "properties": {"task_id": {"type": "string"}}}, "Submitted."),
+                "201": _json({"type": "object", "properties": {"task_id": {"type": "string"},
+                                                               "task": _ref("task_record")}},
+                             "Submitted (with ?wait, the record once it ended or the wait ran out)."),
                 "200": _json({"type": "object"}, "Already submitted with this idempotency_key.")},
+                params=[_param("wait", "query", "Answer when the task has ended, waiting at most this many "
+                               "seconds (more than 0, at most 3600); the answer then carries its record.",
+                               {"type": "number", "exclusiveMinimum": 0, "maximum": 3600})],
                 body=_ref("TaskSpec"), errors=(400, 413)),
         },
         "/api/v1/tasks/{task_id}": {
