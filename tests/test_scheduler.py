@@ -202,3 +202,44 @@ def test_no_devices_means_no_plan_and_nothing_lost() -> None:
     s.extend(task(n) for n in range(3))
     assert s.pick(NOW) == []
     assert len(s) == 3
+
+
+def test_a_class_that_runs_empty_keeps_its_device_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tasks arriving one at a time must not re-match every device each time (O(devices) per task)."""
+    from retire_cluster.main import scheduler as scheduler_module
+
+    devices = [device(f"d{i}") for i in range(50)]
+    s = scheduler(*devices)
+    calls = Counter()
+    real = scheduler_module.device_matches
+
+    def counted(*args, **kwargs):
+        calls["matches"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler_module, "device_matches", counted)
+    for n in range(20):
+        s.push(task(n))
+        ((t, d),) = s.pick(NOW)
+        finish(s, t, d)
+    # The class was matched against the 50 devices once; after that only the
+    # device that changed is re-checked (when it takes the task and when it is done).
+    assert calls["matches"] == 50 + 2 * 20
+    assert s.blocked_classes() == []  # an empty class is not reported as blocked
+
+
+def test_empty_classes_kept_are_bounded_and_evicted_oldest_first() -> None:
+    from retire_cluster.main.scheduler import MAX_EMPTY_CLASSES
+
+    d = device("d", slots=1, types=("echo", "other"))
+    s = scheduler(d)
+    for n in range(MAX_EMPTY_CLASSES + 5):
+        s.push(task(n, min_memory_gb=n / 100))  # a class of its own each
+        ((t, _),) = s.pick(NOW)
+        finish(s, t, d)
+        s.pick(NOW)  # the class is seen empty
+    assert len(s._classes) == MAX_EMPTY_CLASSES
+    # an evicted class comes back on its next task, and it still runs
+    s.push(task(1000, min_memory_gb=0.0))
+    ((t, got),) = s.pick(NOW)
+    assert t.task_id == "t1000" and got is d
