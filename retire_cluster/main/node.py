@@ -478,6 +478,7 @@ class MainNode(Dispatcher):
             self._idempotency.pop(task.idempotency_key, None)
         self.tasks.pop(task.task_id, None)
         self._recent.pop(task.task_id, None)
+        self.monitor.release(task)
         self.bump(task)  # publications queued for it are skipped: nobody hears of it
         if task.status in ACTIVE_STATUSES:
             self.send_cancel(task, "not_stored")  # it was sent to its device while the commit ran
@@ -529,6 +530,7 @@ class MainNode(Dispatcher):
                 device.breaker.trial_running = False
             self.touch(device)
             self.device_changed(device)
+        self.monitor.release(task)
         current = task.current_attempt()
         if current is not None and current.finished_at is None:
             current.finished_at = now
