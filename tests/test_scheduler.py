@@ -243,3 +243,19 @@ def test_empty_classes_kept_are_bounded_and_evicted_oldest_first() -> None:
     s.push(task(1000, min_memory_gb=0.0))
     ((t, got),) = s.pick(NOW)
     assert t.task_id == "t1000" and got is d
+
+
+def test_a_pass_looks_only_at_classes_with_queued_tasks() -> None:
+    d = device("d", slots=1)
+    s = scheduler(d)
+    for n in range(30):  # thirty classes, each emptied
+        s.push(task(n, min_memory_gb=n / 100))
+        ((t, _),) = s.pick(NOW)
+        finish(s, t, d)
+        s.pick(NOW)
+    looked: list = []
+    real_head = s._head
+    s._head = lambda cls: looked.append(cls.key) or real_head(cls)  # type: ignore[method-assign]
+    s.push(task(99))
+    assert [t.task_id for t, _ in s.pick(NOW)] == ["t99"]
+    assert len(looked) <= 2  # the one class with work (and its next head), not the thirty kept empty

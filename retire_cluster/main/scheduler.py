@@ -87,6 +87,7 @@ class Scheduler:
         #: so that the next task of the class does not rebuild its device
         #: index, an O(devices) step (27 ms per submission at 10,000 devices).
         self._empty: OrderedDict[ClassKey, None] = OrderedDict()
+        self._active: dict[ClassKey, _Class] = {}  # the classes with queued tasks: what a pass looks at
         self._devices: dict[str, Device] = {}
         self._versions: dict[str, int] = {}
         self._pending = 0
@@ -154,14 +155,15 @@ class Scheduler:
         """Queue a pending task (new, or taken back from a device)."""
         key = class_key(task)
         cls = self._classes.get(key)
-        if key in self._empty:
-            del self._empty[key]
         if cls is None:
             cls = self._classes[key] = _Class(key, task.task_type, task.requirements)
             for device in self._devices.values():
                 if device_matches(device, cls.task_type, cls.requirements):
                     cls.eligible.add(device.device_id)
             self._rebuild(cls, now)
+        else:
+            self._empty.pop(key, None)
+        self._active[key] = cls
         heapq.heappush(cls.tasks, (-task.priority, task.seq, task))
         self._pending += 1
 
@@ -178,6 +180,7 @@ class Scheduler:
             heapq.heappop(heap)
             self._pending -= 1
         if cls.key not in self._empty:
+            self._active.pop(cls.key, None)
             self._empty[cls.key] = None
             if len(self._empty) > MAX_EMPTY_CLASSES:
                 del self._classes[self._empty.popitem(last=False)[0]]
@@ -190,7 +193,7 @@ class Scheduler:
         (``device.running``); the caller moves it to ``assigned`` and sends it.
         """
         heads: list[tuple[int, int, ClassKey]] = []
-        for cls in list(self._classes.values()):
+        for cls in list(self._active.values()):
             task = self._head(cls)
             if task is not None:
                 heads.append((-task.priority, task.seq, cls.key))
@@ -217,4 +220,4 @@ class Scheduler:
 
     def blocked_classes(self) -> list[tuple[str, dict[str, Any]]]:
         """Classes with pending work that no known device could ever run."""
-        return [(c.task_type, c.requirements) for c in self._classes.values() if c.tasks and not c.eligible]
+        return [(c.task_type, c.requirements) for c in self._active.values() if not c.eligible]
