@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import pytest
 from conftest import MainProcess, cli_cmd, cli_env
@@ -135,48 +135,38 @@ def test_kill9_main_node_at_random_points_loses_nothing(tmp_path: Path) -> None:
     submitting.set()
     errors: List[BaseException] = []
 
-    def submit_stream() -> None:
-        n = 0
-        client = Client(main.address, main.token, timeout_s=5)
-        while submitting.is_set():
-            key = f"job-{n}"
-            try:
-                task_id = client.submit("echo", {"message": key}, idempotency_key=key)
-            except (ClientError, TimeoutError, OSError, ProtocolError):
-                client.close()  # the main node is down: retry the same key (idempotent)
-                client = Client(main.address, main.token, timeout_s=5)
-                time.sleep(0.05)
-                continue
-            except BaseException as exc:  # pragma: no cover - reported below
-                errors.append(exc)
-                return
-            acked.append(task_id)
-            n += 1
-        client.close()
-
     ran: List[str] = []  # run(): task_submit with wait, whose one reply says the task completed
 
-    def run_stream() -> None:
+    def stream(prefix: str, call: Callable[[Client, str], Optional[str]], done: List[str]) -> None:
+        """Keep calling with keys prefix-0, prefix-1, ...; a key moves on once ``call`` returns a task id."""
         n = 0
         client = Client(main.address, main.token, timeout_s=5)
         while submitting.is_set():
-            key = f"run-{n}"
+            key = f"{prefix}-{n}"
             try:
-                record = client.run("echo", {"message": key}, idempotency_key=key, wait_s=5)
+                task_id = call(client, key)
             except (ClientError, TimeoutError, OSError, ProtocolError):
-                client.close()  # the main node is down: the same key waits for the same task
+                client.close()  # the main node is down: the same key again (idempotent)
                 client = Client(main.address, main.token, timeout_s=5)
                 time.sleep(0.05)
                 continue
             except BaseException as exc:  # pragma: no cover - reported below
                 errors.append(exc)
                 return
-            if record["status"] == "completed":
-                ran.append(record["task_id"])
+            if task_id is not None:
+                done.append(task_id)
                 n += 1
         client.close()
 
-    submitters = [threading.Thread(target=submit_stream, daemon=True), threading.Thread(target=run_stream, daemon=True)]
+    def submit(client: Client, key: str) -> Optional[str]:
+        return client.submit("echo", {"message": key}, idempotency_key=key)
+
+    def run_to_end(client: Client, key: str) -> Optional[str]:
+        record = client.run("echo", {"message": key}, idempotency_key=key, wait_s=5)
+        return str(record["task_id"]) if record["status"] == "completed" else None
+
+    submitters = [threading.Thread(target=stream, args=("job", submit, acked), daemon=True),
+                  threading.Thread(target=stream, args=("run", run_to_end, ran), daemon=True)]
     for submitter in submitters:
         submitter.start()
     try:
