@@ -356,15 +356,10 @@ class Client:
 
     def run(self, task_type: str, payload: Optional[Dict[str, Any]] = None, *,
             wait_s: float = MAX_WAIT_S, **options: Any) -> Dict[str, Any]:
-        """Submit a task and return its record once it has ended: one request, one reply.
+        """Submit a task and return its record once it has ended, in one request.
 
-        The main node replies when the task's end is committed, or after
-        ``wait_s`` (at most 3600) with the record so far: a ``status`` that is
-        not terminal means the wait ran out (:meth:`wait` goes on waiting).
-        The fastest way to run one task. Options as for :meth:`submit`.
-
-        Raises:
-            ValueError: ``wait_s`` out of range.
+        As :meth:`AsyncClient.run <retire_cluster.client.aio.AsyncClient.run>`:
+        a ``status`` that is not terminal means ``wait_s`` ran out.
         """
         body = waited_submit(task_type, payload, options, wait_s)
         return dict((self.request("task_submit", body, extra_s=wait_s))["task"])
