@@ -170,3 +170,21 @@ async def test_store_write_within(node: MainNode) -> None:
     soon = node.store.write([], within=0.0)
     later = node.store.write([], within=3600.0)  # a later deadline does not push the first one back
     await asyncio.wait_for(asyncio.gather(soon, later), 30)
+
+
+async def test_an_end_decided_in_memory_is_told_only_once_stored(node: MainNode) -> None:
+    """A task that has ended in memory, but whose end is still being committed, is answered after that commit."""
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    task_id = (await client.ok("task_submit", {"task": spec()}))["task_id"]
+    await report(worker, await take_assignment(worker))
+    task = node.lookup(task_id)
+    assert task is not None and task.terminal
+    stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # a commit still under way
+    answer = node.wait_for_end(task, 30, stored)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not answer.done()
+    stored.set_result(None)
+    assert (await asyncio.wait_for(answer, 10))["task"]["status"] == "completed"
+    assert not node._end_waiters

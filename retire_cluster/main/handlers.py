@@ -286,8 +286,8 @@ class Handlers:
                     if held is None:
                         stored = await node.store.get_task(existing_id)
                         result["task"] = stored.to_record() if stored is not None else None
-                    else:
-                        result["task"] = (await node.wait_for_end(held, float(wait_s), flushed))["task"]
+                    else:  # a fresh flush: an end already decided in memory is on disk before it is told
+                        result["task"] = (await node.wait_for_end(held, float(wait_s), node.store.write([])))["task"]
                 return result
 
             return existing()

@@ -662,9 +662,10 @@ class MainNode(Dispatcher):
     def wait_for_end(self, task: Task, seconds: float, stored: asyncio.Future[Any]) -> asyncio.Future[dict[str, Any]]:
         """A future of ``{"task_id", "task"}`` once ``task``'s end is committed, or after ``seconds``.
 
-        ``stored`` is the commit of the task's insert: nothing is answered
-        before it (its failure is the answer), so a record given out is on
-        disk. The record after ``seconds`` may be of a task still running.
+        ``stored`` is a commit that carries the task's insert, and its end
+        when it has ended already: nothing is answered before it (its failure
+        is the answer), so a record given out is on disk. The record after
+        ``seconds`` may be of a task still running.
         The answer is the reply itself (no further future in between), so it
         goes out before the device's own ack in the same pass.
         """
@@ -704,7 +705,7 @@ class _EndWaiter:
         self.node, self.task, self.stored = node, task, stored
         loop = asyncio.get_running_loop()
         self.out: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self.due = task.terminal and stored.done()  # answer once stored: it ended, or the wait ran out
+        self.due = task.terminal  # answer once stored: it ended (stored carries that end), or the wait ran out
         self.timer = loop.call_later(seconds, self.ran_out)
         if not self.due:
             node._end_waiters.setdefault(task.task_id, []).append(self.answer)
