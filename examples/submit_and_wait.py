@@ -44,13 +44,12 @@ def main():
                 return msg["data"]["result"]
         sys.exit("error: the main node closed the connection")
 
-    # With "wait" the one reply comes when the task has ended (or after an
-    # hour); submitting again with the same idempotency key waits for the same task.
-    data = {"task": {"task_type": args.task_type, "payload": json.loads(args.payload),
-                     "idempotency_key": uuid.uuid4().hex}, "wait": 3600}
+    # With "wait" the one reply comes when the task has ended, or after an hour.
+    data = {"task": {"task_type": args.task_type, "payload": json.loads(args.payload)}, "wait": 3600}
     task = reply_to(send("task_submit", data))["task"]
-    while task["status"] not in ("completed", "failed", "cancelled", "timeout"):
-        task = reply_to(send("task_submit", data))["task"]
+    if task["status"] not in ("completed", "failed", "cancelled", "timeout"):
+        sys.exit(f"task {task['task_id']} is still {task['status']} after an hour; "
+                 f"`retire-cluster task {task['task_id']}` shows it")
     if task["status"] != "completed":
         sys.exit(f"task {task['task_id']} {task['status']}: {task.get('error')}")
     print((task.get("result") or {}).get("output"))
