@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import click
 
 from .protocol.errors import ProtocolError
-from .protocol.messages import PRIORITY_NAMES, REQUIREMENT_KEYS, TERMINAL_STATUSES, TaskStatus
+from .protocol.messages import PRIORITY_NAMES, REQUIREMENT_KEYS, TaskStatus
 from .tables import (
     DEVICE_HEADERS,
     TASK_HEADERS,
@@ -181,8 +181,10 @@ def submit_cmd(task_type: str, payload: str, priority: Optional[str], timeout: O
             else:
                 click.echo(task_id)
             return
+        from .client.common import TERMINAL
+
         record = _call(lambda: client.run(task_type, body, **options))  # one request: the reply is the end
-        if record.get("status") not in {s.value for s in TERMINAL_STATUSES}:  # still going after an hour
+        if record.get("status") not in TERMINAL:  # still going after an hour
             record = _call(lambda: client.wait(str(record["task_id"])))
     if as_json:
         _emit(record)

@@ -278,8 +278,7 @@ class Handlers:
             existing_id = node._idempotency[key]
 
             async def existing() -> dict[str, Any]:
-                flushed = node.store.write([])  # its insert is committed when this is
-                await flushed
+                await node.store.flush()  # its insert is committed
                 result: dict[str, Any] = {"task_id": existing_id, "existing": True}
                 if wait_s is not None:
                     held = node.lookup(existing_id)
@@ -319,7 +318,7 @@ class Handlers:
         # insert may wait for the result's commit (MainNode.wait_hold_s at most).
         if wait_s is not None:
             node.hold_insert(task)
-        fut = node.store.write([Store.insert_task(task)], within=node.wait_hold_s if task.held else None)
+        fut = node.store.write([Store.insert_task(task)], within=None if wait_s is None else node.wait_hold_s)
 
         def not_stored(f: asyncio.Future[None]) -> None:
             if not f.cancelled() and f.exception() is not None:

@@ -353,21 +353,20 @@ class MainNode(Dispatcher):
         That pass keeps it held (``wait_hold_s``) if the task goes to a device
         at once, and commits it at once otherwise.
         """
-        task.held = True
         self._held.append(task)
         self.schedule_soon()
 
     def _schedule(self) -> None:
         self._schedule_pending = False
         held, self._held = self._held, []
-        self._place()
+        self._place({task.task_id for task in held})
         for task in held:
-            task.held = False
             if task.status is not TaskStatus.ASSIGNED or task.insert_batch != self.store.next_batch:
                 self.store.hurry()  # not sent early: nothing to wait for
                 break
 
-    def _place(self) -> None:
+    def _place(self, held: set[str]) -> None:
+        """Plan and send assignments; ``held`` are the submissions with ``wait`` of this pass."""
         if self._stopping:
             return
         now = self.clock()
@@ -407,8 +406,8 @@ class MainNode(Dispatcher):
             ready = task.insert_batch == batch and device.conn is not None and device.conn.welcomed
             (early if ready else late).append(item)
         # Only held submissions sent early: the commit waits for their results (wait_hold_s).
-        held = not late and all(item[0].held for item in early)
-        fut = self.store.write(ops, within=self.wait_hold_s if held else None)
+        hold = not late and all(item[0].task_id in held for item in early)
+        fut = self.store.write(ops, within=self.wait_hold_s if hold else None)
         if early:
             self._send_assignments(early)
         fut.add_done_callback(lambda f: self._assignments_committed(f, sent, late))

@@ -96,9 +96,6 @@ class Task:
     #: queued (memory only): an assignment joining that same batch may be
     #: sent before the commit (MainNode._send_assignments says why).
     insert_batch: int | None = field(default=None, compare=False)
-    #: Submitted with ``wait`` (memory only): if it goes to a device at once,
-    #: its commit is held for its result (MainNode.WAIT_HOLD_S).
-    held: bool = field(default=False, compare=False)
 
     @property
     def terminal(self) -> bool:

@@ -291,34 +291,30 @@ class Agent:
         if out and writer is self._writer and not writer.is_closing():
             writer.write(b"".join(out))
 
-    async def _request(self, message_type: str, data: Dict[str, Any],
-                       wait_for: "Optional[asyncio.Future[Any]]" = None) -> Message:
-        """Send a request and wait for its reply; an error reply raises its ProtocolError."""
+    async def _request(self, message_type: str, data: Dict[str, Any], wait_for: "asyncio.Future[Any]") -> Message:
+        """Send a request and wait for its reply, or for ``wait_for`` (the connection's end).
+
+        An error reply raises its ProtocolError. (Results do not come here:
+        :meth:`_send_result` meets their replies with a callback.)
+        """
         msg = self._message(message_type, data)
         fut: "asyncio.Future[Message]" = asyncio.get_running_loop().create_future()
         self._pending[msg.message_id] = fut
         self._send(msg)
         assert self._writer is not None
         await self._writer.drain()
-        if wait_for is None:  # the common case (results): a timer, not asyncio.wait's machinery
-            timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT_S, _expire, fut, message_type)
-            try:
-                reply = await fut
-            finally:
-                timer.cancel()
-                self._pending.pop(msg.message_id, None)
-            if reply.message_type == "error":
-                raise error_from_code(str(reply.data.get("code")), str(reply.data.get("error")))
-            return reply
-        waiters = {fut, wait_for}
-        done, _ = await asyncio.wait(waiters, timeout=REQUEST_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({fut, wait_for}, timeout=REQUEST_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
         if fut not in done:
             self._pending.pop(msg.message_id, None)
-            if wait_for is not None and wait_for in done:
+            if wait_for in done:
                 wait_for.result()
                 raise ConnectionError("main node closed the connection")
             raise asyncio.TimeoutError(f"no reply to {message_type} within {REQUEST_TIMEOUT_S:g} s")
-        reply = fut.result()
+        return self._answer(fut.result())
+
+    @staticmethod
+    def _answer(reply: Message) -> Message:
+        """The reply, or its error raised as the typed ProtocolError."""
         if reply.message_type == "error":
             raise error_from_code(str(reply.data.get("code")), str(reply.data.get("error")))
         return reply
@@ -366,7 +362,6 @@ class Agent:
             held.job.cancel()
         if self.executor.instant(task):  # echo: ack and result leave in this pass, no Task for it
             self._send(ack(msg.message_id, {"task_id": task_id}, sender_id=self.device_id))
-            self._last_activity = time.time()
             self._finished(task, self.executor.run_instant(task))
             return
         job = asyncio.ensure_future(self._run_task(task))  # its first step runs before the flush of the ack
@@ -459,9 +454,9 @@ class Agent:
         self._pending.pop(message_id, None)
         if fut.cancelled() or fut.exception() is not None:
             return  # no answer: re-sent after the next register
-        reply = fut.result()
-        if reply.message_type == "error":
-            exc = error_from_code(str(reply.data.get("code")), str(reply.data.get("error")))
+        try:
+            self._answer(fut.result())
+        except ProtocolError as exc:
             log.warning("main node refused result of %s: %s", key[0], exc)
         self.outbox.remove(key)
 
