@@ -414,3 +414,23 @@ async def test_heartbeats_reindex_devices_only_when_work_is_waiting(node: MainNo
     task_id = await submit(client)
     task = await take_assignment(worker)
     assert task["task_id"] == task_id and set(updated) == {"dev-1"}
+
+
+async def test_task_ids_are_random_hex_drawn_from_the_os_in_pools(node: MainNode, monkeypatch: Any) -> None:
+    import secrets
+
+    from retire_cluster.main import node as node_module
+
+    calls = []
+    real = secrets.token_bytes
+
+    def counted(n: int) -> bytes:
+        calls.append(n)
+        return real(n)
+
+    monkeypatch.setattr(node_module.secrets, "token_bytes", counted)
+    ids = [node.new_task_id() for _ in range(node_module.ID_POOL * 2 + 1)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+    # one getrandom() per ID_POOL ids, not one per id
+    assert calls == [8 * node_module.ID_POOL] * 3

@@ -38,6 +38,7 @@ class Dispatcher:
     clock: Callable[[], float]
 
     _background: set[asyncio.Task[Any]]
+    _loop: asyncio.AbstractEventLoop | None
 
     def spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -118,7 +119,7 @@ class Dispatcher:
         Cheaper than a coroutine for the hot replies (register, task_result):
         no Task is created per request.
         """
-        out: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        out: asyncio.Future[Any] = (self._loop or asyncio.get_running_loop()).create_future()
 
         def done(f: asyncio.Future[Any]) -> None:
             if out.done():
