@@ -274,22 +274,54 @@ class Handlers:
             raise InvalidMessage(str(exc), path="$.data.task.priority") from None
         key = spec.get("idempotency_key")
         wait_s = msg.data.get("wait")
-        if key is not None and key in node._idempotency:
-            existing_id = node._idempotency[key]
+        if key is not None:
+            if key in node._idempotency:
+                return self._existing(node._idempotency[key], wait_s)
+            if key in node._old_keys or key in node._key_lookups:
+                return self._submit_seen_key(msg, priority, key, wait_s)
+        return self._new_task(spec, priority, key, wait_s)
 
-            async def existing() -> dict[str, Any]:
-                await node.store.flush()  # its insert is committed
-                result: dict[str, Any] = {"task_id": existing_id, "existing": True}
-                if wait_s is not None:
-                    held = node.lookup(existing_id)
-                    if held is None:
-                        stored = await node.store.get_task(existing_id)
-                        result["task"] = stored.to_record() if stored is not None else None
-                    else:  # a fresh flush: an end already decided in memory is on disk before it is told
-                        result["task"] = (await node.wait_for_end(held, float(wait_s), node.store.write([])))["task"]
-                return result
+    async def _existing(self, task_id: str, wait_s: Any, stored: Task | None = None) -> dict[str, Any]:
+        """The answer to a repeated submission: the task its key already names (``stored``: as read)."""
+        node = self.node
+        await node.store.flush()  # its insert is committed
+        result: dict[str, Any] = {"task_id": task_id, "existing": True}
+        if wait_s is not None:
+            held = node.lookup(task_id)
+            if held is None:
+                stored = stored or await node.store.get_task(task_id)
+                result["task"] = stored.to_record() if stored is not None else None
+            else:  # a fresh flush: an end already decided in memory is on disk before it is told
+                result["task"] = (await node.wait_for_end(held, float(wait_s), node.store.write([])))["task"]
+        return result
 
-            return existing()
+    async def _submit_seen_key(self, msg: Message, priority: int, key: str, wait_s: Any) -> dict[str, Any]:
+        """A key that may name a task no longer in memory: the store's unique index decides.
+
+        One lookup per key at a time: a submission with the same key that
+        comes meanwhile waits for it, then sees the task in memory.
+        """
+        node = self.node
+        while key in node._key_lookups:
+            await node._key_lookups[key]
+        if key in node._idempotency:
+            return await self._existing(node._idempotency[key], wait_s)
+        lookup: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        node._key_lookups[key] = lookup
+        try:
+            stored = await node.store.find_idempotent(key)
+            # Not there: a new key after all (the filter's "maybe"), in memory before the lookup ends.
+            new = None if stored is not None else self._new_task(msg.data["task"], priority, key, wait_s)
+        finally:
+            del node._key_lookups[key]
+            lookup.set_result(None)
+        if new is not None:
+            return dict(await new)
+        assert stored is not None
+        return await self._existing(stored.task_id, wait_s, stored)
+
+    def _new_task(self, spec: dict[str, Any], priority: int, key: str | None, wait_s: Any) -> asyncio.Future[Any]:
+        node = self.node
         now = node.clock()
         task = Task(
             task_id=node.new_task_id(),
@@ -306,6 +338,7 @@ class Handlers:
         )
         if key is not None:
             node._idempotency[key] = task.task_id
+            node._old_keys.add(key)
         version = node.bump(task)
         # Queue it first: the scheduling pass then runs before the commit
         # starts, so if a device is free the assignment joins the insert's

@@ -41,6 +41,7 @@ from .config import ConfigError, MainConfig
 from .dispatch import Dispatcher
 from .handlers import Handlers
 from .health import CircuitBreaker
+from .keyfilter import KeyFilter
 from .monitor import Monitor
 from .registry import Device, Registry
 from .scheduler import Scheduler
@@ -116,7 +117,12 @@ class MainNode(Dispatcher):
         #: unfinished tasks, plus the most recently finished ones
         self.tasks: dict[str, Task] = {}
         self._recent: OrderedDict[str, Task] = OrderedDict()
+        #: idempotency key -> task id, for the keyed tasks held in memory (unfinished or recent)
         self._idempotency: dict[str, str] = {}
+        #: every idempotency key the store may hold ("maybe" sends a submission to the store)
+        self._old_keys = KeyFilter()
+        #: keys being looked up in the store: a submission with the same key waits for the answer
+        self._key_lookups: dict[str, asyncio.Future[None]] = {}
         self._seq = 0
         self._id_pool: list[str] = []
         #: the running loop, once started (asyncio.get_running_loop() costs a getpid() call each time)
@@ -215,8 +221,8 @@ class MainNode(Dispatcher):
                 self.monitor.watch(task)
         for device in self.registry:
             self.scheduler.update_device(device, now)
-        for key, task_id in await self.store.idempotency_keys():
-            self._idempotency.setdefault(key, task_id)
+        async for key in self.store.idempotency_keys():
+            self._old_keys.add(key)
         if tasks:
             log.info("recovered %d unfinished tasks", len(tasks))
 
@@ -570,7 +576,10 @@ class MainNode(Dispatcher):
         self.tasks.pop(task.task_id, None)
         self._recent[task.task_id] = task
         if len(self._recent) > RECENT_TASKS:
-            self._recent.popitem(last=False)
+            _, old = self._recent.popitem(last=False)
+            # Its key is on disk (and in _old_keys): memory holds only the keys of tasks in memory.
+            if old.idempotency_key is not None and self._idempotency.get(old.idempotency_key) == old.task_id:
+                del self._idempotency[old.idempotency_key]
         fut = self.write_task(task)
         self.schedule_soon()
         return fut

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -561,12 +561,14 @@ class Store:
         )
         return await self.get_task(rows[0][0]) if rows else None
 
-    async def idempotency_keys(self) -> list[tuple[str, str]]:
-        """(key, task_id) of every task submitted with an idempotency key."""
-        rows = await self._conn().execute_fetchall(
-            "SELECT idempotency_key, task_id FROM tasks WHERE idempotency_key IS NOT NULL"
-        )
-        return [(str(r[0]), str(r[1])) for r in rows]
+    async def idempotency_keys(self, chunk: int = 10_000) -> AsyncIterator[str]:
+        """Every idempotency key in the store, read ``chunk`` rows at a time (never all in memory)."""
+        async with self._conn().execute(
+            "SELECT idempotency_key FROM tasks WHERE idempotency_key IS NOT NULL"
+        ) as cursor:
+            while rows := await cursor.fetchmany(chunk):
+                for row in rows:
+                    yield str(row[0])
 
     async def list_tasks(
         self,
