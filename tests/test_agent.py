@@ -158,6 +158,21 @@ def test_result_frame_is_trimmed_to_fit_including_a_huge_error(tmp_path: Path) -
     assert data["result"]["error"].startswith("é")
 
 
+def test_a_result_that_surely_fits_is_not_encoded_to_measure_it(tmp_path: Path, monkeypatch) -> None:
+    from retire_cluster.worker import agent as agent_module
+
+    encoded = []
+    monkeypatch.setattr(agent_module, "encode", lambda msg: encoded.append(msg) or b"x" * 100)
+    agent = Agent(WorkerConfig(device_id="x", data_dir=tmp_path))
+    small = {"output": "hi \u00e9\n", "exit_code": 0, "truncated": False, "metrics": {"cpu_s": 0.5, "rss_kb": 2**40}}
+    data = {"task_id": "t", "attempt": 1, "status": "completed", "execution_time": 0.0, "result": small}
+    assert agent._fit(data) is data and encoded == []  # an echo's result: a bound says it fits
+    for odd in ({"metrics": {"nested": {"a": 1}}}, {"output": [1, 2]}, {"metrics": {"n": 2**64}},
+                {"output": "x" * (agent.max_frame_bytes // 6)}):
+        agent._fit({"task_id": "t", "attempt": 1, "status": "completed", "execution_time": 0.0, "result": odd})
+    assert len(encoded) == 4  # anything the bound cannot vouch for is measured
+
+
 def test_outbox_keeps_live_results_in_memory_and_spills_them_on_disconnect(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "outbox")
     box.put(("a", 1), {"task_id": "a", "attempt": 1, "status": "completed"}, durable=False)

@@ -156,3 +156,46 @@ async def test_token_is_created_once_with_private_mode(tmp_path, clock: FakeCloc
     await second.stop()
     assert first.token == second.token and len(first.token or "") >= 32
     assert (config.token_path.stat().st_mode & 0o777) == 0o600
+
+
+class RecordingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list = []
+
+    def get_extra_info(self, name, default=None):  # type: ignore[no-untyped-def]
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data) -> None:  # type: ignore[no-untyped-def]
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_waited_reply_is_written_at_once_and_the_rest_of_the_pass_together(node: MainNode) -> None:
+    from retire_cluster.main.server import Connection
+
+    conn = Connection(node)
+    transport = RecordingTransport()
+    conn.connection_made(transport)
+    conn.send_now(b"reply-1\n")
+    assert transport.writes == [b"reply-1\n"]  # not at the end of the loop pass
+    conn.send_bytes(b"push\n")
+    conn.send_now(b"reply-2\n")
+    assert transport.writes == [b"reply-1\n"]  # the rest of the pass waits for one more write
+    await asyncio.sleep(0)
+    assert transport.writes == [b"reply-1\n", b"push\nreply-2\n"]
+    conn.send_now(b"reply-3\n")  # a new pass: at once again
+    assert transport.writes[-1] == b"reply-3\n"
+    await asyncio.sleep(0)
+    assert len(transport.writes) == 3

@@ -49,6 +49,8 @@ class FakeConn:
         if not self.closed:
             self.received.append(loads(frame))
 
+    send_now = send_bytes  # a reply that waited for a commit (written at once on a real connection)
+
     def close(self) -> None:
         self.closed = True
 

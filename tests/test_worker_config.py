@@ -169,3 +169,18 @@ def test_task_types() -> None:
     assert "python_eval" not in plain.task_types
     allowed = WorkerConfig(allow=frozenset({"python_eval"}))
     assert allowed.task_types == {"echo", "sleep", "python_eval"}
+
+
+def test_slots_read_the_cpu_count_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """slots is checked at every assignment; os.cpu_count() reads a /sys file each call."""
+    from retire_cluster.worker import config as config_module
+
+    calls: list = []
+    monkeypatch.setattr(config_module.os, "cpu_count", lambda: calls.append(1) or 6)
+    config_module._cpu_count.cache_clear()
+    try:
+        config = WorkerConfig()
+        assert [config.slots for _ in range(100)] == [6] * 100
+        assert len(calls) == 1
+    finally:
+        config_module._cpu_count.cache_clear()

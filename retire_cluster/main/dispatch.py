@@ -107,7 +107,7 @@ class Dispatcher:
         try:
             if exc is not None:
                 raise exc
-            conn.send_bytes(encode_ack(msg.message_id, fut.result(), utc_timestamp(self.clock())))
+            conn.send_now(encode_ack(msg.message_id, fut.result(), utc_timestamp(self.clock())))
         except RemoteProtocolError as err:
             self.reply_error(conn, msg.message_id, err)
         except Exception:

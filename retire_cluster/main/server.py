@@ -3,7 +3,9 @@
 One :class:`Connection` (an ``asyncio.Protocol``) per peer. Received bytes go
 through the sans-I/O :class:`MessageStream`; each event goes to the node's
 ``dispatch``. Replies are queued with :meth:`Connection.send` and written once
-per loop pass, so a burst of requests costs one ``write`` system call.
+per loop pass, so a burst of requests costs one ``write`` system call. A reply
+that waited for a commit goes out at once when it is the first of its pass
+(:meth:`Connection.send_now`); the rest of that pass follows in one more write.
 
 Theory of operation, for a port that anyone on the network can reach (every
 limit is a :class:`~retire_cluster.main.config.MainConfig` field):
@@ -258,6 +260,19 @@ class Connection(asyncio.Protocol):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
+
+    def send_now(self, frame: bytes) -> None:
+        """Queue a reply someone waits on, written at once when it is the first of this loop pass.
+
+        A reply that waited for a commit goes out before the rest of the pass
+        (other callbacks of the same commit); what else this pass queues for
+        the peer still leaves together, in one more write.
+        """
+        first = not self._flush_scheduled
+        self.send_bytes(frame)
+        if first and self._out:
+            self.flush()
+            self._flush_scheduled = True  # send_bytes scheduled a flush: later frames of this pass join it
 
     def flush(self) -> None:
         self._flush_scheduled = False

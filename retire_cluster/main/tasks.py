@@ -58,8 +58,22 @@ class Attempt:
         }
 
 
+#: Formatted timestamps by value: a task's few times are formatted again at
+#: each record (its updates, a waited reply, task_status), an attempt's are
+#: its task's. Cleared when full (at most ~0.5 MB).
+_STAMPS: dict[float, str] = {}
+_MAX_STAMPS = 4096
+
+
 def _ts(epoch_s: float | None) -> str | None:
-    return None if epoch_s is None else utc_timestamp(epoch_s)
+    if epoch_s is None:
+        return None
+    text = _STAMPS.get(epoch_s)
+    if text is None:
+        if len(_STAMPS) >= _MAX_STAMPS:
+            _STAMPS.clear()
+        text = _STAMPS[epoch_s] = utc_timestamp(epoch_s)
+    return text
 
 
 @dataclass

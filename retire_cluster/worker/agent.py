@@ -43,6 +43,32 @@ INBOUND_FRAME_LIMIT = 4 * 1024 * 1024
 REQUEST_TIMEOUT_S = 30.0
 
 
+#: At least the JSON length of a 64-bit integer, a float, true, false or null.
+_SCALAR_BOUND = 32
+
+
+def _json_size_bound(value: Any, depth: int = 2) -> Optional[int]:
+    """An upper bound of ``value``'s JSON length (every character of a string
+    as a six-byte escape), for scalars, strings and objects of them nested at
+    most ``depth`` deep; None for anything else (the caller then encodes it to
+    measure)."""
+    if value is None or isinstance(value, (bool, float)):
+        return _SCALAR_BOUND
+    if isinstance(value, int):
+        return _SCALAR_BOUND if -(2**63) <= value < 2**64 else None
+    if isinstance(value, str):
+        return 6 * len(value) + 2
+    if isinstance(value, dict) and depth > 0:
+        total = 2
+        for key, item in value.items():
+            size = _json_size_bound(item, depth - 1) if isinstance(key, str) else None
+            if size is None:
+                return None
+            total += 6 * len(key) + 4 + size
+        return total
+    return None
+
+
 def _expire(fut: "asyncio.Future[Any]", message_type: str) -> None:
     if not fut.done():
         fut.set_exception(asyncio.TimeoutError(f"no reply to {message_type} within {REQUEST_TIMEOUT_S:g} s"))
@@ -467,10 +493,9 @@ class Agent:
         """Trim output so the task_result frame fits the main node's max_frame_bytes."""
         limit = self.max_frame_bytes - 1024  # envelope and margin
         result = data["result"]
-        if all(v is None or isinstance(v, (str, int, float)) for v in result.values()):
-            texts = sum(len(v) for v in result.values() if isinstance(v, str))
-            if 6 * texts + 4096 < limit:  # fits even if every character became a six-byte \u escape
-                return data
+        bound = _json_size_bound(result)
+        if bound is not None and bound + 4096 < limit:  # fits without encoding it to find out
+            return data
         for _ in range(8):
             size = len(encode(self._message("task_result", data)))
             if size <= limit:

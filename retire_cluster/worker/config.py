@@ -5,6 +5,7 @@ Python 3.9 syntax and the standard library only: this runs on old phones.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
@@ -55,6 +56,13 @@ def load_or_create_device_id(data_dir: Path) -> str:
     data_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(device_id + "\n", encoding="utf-8")
     return device_id
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_count() -> int:
+    """CPUs of this machine, read once: os.cpu_count() opens and reads a /sys file on every call,
+    and the slot count is checked at every assignment."""
+    return os.cpu_count() or 1
 
 
 @dataclass
@@ -127,4 +135,4 @@ class WorkerConfig:
 
     @property
     def slots(self) -> int:
-        return self.max_tasks or os.cpu_count() or 1
+        return self.max_tasks or _cpu_count()
