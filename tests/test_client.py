@@ -566,3 +566,67 @@ async def test_blocking_run(node: MainNode) -> None:
     assert record["status"] == "completed" and record["result"]["output"] == "b"
     with pytest.raises(ValueError, match="wait_s must be more than 0"):
         Client(addr(node), node.token).run("echo", wait_s=3601)
+
+
+class LineServer:
+    """A fake main node on 127.0.0.1: answers each request frame with ``answer(frame)`` (no reply if None)."""
+
+    def __init__(self, answer: Callable[[Dict[str, Any]], Optional[Dict[str, Any]]]) -> None:
+        import socket
+        import threading
+
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn, conn.makefile("rb") as lines:
+            for line in lines:
+                result = self.answer(json.loads(line))
+                if result is not None:
+                    frame = {"message_type": "ack", "message_id": "s-1", "sender_id": "main-node",
+                             "data": {"original_message_id": json.loads(line)["message_id"], "result": result}}
+                    conn.sendall(json.dumps(frame).encode() + b"\n")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_blocking_client_reads_a_reply_larger_than_its_buffer_and_sets_the_timeout_once(monkeypatch) -> None:
+    import socket
+
+    from retire_cluster.client import sync
+
+    big = {"tasks": [{"task_id": f"t{i}", "output": "x" * 1000} for i in range(300)]}  # about 320 KB
+    server = LineServer(lambda frame: big if frame["message_type"] == "task_list" else {"n": 1})
+    timeouts: List[Optional[float]] = []
+    real = socket.socket.settimeout
+
+    def counted(self: socket.socket, value: Optional[float]) -> None:
+        timeouts.append(value)
+        real(self, value)
+
+    monkeypatch.setattr(socket.socket, "settimeout", counted)
+    try:
+        with Client(f"127.0.0.1:{server.port}", None, timeout_s=5) as client:
+            assert len(big["tasks"]) * 1000 > 4 * sync._RECV_CHUNK
+            assert client.tasks() == big["tasks"]  # arrived in several reads of the one buffer
+            set_before = len(timeouts)
+            for _ in range(20):
+                assert client.request("cluster_status") == {"n": 1}
+            # back-to-back requests ask for nearly the same timeout: no settimeout() (an ioctl) each
+            assert len(timeouts) == set_before
+    finally:
+        server.close()
+
+
+def test_blocking_client_still_times_out_at_its_deadline() -> None:
+    server = LineServer(lambda frame: None)  # never answers
+    try:
+        with Client(f"127.0.0.1:{server.port}", None, timeout_s=0.3) as client:
+            with pytest.raises(TimeoutError, match="no reply to cluster_status"):
+                client.request("cluster_status")
+    finally:
+        server.close()

@@ -52,6 +52,11 @@ from .common import (
 
 __all__ = ["Client", "ClientError", "ConnectionLost"]
 
+#: The receive buffer (a frame larger than this arrives in several reads).
+_RECV_CHUNK = 64 * 1024
+#: How far a socket timeout may be from the one a request asks for before it is set again.
+TIMEOUT_SLACK_S = 0.01
+
 _MAX_KEPT_UPDATES = 100_000
 
 
@@ -91,7 +96,12 @@ class Client:
         #: How many connections were opened so far (1 after the first connect).
         self.connections_opened = 0
         self._sock: Optional[socket.socket] = None
+        self._sock_timeout: Optional[float] = None  # what settimeout() was last given
         self._stream = MessageStream(max_frame_bytes)
+        # One receive buffer for the connection's life: recv(256 KiB) would map,
+        # shrink and unmap a fresh 256 KiB block at every read.
+        self._buffer = bytearray(_RECV_CHUNK)
+        self._view = memoryview(self._buffer)
         self._inbox: Deque[Message] = collections.deque()
         self._updates: Deque[Dict[str, Any]] = collections.deque(maxlen=_MAX_KEPT_UPDATES)
         self._subscribed_all = False
@@ -163,6 +173,7 @@ class Client:
                 raise ClientError(f"TLS with the main node at {self.host}:{self.port} failed: {exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
+        self._sock_timeout = sock.gettimeout()
         self._stream = MessageStream(self.max_frame_bytes)
         self._inbox.clear()
         self.connections_opened += 1
@@ -201,11 +212,11 @@ class Client:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError("no reply from the main node in time")
-            self._sock.settimeout(remaining)
+            self._set_timeout(remaining)
             try:
-                data = self._sock.recv(256 * 1024)
+                data = bytes(self._view[: self._sock.recv_into(self._buffer)])
             except socket.timeout:
-                raise TimeoutError("no reply from the main node in time") from None
+                continue  # the deadline decides (the socket's timeout may be a little short of it)
             except OSError as exc:
                 self._drop()
                 raise ConnectionLost(f"connection to the main node broke ({exc})") from None
@@ -218,6 +229,20 @@ class Client:
                 self._drop()
                 raise ConnectionLost("the main node closed the connection")
         return self._inbox.popleft()
+
+    def _set_timeout(self, seconds: Optional[float]) -> None:
+        """The socket's timeout, left as it is when within TIMEOUT_SLACK_S of ``seconds``.
+
+        Each settimeout() is an ioctl() system call, and back-to-back requests
+        ask for nearly the same timeout. A timeout left a little short of the
+        deadline makes the caller look at the deadline and read again; one
+        left a little beyond it overshoots by at most TIMEOUT_SLACK_S.
+        """
+        current = self._sock_timeout
+        if seconds is None or current is None or abs(current - seconds) > TIMEOUT_SLACK_S:
+            assert self._sock is not None
+            self._sock.settimeout(seconds)
+            self._sock_timeout = seconds
 
     def _route(self, msg: Message) -> None:
         """Keep a pushed task record if anyone here wants it; drop anything else."""
@@ -237,7 +262,7 @@ class Client:
             raise ConnectionLost("not connected to the main node")
         msg = Message(message_type, new_message_id(), self.client_id, data, auth_token=self.token)
         try:
-            self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            self._set_timeout(max(deadline - time.monotonic(), 0.001))
             self._sock.sendall(encode(msg))
         except socket.timeout:
             raise TimeoutError(f"could not send {message_type} to the main node in time") from None
