@@ -630,3 +630,38 @@ def test_blocking_client_still_times_out_at_its_deadline() -> None:
                 client.request("cluster_status")
     finally:
         server.close()
+
+
+async def test_async_client_reads_replies_in_the_protocol_callback_without_a_task() -> None:
+    server = LineServer(lambda frame: {"n": 1})
+    try:
+        before = len(asyncio.all_tasks())
+        async with AsyncClient(f"127.0.0.1:{server.port}", None, timeout_s=5) as client:
+            await client.connect()
+            assert len(asyncio.all_tasks()) == before  # no reader task per connection
+            assert [await client.request("cluster_status") for _ in range(3)] == [{"n": 1}] * 3
+    finally:
+        server.close()
+
+
+async def test_async_client_drops_a_connection_that_sends_a_bad_frame() -> None:
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b'{"message_type": "ack", "message_id": 5}\n')  # not an envelope
+            conn.recv(65536)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        async with AsyncClient(f"127.0.0.1:{listener.getsockname()[1]}", None, timeout_s=5,
+                               reconnect=False) as client:
+            with pytest.raises(ConnectionLost, match="bad frame"):
+                await client.request("task_submit", {"task": {"task_type": "echo"}})
+    finally:
+        listener.close()

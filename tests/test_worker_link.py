@@ -8,9 +8,9 @@ from typing import Any, List
 
 import pytest
 
+from retire_cluster.link import Link
 from retire_cluster.protocol.errors import FrameTooLarge
 from retire_cluster.protocol.messages import Message
-from retire_cluster.worker.link import Link
 
 
 class FakeTransport(asyncio.Transport):

@@ -48,6 +48,7 @@ def worker_path_files() -> List[Path]:
         PACKAGE / "runtime.py",
         PACKAGE / "tls.py",
         PACKAGE / "address.py",
+        PACKAGE / "link.py",
         PACKAGE / "__init__.py",
         PACKAGE / "__main__.py",
     ]

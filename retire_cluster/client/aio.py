@@ -5,10 +5,11 @@
         record = await c.wait(task_id)
         print(record["result"]["output"])
 
-Theory of operation: one connection, one reader task. Each request gets a fresh
-``message_id`` and a future; the reader resolves the future from the reply's
-``original_message_id``, so any number of requests may be in flight at once and
-replies may come in any order. ``task_update`` pushes go to whoever waits for
+Theory of operation: one connection, read in its protocol's callback
+(:class:`~retire_cluster.link.Link`: no task wakes up per read). Each request
+gets a fresh ``message_id`` and a future; the callback resolves the future from
+the reply's ``original_message_id``, so any number of requests may be in flight
+at once and replies may come in any order. ``task_update`` pushes go to whoever waits for
 that task (:meth:`wait`, :meth:`as_completed`, :meth:`execute`) and to the
 streams of :meth:`updates`.
 
@@ -36,7 +37,8 @@ import ssl as _ssl
 from typing import Any, AsyncGenerator, Dict, Iterable, List, Optional, Set
 
 from ..address import parse_main_address
-from ..protocol.codec import BadFrame, MessageStream, encode
+from ..link import Link
+from ..protocol.codec import encode
 from ..protocol.errors import Conflict, Overloaded
 from ..protocol.messages import Message, new_message_id
 from ..tls import check_fingerprint, client_context, normalise_fingerprint
@@ -60,19 +62,39 @@ __all__ = ["AsyncClient", "UpdateStream"]
 
 log = logging.getLogger("retire_cluster.client")
 
-_READ_CHUNK = 256 * 1024
 
 
 class _Connection:
     """One open connection and the requests in flight on it."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, number: int) -> None:
+        self.link: Optional[Link] = None  # set once connected; replies arrive in its callback
         self.number = number
         self.pending: Dict[str, asyncio.Future[Message]] = {}
         self.broken = False
-        self.reader_task: Optional[asyncio.Task[None]] = None
+
+    def write(self, data: bytes) -> None:
+        if self.link is None:
+            raise ConnectionError("not connected")
+        self.link.write(data)
+
+    async def drain(self) -> None:
+        if self.link is None:
+            raise ConnectionError("not connected")
+        await self.link.drain()
+
+
+def _reason(closed: "asyncio.Future[None]") -> str:
+    """Why a connection ended, from its Link's ``closed`` future."""
+    if closed.cancelled():
+        return "closed"
+    exc = closed.exception()
+    return (str(exc) or type(exc).__name__) if exc is not None else "closed"
+
+
+def _time_out(fut: "asyncio.Future[Any]") -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
 
 
 class UpdateStream:
@@ -175,18 +197,13 @@ class AsyncClient:
         for task in list(self._background):
             task.cancel()
         conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.writer.close()
-            if conn.reader_task is not None:
-                conn.reader_task.cancel()
-                try:
-                    await conn.reader_task
-                except (asyncio.CancelledError, Exception):
-                    pass
+        if conn is not None and conn.link is not None:
+            conn.link.close()
             try:
-                await conn.writer.wait_closed()
-            except (OSError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(conn.link.closed), 5.0)
+            except (Exception, asyncio.CancelledError):  # closed as it should (or it never says so)
                 pass
+            self._lost(conn, "closed")
         self._fail_waiters(ClientError("the client was closed"))
 
     async def _connection(self, deadline: float) -> _Connection:
@@ -217,9 +234,13 @@ class AsyncClient:
 
     async def _open(self, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
+        conn = _Connection(self.connections_opened + 1)
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, ssl=self.ssl, limit=_READ_CHUNK),
+            _, link = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: Link(lambda msg: self._dispatch(conn, msg), self.max_frame_bytes, strict=True),
+                    self.host, self.port, ssl=self.ssl,
+                ),
                 max(deadline - loop.time(), 0.001),
             )
         except (OSError, asyncio.TimeoutError) as exc:
@@ -231,19 +252,19 @@ class AsyncClient:
             ) from None
         if self.tls_fingerprint is not None:
             try:
-                check_fingerprint(writer.get_extra_info("ssl_object"), self.tls_fingerprint)
+                check_fingerprint(link.get_extra_info("ssl_object"), self.tls_fingerprint)
             except _ssl.SSLError as exc:
-                writer.close()
+                link.close()
                 raise ClientError(f"TLS with the main node at {self.host}:{self.port} failed: {exc}") from None
-        sock = writer.get_extra_info("socket")
+        sock = link.get_extra_info("socket")
         if sock is not None:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
         self.connections_opened += 1
-        conn = _Connection(reader, writer, self.connections_opened)
-        conn.reader_task = loop.create_task(self._read_loop(conn))
+        conn.link = link
+        link.closed.add_done_callback(lambda f: self._lost(conn, _reason(f)))
         self._conn = conn
         try:
             if self.token is not None:
@@ -281,7 +302,8 @@ class AsyncClient:
         if conn.broken:
             return
         conn.broken = True
-        conn.writer.close()
+        if conn.link is not None:
+            conn.link.close()
         for fut in conn.pending.values():
             if not fut.done():
                 fut.set_exception(ConnectionLost(f"connection to the main node broke ({reason})"))
@@ -309,26 +331,6 @@ class AsyncClient:
         task.add_done_callback(self._background.discard)
 
     # -- receiving ---------------------------------------------------------
-
-    async def _read_loop(self, conn: _Connection) -> None:
-        stream = MessageStream(self.max_frame_bytes)
-        reason = "the main node closed the connection"
-        try:
-            while True:
-                data = await conn.reader.read(_READ_CHUNK)
-                for event in stream.feed(data):
-                    if isinstance(event, BadFrame):
-                        raise ClientError(f"the main node sent a bad frame: {event.error}")
-                    self._dispatch(conn, event)
-                if not data:
-                    break
-        except asyncio.CancelledError:
-            reason = "closed"
-            raise
-        except (OSError, ClientError) as exc:
-            reason = str(exc) or type(exc).__name__
-        finally:
-            self._lost(conn, reason)
 
     def _dispatch(self, conn: _Connection, msg: Message) -> None:
         if msg.message_type in ("ack", "error"):
@@ -382,17 +384,20 @@ class AsyncClient:
         conn.pending[msg.message_id] = fut
         try:
             try:
-                conn.writer.write(encode(msg))
-                await conn.writer.drain()
+                conn.write(encode(msg))
+                await conn.drain()
             except (OSError, RuntimeError) as exc:  # RuntimeError: the transport is closing
                 self._lost(conn, str(exc) or type(exc).__name__)
-            remaining = deadline - loop.time()
+            # A timer on the future itself: cheaper than asyncio.wait_for, which wraps it.
+            timer = loop.call_later(max(deadline - loop.time(), 0.001), _time_out, fut)
             try:
-                return await asyncio.wait_for(fut, max(remaining, 0.001))
+                return await fut
             except asyncio.TimeoutError:
                 raise TimeoutError(
                     f"no reply to {message_type} from the main node within {self.timeout_s:g} s"
                 ) from None
+            finally:
+                timer.cancel()
         finally:
             conn.pending.pop(msg.message_id, None)
 

@@ -23,13 +23,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+from ..link import Link
 from ..protocol.codec import encode
 from ..protocol.errors import ProtocolError, error_from_code
 from ..protocol.messages import Message, ack, error_reply, new_message_id, utc_timestamp
 from ..tls import FingerprintMismatch, check_fingerprint, client_context
 from .config import WorkerConfig, load_or_create_device_id
 from .executor import Executor, Outcome
-from .link import Link
 from .outbox import Outbox
 from .policy import Decision, OwnerPolicy, Readings
 from .profiler import OwnerCpu, Profiler, read_battery

@@ -1,10 +1,10 @@
-"""The worker's end of its connection: frames are handled as they arrive.
+"""A connection to the main node, for the worker and the asyncio client: frames are handled as they arrive.
 
 A protocol rather than a StreamReader and a task reading from it: each chunk
-the socket delivers is split into frames and handed to the agent in the same
-callback, so an assignment is answered one loop pass sooner and no task wakes
-up per read. Writing offers what the agent used of a StreamWriter (write,
-drain, close) on the transport's own flow control.
+the socket delivers is split into frames and handed on in the same callback,
+so a message is acted on (an assignment answered, a reply's waiter woken) one
+loop pass sooner and no task wakes up per read. Writing offers what a
+StreamWriter did (write, drain, close) on the transport's own flow control.
 
 Python 3.9 syntax and the standard library only.
 """
@@ -15,12 +15,12 @@ import asyncio
 import logging
 from typing import Any, Callable, List, Optional
 
-from ..protocol.codec import MessageStream
-from ..protocol.messages import Message
+from .protocol.codec import MessageStream
+from .protocol.messages import Message
 
 __all__ = ["Link"]
 
-log = logging.getLogger("retire_cluster.worker")
+log = logging.getLogger("retire_cluster.link")
 
 
 class Link(asyncio.Protocol):
@@ -29,13 +29,17 @@ class Link(asyncio.Protocol):
     Args:
         on_message: called with each :class:`Message`, in order, as it arrives.
         max_frame_bytes: the longest frame accepted from the main node.
+        strict: any frame the codec refuses ends the connection (the client);
+            otherwise only one that loses the framing does, and the others
+            are logged and skipped (the worker).
 
     ``closed`` is a future that fails with the reason when the connection
     ends (the main node closed it, it broke, or a frame could not be handled).
     """
 
-    def __init__(self, on_message: Callable[[Message], None], max_frame_bytes: int) -> None:
+    def __init__(self, on_message: Callable[[Message], None], max_frame_bytes: int, *, strict: bool = False) -> None:
         self._on_message = on_message
+        self._strict = strict
         self._stream = MessageStream(max_frame_bytes)
         self._transport: Optional[asyncio.Transport] = None
         self._paused = False
@@ -52,6 +56,8 @@ class Link(asyncio.Protocol):
             for event in self._stream.feed(data):
                 if isinstance(event, Message):
                     self._on_message(event)
+                elif self._strict:
+                    raise ConnectionError(f"the main node sent a bad frame: {event.error}")
                 else:
                     log.warning("bad frame from main node: %s", event.error)
                     if event.error.close:  # too large: the stream cannot go on
