@@ -6,10 +6,12 @@ Starts the main node and 2 real `retire-cluster worker` processes, then a
 client (this process) submits `echo` tasks with a window of submissions in
 flight and counts completions from `task_update` pushes: tasks/s from first
 submission to last recorded result. Then one task at a time for the
-round-trip p50/p99, two ways (in alternating blocks): `task_submit` with `wait` (one request, one
-reply with the result: the round trip reported) and, for comparison, submit
-then wait for the `task_update` push of a subscribed connection. Runs with
-`--synchronous normal` and `full`; reports RSS of the main node and workers.
+round-trip p50/p99, three ways (in alternating blocks): `task_submit` with
+`wait` from a bare client (one request, one reply with the result: the round
+trip reported), the same through the Python client's `AsyncClient.run()`
+(what a user's code pays), and, for comparison, submit then wait for the
+`task_update` push of a subscribed connection. Runs with `--synchronous
+normal` and `full`; reports RSS of the main node and workers.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
     # drift of the machine's speed does not favour either.
     updated: list[float] = []
     samples: list[float] = []
+    through_client: list[float] = []
     block = max(1, round_trips // ROUND_TRIP_BLOCKS)
     for done_trips in range(0, round_trips, block):
         count = min(block, round_trips - done_trips)
@@ -107,8 +110,10 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
         waiter = await Requester(node.token, lambda _msg: None, sender_id="bench-wait").open(node.port)
         samples += await waited_round_trips(waiter.request, echo, count)
         waiter.close()
+        through_client += await client_round_trips(node, echo, count)
     updated.sort()
     samples.sort()
+    through_client.sort()
     return {"tasks_per_s": round(tasks / elapsed), "seconds": round(elapsed, 2),
             # CPU per task is steadier than wall time on a shared 2-core machine.
             "main_cpu_us_per_task": round(1e6 * main_cpu / tasks),
@@ -116,7 +121,23 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
             "round_trip_p50_ms": round(1000 * percentile(samples, 0.5), 3),
             "round_trip_p99_ms": round(1000 * percentile(samples, 0.99), 3),
             "round_trip_update_p50_ms": round(1000 * percentile(updated, 0.5), 3),
-            "round_trip_update_p99_ms": round(1000 * percentile(updated, 0.99), 3)}
+            "round_trip_update_p99_ms": round(1000 * percentile(updated, 0.99), 3),
+            "round_trip_client_p50_ms": round(1000 * percentile(through_client, 0.5), 3),
+            "round_trip_client_p99_ms": round(1000 * percentile(through_client, 0.99), 3)}
+
+
+async def client_round_trips(node: MainNode, echo: dict[str, Any], count: int) -> list[float]:
+    """The waited round trip through the Python client, ``AsyncClient.run()`` (what a user's code calls)."""
+    from retire_cluster.client import AsyncClient
+
+    samples = []
+    async with AsyncClient(f"127.0.0.1:{node.port}", node.token, timeout_s=60, client_id="bench-client") as client:
+        for _ in range(count):
+            start = time.perf_counter()
+            record = await client.run("echo", echo["task"]["payload"], wait_s=60)
+            samples.append(time.perf_counter() - start)
+            assert record["status"] == "completed", record
+    return samples
 
 
 async def waited_round_trips(request: Any, echo: dict[str, Any], count: int) -> list[float]:
@@ -185,7 +206,8 @@ def main() -> None:
     table = [(f"synchronous={r['synchronous']}",
               f"{r['tasks_per_s']:,} tasks/s (main CPU {r['main_cpu_us_per_task']} µs/task, workers "
               f"{r['worker_cpu_us_per_task']})  round trip p50 {r['round_trip_p50_ms']} ms  "
-              f"p99 {r['round_trip_p99_ms']} ms (via task_update p50 {r['round_trip_update_p50_ms']} ms)  main RSS {r['main_rss_mib']} MiB (rest "
+              f"p99 {r['round_trip_p99_ms']} ms (via task_update p50 {r['round_trip_update_p50_ms']} ms, "
+              f"via AsyncClient.run() p50 {r['round_trip_client_p50_ms']} ms)  main RSS {r['main_rss_mib']} MiB (rest "
               f"{r['main_rss_at_rest_mib']})  workers {r['worker_rss_mib']} MiB (rest {r['worker_rss_at_rest_mib']}, "
               f"{r['worker_slots']} slots)") for r in rows]
     emit("tasks", table, {"results": rows})
