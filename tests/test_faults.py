@@ -174,9 +174,11 @@ def test_kill9_main_node_at_random_points_loses_nothing(tmp_path: Path) -> None:
             time.sleep(rng.uniform(0.1, 0.8))
             main.kill9()
             main = MainProcess(data_dir, *FAST).start(port)
-        # A client that met several restarts in a row backs off for seconds (up to
-        # its timeout), so after the last kill both streams go on until each has
-        # made enough calls for the checks below to mean something.
+        # A run() completes only when a main node lives long enough for a worker
+        # to reconnect (backoff up to 1 s) and run its task, and the kills come
+        # every 0.1-0.8 s: how many complete meanwhile is luck. So after the last
+        # kill both streams go on until each has made enough calls for the checks
+        # below to mean something.
         poll(lambda: (len(acked) > 50 and len(ran) > 50) or bool(errors), timeout=60,
              what="50 calls of each stream")
         submitting.clear()
