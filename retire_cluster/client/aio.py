@@ -68,20 +68,11 @@ class _Connection:
     """One open connection and the requests in flight on it."""
 
     def __init__(self, number: int) -> None:
-        self.link: Optional[Link] = None  # set once connected; replies arrive in its callback
+        # Set once connected (the Link's callback needs this object first); replies arrive in that callback.
+        self.link: Optional[Link] = None
         self.number = number
         self.pending: Dict[str, asyncio.Future[Message]] = {}
         self.broken = False
-
-    def write(self, data: bytes) -> None:
-        if self.link is None:
-            raise ConnectionError("not connected")
-        self.link.write(data)
-
-    async def drain(self) -> None:
-        if self.link is None:
-            raise ConnectionError("not connected")
-        await self.link.drain()
 
 
 def _reason(closed: "asyncio.Future[None]") -> str:
@@ -384,8 +375,9 @@ class AsyncClient:
         conn.pending[msg.message_id] = fut
         try:
             try:
-                conn.write(encode(msg))
-                await conn.drain()
+                assert conn.link is not None  # a _Connection is handed out only once connected
+                conn.link.write(encode(msg))
+                await conn.link.drain()
             except (OSError, RuntimeError) as exc:  # RuntimeError: the transport is closing
                 self._lost(conn, str(exc) or type(exc).__name__)
             # A timer on the future itself: cheaper than asyncio.wait_for, which wraps it.
