@@ -80,7 +80,8 @@ def _install_main():
 
 
 def _install_worker():
-    from retire_cluster.worker import agent, link
+    from retire_cluster import link
+    from retire_cluster.worker import agent
 
     received, on_message, send = link.Link.data_received, agent.Agent._on_message, agent.Agent._send
 
