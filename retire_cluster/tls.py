@@ -15,8 +15,6 @@ Python 3.9 syntax and the standard library only (workers import this).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ssl
 from pathlib import Path
 from typing import Optional, Union
@@ -69,6 +67,8 @@ def certificate_fingerprint(cert: Union[bytes, str, Path]) -> str:
         der = ssl.PEM_cert_to_DER_cert(pem)
     else:
         der = cert
+    import hashlib  # here: a worker without TLS never loads it (its OpenSSL bindings cost RSS)
+
     return hashlib.sha256(der).hexdigest()
 
 
@@ -109,6 +109,8 @@ def check_fingerprint(ssl_object: Optional[Union[ssl.SSLObject, ssl.SSLSocket]],
     if not der:
         raise FingerprintMismatch("the main node sent no TLS certificate")
     got = certificate_fingerprint(der)
+    import hmac
+
     if not hmac.compare_digest(got, expected):
         raise FingerprintMismatch(
             f"the main node's certificate has fingerprint {format_fingerprint(got)}, not the pinned "

@@ -310,3 +310,13 @@ def test_watch_redraws_in_place_on_a_terminal_and_quits_on_ctrl_c(main_process) 
             proc.wait(10)
         os.close(leader)
     assert seen.startswith(b"\x1b[2J") and b"pending" in seen and b"Traceback" not in seen
+
+
+def test_a_worker_without_tls_does_not_load_openssls_hashes() -> None:
+    """hashlib (and its OpenSSL bindings) costs a worker RSS; only TLS pinning and a spilled result need it."""
+    code = (
+        "import sys, retire_cluster.cli, retire_cluster.worker.agent; "
+        "print(sorted(m for m in ('hashlib', '_hashlib', 'hmac', 'secrets') if m in sys.modules))"
+    )
+    out = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import secrets
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,7 @@ def load_or_create_device_id(data_dir: Path) -> str:
     if saved:
         return saved
     host = re.sub(r"[^A-Za-z0-9._-]+", "-", socket.gethostname()).strip("-.") or "device"
-    device_id = f"{host[:48]}-{secrets.token_hex(3)}"
+    device_id = f"{host[:48]}-{os.urandom(3).hex()}"
     data_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(device_id + "\n", encoding="utf-8")
     return device_id

@@ -14,7 +14,6 @@ Python 3.9 syntax and the standard library only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,8 @@ class Outbox:
         self._load()
 
     def _path(self, key: Key) -> Path:
+        import hashlib  # here, not at the top: a connected worker never needs it (its OpenSSL bindings cost RSS)
+
         digest = hashlib.sha256(f"{key[0]}\0{key[1]}".encode()).hexdigest()[:32]
         return self.directory / f"{digest}.json"
 
