@@ -24,11 +24,14 @@ from .tables import (
     TASK_HEADERS,
     device_row,
     format_table,
+    stuck_lines,
     task_detail,
     task_row,
 )
 
 EXIT_ERROR = 1
+#: `submit --wait` says where the task is when it has not ended after this many seconds.
+NOTICE_S = 5.0
 TASK_STATES = [s.value for s in TaskStatus]
 
 # -- helpers ------------------------------------------------------------------
@@ -183,15 +186,30 @@ def submit_cmd(task_type: str, payload: str, priority: Optional[str], timeout: O
             return
         from .client.common import TERMINAL
 
-        record = _call(lambda: client.run(task_type, body, **options))  # one request: the reply is the end
-        if record.get("status") not in TERMINAL:  # still going after an hour
-            record = _call(lambda: client.wait(str(record["task_id"])))
+        # One request: the reply is the end, unless the task is still going after NOTICE_S.
+        record = _call(lambda: client.run(task_type, body, wait_s=NOTICE_S, **options))
+        if record.get("status") not in TERMINAL:
+            task_id = str(record["task_id"])
+            _say_still_waiting(_call(lambda: client.status(task_id)))
+            record = _call(lambda: client.wait(task_id))
     if as_json:
         _emit(record)
     else:
         _print_outcome(record)
     if record.get("status") != "completed":
         sys.exit(EXIT_ERROR)
+
+
+def _say_still_waiting(record: Dict[str, Any]) -> None:
+    """`submit --wait`: a task that has not ended after NOTICE_S gets one line on stderr saying where it is."""
+    task_id, status = record.get("task_id"), record.get("status")
+    if status == "pending":
+        where = f"task {task_id} is waiting for a device: {record.get('waiting') or 'none has taken it yet.'}"
+        after = f"the task stays queued; `retire-cluster cancel {task_id}` drops it"
+    else:
+        where = f"task {task_id} is {status} on {record.get('assigned_device') or 'a device'}."
+        after = "the task goes on"
+    click.echo(f"{where}\nStill waiting; Ctrl-C stops waiting ({after}).", err=True)
 
 
 def _print_outcome(record: Dict[str, Any]) -> None:
@@ -222,6 +240,8 @@ def status_cmd(main_addr: str, token: Optional[str], as_json: bool) -> None:
                f"slots: {slots.get('busy', 0)}/{slots.get('total', 0)} busy; "
                f"queue: {status.get('queue_length', 0)}")
     click.echo(format_table(["state", "tasks"], [[k, str(v)] for k, v in tasks.items()]))
+    for line in stuck_lines(status):
+        click.echo(line)
 
 
 @click.command("devices")

@@ -154,6 +154,8 @@ def task_detail(record: Dict[str, Any]) -> str:
         ("created", record.get("created_at") or "-"), ("assigned", record.get("assigned_at") or "-"),
         ("started", record.get("started_at") or "-"), ("finished", record.get("finished_at") or "-"),
     ]  # fmt: skip
+    if record.get("waiting"):
+        fields.insert(3, ("waiting", record["waiting"]))
     if record.get("execution_time") is not None:
         fields.append(("execution", f"{record['execution_time']} s"))
     if record.get("progress") is not None and record.get("status") == "running":
@@ -182,6 +184,17 @@ def task_detail(record: Dict[str, Any]) -> str:
     else:
         lines.append("no attempts yet: no device has taken it")
     return "\n".join(lines)
+
+
+def stuck_lines(status: Dict[str, Any]) -> List[str]:
+    """One line per kind of queued task that no known device can run (cluster_status's ``stuck``)."""
+    lines = []
+    for item in status.get("stuck") or []:
+        req = item.get("requirements") or {}
+        what = str(item.get("task_type")) + (" " + json.dumps(req, ensure_ascii=False, sort_keys=True) if req else "")
+        n = item.get("tasks")
+        lines.append(f"stuck: {n} {what} task{'' if n == 1 else 's'}: {item.get('reason')}")
+    return lines
 
 
 def status_summary(status: Dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ import select
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -215,12 +216,53 @@ def test_watch_once_task_history_and_devices(main_process, worker_process) -> No
     assert history[0] == "1" and history[1] == "w1" and history[-1] == "completed"
     waiting = against(main, "task", queued)
     assert "no attempts yet" in waiting.stdout
+    assert ("waiting       the one device that runs 'echo' does not meet role=nobody; "
+            "`retire-cluster devices` shows what each has.") in waiting.stdout
+    assert "stuck: 1 echo {\"role\": \"nobody\"} task: the one device that runs 'echo'" in frame.stdout
 
     devices = against(main, "devices")
     assert devices.stdout.splitlines()[0].split() == ["device", "status", "role", "platform", "cores", "memory",
                                                        "load", "battery", "tasks", "ok/failed", "avg", "time",
                                                        "breaker", "last", "seen"]
     assert devices.stdout.splitlines()[2].startswith("w1")
+
+
+def test_submit_wait_says_why_the_task_waits_and_ends_once_a_device_can_run_it(
+        main_process, worker_process, monkeypatch: pytest.MonkeyPatch) -> None:
+    from retire_cluster import cli_client
+
+    main = main_process()
+    worker_process(main, name="plain")  # echo and sleep only
+    wait_for_devices(main, 1)
+    monkeypatch.setattr(cli_client, "NOTICE_S", 0.2)
+    said = threading.Event()
+    say = cli_client._say_still_waiting
+    monkeypatch.setattr(cli_client, "_say_still_waiting", lambda record: (say(record), said.set()))
+
+    def stuck_then_able() -> None:
+        if said.wait(60):
+            status = against(main, "status")
+            stuck.append(status.stdout)
+            worker_process(main, "--allow", "python_eval", name="able")
+
+    stuck: list = []
+    helper = threading.Thread(target=stuck_then_able)
+    helper.start()
+    try:
+        result = against(main, "submit", "python_eval", "--payload", '{"expression": "6 * 7"}', "--wait")
+    finally:
+        said.set()
+        helper.join()
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "42\n"
+    task_id = result.stderr.split()[1]
+    assert result.stderr == (
+        f"task {task_id} is waiting for a device: no device runs 'python_eval' tasks (they run echo, sleep); "
+        "its owner must allow it with `retire-cluster worker --allow python_eval`.\n"
+        f"Still waiting; Ctrl-C stops waiting (the task stays queued; `retire-cluster cancel {task_id}` drops it).\n")
+    assert "stuck: 1 python_eval task: no device runs 'python_eval' tasks" in stuck[0]
+    assert "stuck" not in against(main, "status").stdout
+    assert json.loads(against(main, "status", "--json").stdout)["stuck"] == []
 
 
 def test_device_and_task_views() -> None:

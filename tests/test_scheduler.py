@@ -8,7 +8,7 @@ import pytest
 
 from retire_cluster.main.health import CircuitBreaker
 from retire_cluster.main.registry import Device, device_matches
-from retire_cluster.main.scheduler import Scheduler
+from retire_cluster.main.scheduler import EXPLAIN_TTL_S, Scheduler
 from retire_cluster.main.tasks import Task
 from retire_cluster.protocol.messages import DeviceStatus, TaskStatus
 
@@ -71,7 +71,9 @@ def test_blocked_class_does_not_block_others() -> None:
     plan = s.pick(NOW)
     assert [t.task_id for t, _ in plan] == ["t2"]
     assert len(s) == 1
-    assert s.blocked_classes() == [("echo", {"min_cpu_cores": 64})]
+    assert s.stuck(NOW) == [{"task_type": "echo", "requirements": {"min_cpu_cores": 64}, "tasks": 1,
+                          "reason": "the one device that runs 'echo' does not meet min_cpu_cores=64; "
+                                    "`retire-cluster devices` shows what each has."}]
 
 
 def test_device_that_appears_later_is_used_for_an_existing_class() -> None:
@@ -225,7 +227,7 @@ def test_a_class_that_runs_empty_keeps_its_device_index(monkeypatch: pytest.Monk
     # The class was matched against the 50 devices once; after that only the
     # device that changed is re-checked (when it takes the task and when it is done).
     assert calls["matches"] == 50 + 2 * 20
-    assert s.blocked_classes() == []  # an empty class is not reported as blocked
+    assert s.stuck(NOW) == []  # an empty class is not reported as stuck
 
 
 def test_empty_classes_kept_are_bounded_and_evicted_oldest_first() -> None:
@@ -259,3 +261,72 @@ def test_a_pass_looks_only_at_classes_with_queued_tasks() -> None:
     s.push(task(99))
     assert [t.task_id for t, _ in s.pick(NOW)] == ["t99"]
     assert len(looked) <= 2  # the one class with work (and its next head), not the thirty kept empty
+
+
+# -- why a pending task waits -----------------------------------------------------
+
+
+def test_explain_says_why_no_known_device_can_run_a_task() -> None:
+    assert scheduler().explain(queued(scheduler(), task(1)), NOW) is None  # not queued in that scheduler
+    empty = scheduler()
+    assert "no device has joined yet" in empty.explain(queued(empty, task(1)), NOW)
+
+    s = scheduler(device("pi", types=("echo", "sleep")), device("nas", types=("echo",), mem_gb=7.5))
+    assert s.explain(queued(s, task(1, task_type="frobnicate")), NOW) == (
+        "no device runs 'frobnicate' tasks (they run echo, sleep); start a worker that offers it.")
+    assert "`retire-cluster worker --allow command`" in s.explain(queued(s, task(2, task_type="command")), NOW)
+    assert s.explain(queued(s, task(3, min_memory_gb=64.0, platform="linux")), NOW) == (
+        "none of the 2 devices that run 'echo' meets min_memory_gb=64; "
+        "`retire-cluster devices` shows what each has.")
+    both = task(4, min_memory_gb=6.0, capabilities=["gpu"])
+    s.update_device(device("gpu-box", caps=("gpu",), mem_gb=2), NOW)
+    assert s.explain(queued(s, both), NOW) == (
+        "no single device that runs 'echo' meets all of the requirements together "
+        "(capabilities=gpu, min_memory_gb=6).")
+    assert [(c["task_type"], c["tasks"]) for c in s.stuck(NOW)] == [
+        ("frobnicate", 1), ("command", 1), ("echo", 1), ("echo", 1)]
+
+
+def test_explain_counts_why_each_matching_device_is_not_free() -> None:
+    busy, paused, gone, away, resting = (device(n) for n in ("busy", "paused", "gone", "away", "resting"))
+    busy.running.add("other")
+    paused.accepting, paused.reason = False, "battery 15% below 20%"
+    gone.status = DeviceStatus.OFFLINE
+    away.conn = None
+    resting.breaker = CircuitBreaker(failures=1, reset_s=60.0)
+    resting.breaker.on_failure(NOW)
+    s = scheduler(busy, paused, gone, away, resting)
+    t = queued(s, task(1))
+    assert s.pick(NOW) == []
+    assert s.explain(t, NOW) == (
+        "5 devices can run it and none is free: 1 busy, 1 offline, "
+        "1 paused by its owner's policy (battery 15% below 20%), 1 reconnecting, 1 resting after failures (circuit breaker open).")
+    assert s.stuck(NOW) == []  # devices can run it: it waits, it is not stuck
+    busy.running.clear()
+    s.update_device(busy, NOW)
+    assert s.explain(t, NOW + 0.5).startswith("5 devices can run it")  # reused for EXPLAIN_TTL_S
+    later = NOW + EXPLAIN_TTL_S
+    assert s.explain(t, later) == "a device that can run it is free; it goes out at the next scheduling pass."
+    assert [d.device_id for _, d in s.pick(later)] == ["busy"]
+    t.status = TaskStatus.ASSIGNED
+    assert s.explain(t, later) is None  # no longer pending
+
+
+def test_an_explanation_is_worked_out_once_per_class_and_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    from retire_cluster.main import scheduler as scheduler_module
+
+    s = scheduler(*(device(f"d{i}") for i in range(10)))
+    tasks = [queued(s, task(n, min_cpu_cores=4)) for n in range(100)]
+    calls = Counter()
+    real = scheduler_module.device_matches
+    monkeypatch.setattr(scheduler_module, "device_matches", lambda *a: calls.update(["m"]) or real(*a))
+    assert len({s.explain(t, NOW) for t in tasks}) == 1
+    assert s.stuck(NOW)[0]["tasks"] == 100
+    assert calls["m"] == 10  # one look at each device for the one requirement, not one per task
+    s.update_device(device("big", cores=8), NOW)  # now a device matches: the kind of answer changed
+    assert s.explain(tasks[0], NOW).startswith("a device that can run it is free")
+
+
+def queued(s: Scheduler, t: Task) -> Task:
+    s.push(t, NOW)
+    return t

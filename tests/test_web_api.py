@@ -226,6 +226,20 @@ async def test_cluster_status(cluster: Cluster) -> None:
     body = await cluster.ok("GET", "/api/v1/cluster/status")
     assert body["devices"]["online"] == 1 and body["slots"]["total"] >= 1
     assert set(body["tasks"]) == {"pending", "assigned", "running", "completed", "failed", "cancelled", "timeout"}
+    assert body["stuck"] == []
+
+
+async def test_a_task_no_device_can_run_says_why_in_every_view(cluster: Cluster) -> None:
+    task_id = await cluster.submit("echo", {"message": "x"}, requirements={"min_cpu_cores": 512})
+    why = "does not meet min_cpu_cores=512; `retire-cluster devices` shows what each has."
+    body = await cluster.ok("GET", f"/api/v1/tasks/{task_id}")
+    assert body["task"]["status"] == "pending" and body["task"]["waiting"].endswith(why)
+    status = await cluster.ok("GET", "/api/v1/cluster/status")
+    assert [(s["task_type"], s["tasks"], s["reason"].endswith(why)) for s in status["stuck"]] == [("echo", 1, True)]
+    _, text = await command(cluster, "status")
+    assert 'stuck: 1 echo {"min_cpu_cores": 512} task: the one device that runs' in text["text"]
+    _, text = await command(cluster, f"task {task_id}")
+    assert "waiting" in text["text"] and why in text["text"]
 
 
 # -- POST /api/v1/command ------------------------------------------------------------------

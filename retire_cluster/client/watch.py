@@ -11,7 +11,15 @@ import asyncio
 import time
 from typing import Any, Callable, Dict, List
 
-from ..tables import DEVICE_HEADERS, TASK_HEADERS, device_row, format_table, status_summary, task_row
+from ..tables import (
+    DEVICE_HEADERS,
+    TASK_HEADERS,
+    device_row,
+    format_table,
+    status_summary,
+    stuck_lines,
+    task_row,
+)
 from .aio import AsyncClient
 
 __all__ = ["View", "render", "watch"]
@@ -47,7 +55,7 @@ def render(view: View, now: float) -> str:
     """The text of one frame."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
     lines = [f"retire-cluster {view.main}  {stamp}" + ("" if view.connected else "  (reconnecting...)"),
-             status_summary(view.status), ""]
+             status_summary(view.status), *stuck_lines(view.status), ""]
     if view.devices:
         lines.append(format_table(DEVICE_HEADERS, [device_row(d, now) for d in view.devices]))
     else:

@@ -370,7 +370,11 @@ class Handlers:
         task = await self.node.fetch(msg.data["task_id"])
         if task is None:
             raise NotFound(f"No task {msg.data['task_id']!r}; `retire-cluster tasks` lists them.")
-        return {"task": task.to_record()}
+        record = task.to_record()
+        waiting = self.node.scheduler.explain(task, self.node.clock())
+        if waiting is not None:
+            record = {**record, "waiting": waiting}
+        return {"task": record}
 
     def task_cancel(self, conn: Connection, msg: Message) -> Result:
         node = self.node
@@ -427,6 +431,7 @@ class Handlers:
             "queue_length": counts.get("pending", 0),
             "slots": {"total": slots, "busy": busy},
             "uptime": round(node.clock() - node.started_at, 3),
+            "stuck": node.scheduler.stuck(node.clock()),
         }
 
     def subscribe(self, conn: Connection, msg: Message) -> Result:

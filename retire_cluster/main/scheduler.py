@@ -59,10 +59,13 @@ def class_key(task: Task) -> ClassKey:
 
 #: How many classes with no pending task stay indexed (each costs a check per device change).
 MAX_EMPTY_CLASSES = 64
+#: How long a class's explanation of a wait is reused: it costs O(devices), and a client
+#: waiting on 10,000 pending tasks asks for each task's status.
+EXPLAIN_TTL_S = 1.0
 
 
 class _Class:
-    __slots__ = ("devices", "eligible", "key", "requirements", "task_type", "tasks")
+    __slots__ = ("devices", "eligible", "key", "requirements", "task_type", "tasks", "why")
 
     def __init__(self, key: ClassKey, task_type: str, requirements: dict[str, Any]) -> None:
         self.key = key
@@ -71,6 +74,8 @@ class _Class:
         self.tasks: list[tuple[int, int, Task]] = []
         self.eligible: set[str] = set()
         self.devices: list[tuple[Any, int, str]] = []  # (strategy key, version, device id)
+        #: (when, whether any device matched, explain's sentence), reused for EXPLAIN_TTL_S.
+        self.why: tuple[float, bool, str] | None = None
 
 
 class Scheduler:
@@ -218,6 +223,90 @@ class Scheduler:
                 heapq.heappush(heads, (-nxt.priority, nxt.seq, key))
         return plan
 
-    def blocked_classes(self) -> list[tuple[str, dict[str, Any]]]:
-        """Classes with pending work that no known device could ever run."""
-        return [(c.task_type, c.requirements) for c in self._active.values() if not c.eligible]
+    # -- explaining a wait ---------------------------------------------------
+
+    def explain(self, task: Task, now: float) -> str | None:
+        """Why a pending task has no device yet, in one sentence (None if it is not queued here).
+
+        Every task of a class waits for the same reason, found in O(devices that
+        match), or O(devices) when none match; it is reused for EXPLAIN_TTL_S.
+        """
+        cls = self._classes.get(class_key(task))
+        if cls is None or task.status is not TaskStatus.PENDING:
+            return None
+        return self._why(cls, now)
+
+    def _why(self, cls: _Class, now: float) -> str:
+        matched = bool(cls.eligible)
+        why = cls.why
+        if why is None or why[1] is not matched or not 0 <= now - why[0] < EXPLAIN_TTL_S:
+            why = cls.why = (now, matched, self._none_free(cls, now) if matched else self._no_match(cls))
+        return why[2]
+
+    def stuck(self, now: float) -> list[dict[str, Any]]:
+        """Queued classes that no known device can run: type, requirements, tasks waiting, why."""
+        out = []
+        for cls in self._active.values():
+            if cls.eligible:
+                continue
+            waiting = sum(1 for _, _, t in cls.tasks if t.status is TaskStatus.PENDING)
+            if waiting:
+                out.append({"task_type": cls.task_type, "requirements": cls.requirements,
+                            "tasks": waiting, "reason": self._why(cls, now)})
+        return out
+
+    def _no_match(self, cls: _Class) -> str:
+        devices = list(self._devices.values())
+        if not devices:
+            return "no device has joined yet; start `retire-cluster worker --main ... --token ...` on one."
+        kind = cls.task_type
+        runners = [d for d in devices if kind in d.task_types]
+        if not runners:
+            offered = sorted({t for d in devices for t in d.task_types})
+            hint = (f"its owner must allow it with `retire-cluster worker --allow {kind}`"
+                    if kind in ("python_eval", "command") else "start a worker that offers it")
+            return (f"no device runs {kind!r} tasks (they run {', '.join(offered) or 'nothing'}); "
+                    f"{hint}.")
+        unmet = [_pair(key, value) for key, value in sorted(cls.requirements.items())
+                 if not any(device_matches(d, kind, {key: value}) for d in runners)]
+        if unmet:
+            n, needs = len(runners), ", ".join(unmet)
+            who = (f"the one device that runs {kind!r} does not meet {needs}" if n == 1
+                   else f"none of the {n} devices that run {kind!r} meets {needs}")
+            return f"{who}; `retire-cluster devices` shows what each has."
+        return (f"no single device that runs {kind!r} meets all of the requirements together "
+                f"({', '.join(_pair(k, v) for k, v in sorted(cls.requirements.items()))}).")
+
+    def _none_free(self, cls: _Class, now: float) -> str:
+        reasons: dict[str, int] = {}
+        for device_id in cls.eligible:
+            device = self._devices[device_id]
+            breaker = device.breaker
+            if not device.online:
+                why = "offline"
+            elif device.conn is None:
+                why = "reconnecting"
+            elif not device.accepting:
+                why = f"paused by its owner's policy ({device.reason})" if device.reason else "paused by its owner"
+            elif device.free_slots <= 0:
+                why = "busy"
+            elif breaker.state == "open" and now < breaker.opened_at + breaker.reset_s:
+                why = "resting after failures (circuit breaker open)"
+            elif breaker.state != "closed" and breaker.trial_running:
+                why = "running a trial task after failures"
+            else:
+                return "a device that can run it is free; it goes out at the next scheduling pass."
+            reasons[why] = reasons.get(why, 0) + 1
+        parts = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+        n = len(cls.eligible)
+        return f"{n} device{'s' if n > 1 else ''} can run it and none is free: {parts}."
+
+
+def _pair(key: str, value: Any) -> str:
+    """A requirement as key=value, 64 rather than 64.0, lists comma-separated."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, list):
+        value = ",".join(str(v) for v in value)
+    return f"{key}={value}"
+

@@ -121,7 +121,7 @@ def _paths() -> dict[str, Any]:
             {"200": _json({"type": "object"}), "503": _json({"type": "object"}, "The database fails.")},
             public=True, errors=())},
         "/api/v1/cluster/status": {"get": _op(
-            "Devices and tasks by state, queue length, slots, uptime.", {"200": _json({"type": "object"})})},
+            "Devices and tasks by state, queue length, slots, uptime, and what is stuck (tasks no device can run).", {"200": _json({"type": "object"})})},
         "/api/v1/devices": {"get": _op(
             "Devices, filtered.", {"200": _json({"type": "object", "properties": {
                 "devices": {"type": "array", "items": device_obj}}})},
@@ -153,7 +153,7 @@ def _paths() -> dict[str, Any]:
                 body=_ref("TaskSpec"), errors=(400, 413)),
         },
         "/api/v1/tasks/{task_id}": {
-            "get": _op("One task: status, attempts, result.",
+            "get": _op("One task: status, attempts, result, and while pending why it waits.",
                        {"200": _json({"type": "object", "properties": {"task": _ref("task_record")}})},
                        params=[_param("task_id", "path", "The task id.")], errors=(400, 404)),
             "delete": _op("Cancel a task that has not ended.", {"200": _json({"type": "object"})},

@@ -135,7 +135,9 @@ def status_text(status: dict[str, Any], version: str) -> str:
         ("queue", status.get("queue_length", 0)),
     ]
     pairs += [(f"tasks {k}", v) for k, v in tasks.items()]
-    return key_values(pairs)
+    from ..tables import stuck_lines
+
+    return "\n".join([key_values(pairs), *stuck_lines(status)])
 
 
 def task_text(task: dict[str, Any]) -> str:
