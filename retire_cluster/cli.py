@@ -114,6 +114,7 @@ def main_cmd(config_file: Optional[str], **options: Any) -> None:
     """Start the main node (registry, scheduler, monitor, store) on TCP, with the HTTP API and dashboard."""
     from .main.config import ConfigError
     from .main.node import MainNode
+    from .main.store import DatabaseInUse
     from .runtime import run, setup_logging, stop_logging, tune_gc
 
     try:
@@ -141,6 +142,8 @@ def main_cmd(config_file: Optional[str], **options: Any) -> None:
                 await node.start()
         except ConfigError as exc:
             _fail(str(exc), 2)
+        except DatabaseInUse as exc:
+            _fail(str(exc))
         except OSError as exc:
             from .web import HTTPBindError
 

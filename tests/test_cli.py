@@ -304,6 +304,26 @@ def test_client_commands_fail_with_one_sentence_without_a_main_node(tmp_path: Pa
         assert "Traceback" not in result.output
 
 
+def test_a_second_main_node_on_the_same_data_dir_or_port_stops_at_once_with_one_sentence(
+        main_process, tmp_path: Path) -> None:
+    main = main_process("--no-http")
+    pid = main.proc.pid
+    same_dir = subprocess.run(cli_cmd("main", "--host", "127.0.0.1", "--port", "0", "--no-http",
+                                      "--data-dir", str(main.data_dir)),
+                              capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert same_dir.returncode == 1, same_dir.stderr
+    assert same_dir.stderr.splitlines()[-1] == (
+        f"Error: another main node (pid {pid}) is using {main.data_dir / 'cluster.db'}; "
+        "stop it first, or give this one another --data-dir.")
+    # A port in use: before, the store's thread kept the failed process alive after the error.
+    same_port = subprocess.run(cli_cmd("main", "--host", "127.0.0.1", "--port", str(main.port), "--no-http",
+                                       "--data-dir", str(tmp_path / "other")),
+                               capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert same_port.returncode == 1 and "Choose another --port." in same_port.stderr
+    with Client(main.address, main.token) as client:  # the first one never noticed
+        assert client.run("echo", {"message": "still here"}, wait_s=0.1)["status"] == "pending"
+
+
 def test_unknown_task_is_one_sentence(main_process) -> None:
     main = main_process()
     result = against(main, "task", "nope")

@@ -158,6 +158,36 @@ async def test_evict_hands_running_task_back(tmp_path: Path, monkeypatch) -> Non
         await node.stop()
 
 
+async def test_a_stopping_worker_hands_its_task_back_and_is_not_given_it_again(tmp_path: Path) -> None:
+    port = free_port()
+    node = MainNode(make_config(tmp_path, port=port), run_monitor=False)
+    await node.start()
+    agent = Agent(WorkerConfig(main_host="127.0.0.1", main_port=port, token=node.token, device_id="laptop",
+                               data_dir=tmp_path / "w", heartbeat_interval_s=30, policy_interval_s=3600))
+    runner = asyncio.ensure_future(agent.run())
+    try:
+        await agent.registered.wait()
+        client = await Peer.connect(node)
+        task_id = (await client.ok("task_submit", {"task": {"task_type": "sleep", "payload": {"seconds": 30}}}))[
+            "task_id"]
+        await wait_until(lambda: task_id in agent.running)
+        agent.stop()  # SIGTERM or Ctrl-C on `retire-cluster worker`
+        assert await runner == 0
+        await wait_until(lambda: node.registry.get("laptop").conn is None)
+        task = node.lookup(task_id)
+        # Before, the handed-back task went straight back to the still-connected device and
+        # stayed "assigned" to it, gone, until offline_timeout (5 minutes by default).
+        assert task.status.value == "pending" and [a.outcome for a in task.attempts] == ["handed_back"]
+        device = node.registry.get("laptop")
+        assert (device.accepting, device.reason) == (False, "stopping")
+        reply = await client.ok("task_status", {"task_id": task_id})
+        assert reply["task"]["waiting"] == "1 device can run it and none is free: 1 stopped by its owner."
+    finally:
+        agent.stop()
+        await runner
+        await node.stop()
+
+
 def test_worker_config_file_and_bad_policy_flags(tmp_path: Path) -> None:
     conf = tmp_path / "worker.json"
     conf.write_text(json.dumps({"main": "127.0.0.1:1", "min-battery": 150}))

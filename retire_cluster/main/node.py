@@ -157,12 +157,16 @@ class MainNode(Dispatcher):
             self.token = load_or_create_token(self.config)
         tls = self._tls_context()  # before anything is opened: a bad certificate stops here
         await self.store.open()
-        now = self.clock()
-        self.started_at = now
-        await self._recover(now)
-        self.address = await self.server.start(self.config.host, self.config.port, ssl=tls)
-        if self.config.http_enabled:
-            await self._start_http()
+        try:
+            now = self.clock()
+            self.started_at = now
+            await self._recover(now)
+            self.address = await self.server.start(self.config.host, self.config.port, ssl=tls)
+            if self.config.http_enabled:
+                await self._start_http()
+        except BaseException:
+            await self.stop()  # close the store: its thread would keep the process alive
+            raise
         if self._run_monitor:
             self._monitor_task = asyncio.get_running_loop().create_task(
                 self._monitor_loop(), name="monitor"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from .health import DeviceStats
 from .registry import Device
 from .tasks import Attempt, Task
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Store"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "DatabaseInUse", "Store"]
 
 log = logging.getLogger("retire_cluster.store")
 
@@ -201,6 +202,37 @@ def _apply_batch(db: aiosqlite.Connection, groups: list[tuple[str, list[Sequence
         raise
 
 
+class DatabaseInUse(Exception):
+    """Another process (another main node) has the database open."""
+
+
+def _lock(path: Path) -> int | None:
+    """Hold ``path`` (the database's lock file) for this process; raises DatabaseInUse.
+
+    A POSIX record lock: the kernel drops it when the process dies, ``kill -9``
+    included. Two main nodes on one database would each take the other's
+    tasks for their own. Where fcntl is missing (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        db = path.with_suffix("")
+        raise DatabaseInUse(
+            f"another main node{f' (pid {holder})' if holder.isdigit() else ''} is using {db}; "
+            "stop it first, or give this one another --data-dir."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 def _j(value: Any) -> str | None:
     """Compact JSON text for a column (orjson when importable: several times faster)."""
     return None if value is None else dumps(value).decode("utf-8")
@@ -236,25 +268,36 @@ class Store:
         #: Batches handed to the SQLite thread so far: a write made now joins batch number ``next_batch``.
         self.next_batch = 0
         self.commits = 0
+        self._lock_fd: int | None = None
 
     # -- lifecycle --------------------------------------------------------
 
     async def open(self) -> None:
         """Open (creating or migrating) the database and start the writer."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Legacy transaction mode: writes open a transaction, commit() ends it.
-        db = await aiosqlite.connect(str(self.path), isolation_level="DEFERRED")
+        self._lock_fd = _lock(self.path.with_name(self.path.name + ".lock"))
         try:
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute(f"PRAGMA synchronous={'FULL' if self.synchronous == 'full' else 'NORMAL'}")
-            await db.execute("PRAGMA foreign_keys=ON")
-            await db.execute("PRAGMA busy_timeout=5000")
-            await self._migrate(db)
+            # Legacy transaction mode: writes open a transaction, commit() ends it.
+            db = await aiosqlite.connect(str(self.path), isolation_level="DEFERRED")
+            try:
+                await db.execute("PRAGMA journal_mode=WAL")
+                await db.execute(f"PRAGMA synchronous={'FULL' if self.synchronous == 'full' else 'NORMAL'}")
+                await db.execute("PRAGMA foreign_keys=ON")
+                await db.execute("PRAGMA busy_timeout=5000")
+                await self._migrate(db)
+            except BaseException:
+                await db.close()
+                raise
         except BaseException:
-            await db.close()
+            self._unlock()
             raise
         self._db = db
         self._loop = asyncio.get_running_loop()
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing drops the lock
 
     async def _migrate(self, db: aiosqlite.Connection) -> None:
         async with db.execute("PRAGMA user_version") as cur:
@@ -297,6 +340,7 @@ class Store:
             db, self._db = self._db, None
             await db.close()
         finally:
+            self._unlock()
             self._closed.set_result(None)
 
     @property

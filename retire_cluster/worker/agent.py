@@ -128,6 +128,8 @@ class Agent:
         On a change the main node hears at once (an extra heartbeat); with
         --evict, running tasks are stopped and handed back when lending stops.
         """
+        if self._stopping.is_set():  # "stopping" is the last word: no policy change undoes it
+            return self.decision
         if self.config.policy.active or not self.battery:
             self.battery = await read_battery()
         owner = self._owner_cpu.sample(self.executor.child_pids()) if self.config.policy.max_owner_cpu_pct else None
@@ -290,7 +292,17 @@ class Agent:
             await asyncio.gather(read_task, stop_task, return_exceptions=True)
 
     async def _shutdown_gracefully(self) -> None:
-        """Stop running tasks (they are handed back) and deliver what is in the outbox."""
+        """Say "not accepting", stop running tasks (they are handed back), deliver what is in the outbox.
+
+        The heartbeat goes first, so the main node does not give a handed-back
+        task straight back to this device, which would then hold it, gone,
+        until the main node's offline_timeout.
+        """
+        self.decision = Decision(False, "stopping")
+        try:
+            self._send(self._message("heartbeat", self._heartbeat_data()))
+        except ConnectionError:
+            pass
         await self._cancel_all()
         pending = [asyncio.ensure_future(self._deliver(key)) for key in list(self.outbox)]
         if pending:
