@@ -11,6 +11,7 @@ command group): the client modules are imported inside the commands.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -212,6 +213,18 @@ def _say_still_waiting(record: Dict[str, Any]) -> None:
     click.echo(f"{where}\nStill waiting; Ctrl-C stops waiting ({after}).", err=True)
 
 
+async def _notice_stuck(client: Any) -> None:
+    """`submit-batch --wait`: after NOTICE_S, say once which kinds of task no device can run."""
+    await asyncio.sleep(NOTICE_S)
+    _say_stuck(stuck_lines(await client.cluster_status()))
+
+
+def _say_stuck(lines: List[str]) -> None:
+    if lines:
+        click.echo("\n" + "\n".join(lines) + "\nStill waiting; Ctrl-C stops waiting (the tasks stay queued).",
+                   err=True)
+
+
 def _print_outcome(record: Dict[str, Any]) -> None:
     result = record.get("result") or {}
     if record.get("status") == "completed":
@@ -380,7 +393,11 @@ def _wait_and_report(main_addr: str, token: Optional[str], submitted: List[Any],
         try:
             await client.connect()
             with click.progressbar(length=len(submitted), label="waiting", file=sys.stderr) as bar:
-                return await wait_batch(client, [t for _, t in submitted], progress=bar.update)
+                notice = asyncio.ensure_future(_notice_stuck(client))
+                try:
+                    return await wait_batch(client, [t for _, t in submitted], progress=bar.update)
+                finally:
+                    notice.cancel()
         finally:
             await client.close()
 

@@ -265,6 +265,33 @@ def test_submit_wait_says_why_the_task_waits_and_ends_once_a_device_can_run_it(
     assert json.loads(against(main, "status", "--json").stdout)["stuck"] == []
 
 
+def test_submit_batch_wait_says_what_is_stuck(main_process, worker_process, monkeypatch: pytest.MonkeyPatch) -> None:
+    from retire_cluster import cli_client
+
+    main = main_process()
+    worker_process(main, name="plain")
+    wait_for_devices(main, 1)
+    monkeypatch.setattr(cli_client, "NOTICE_S", 0.2)
+    said = threading.Event()
+    say = cli_client._say_stuck
+    monkeypatch.setattr(cli_client, "_say_stuck", lambda lines: (say(lines), lines and said.set()))
+    helper = threading.Thread(target=lambda: said.wait(60) and worker_process(main, "--allow", "python_eval",
+                                                                              name="able"))
+    helper.start()
+    lines = '{"task_type": "echo", "payload": {"message": "a"}}\n{"task_type": "python_eval", ' \
+            '"payload": {"expression": "6 * 7"}}\n'
+    try:
+        result = against(main, "submit-batch", "-", "--wait", input=lines)
+    finally:
+        said.set()
+        helper.join()
+    assert result.exit_code == 0, result.output
+    assert ("stuck: 1 python_eval task: no device runs 'python_eval' tasks (they run echo, sleep); its owner "
+            "must allow it with `retire-cluster worker --allow python_eval`.\n"
+            "Still waiting; Ctrl-C stops waiting (the tasks stay queued).") in result.stderr
+    assert [row.split()[2:] for row in result.stdout.splitlines()[2:]] == [["completed", "a"], ["completed", "42"]]
+
+
 def test_device_and_task_views() -> None:
     now = 1_800_000_000.0
     record = {
