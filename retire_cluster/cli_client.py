@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -123,6 +124,8 @@ def parse_requirements(items: Sequence[str]) -> Dict[str, Any]:
                 out[key] = int(value)
             elif key == "min_memory_gb":
                 out[key] = float(value)
+                if not math.isfinite(out[key]):
+                    raise ValueError(value)
             elif key == "capabilities":
                 out[key] = [c.strip() for c in value.split(",") if c.strip()]
             else:
@@ -169,8 +172,8 @@ def submit_cmd(task_type: str, payload: str, priority: Optional[str], timeout: O
                                  "'{\"message\": \"hi\"}'.", param_hint="--payload") from None
     if not isinstance(body, dict):
         raise click.BadParameter("must be a JSON object such as '{\"message\": \"hi\"}'.", param_hint="--payload")
-    if timeout is not None and timeout <= 0:
-        raise click.BadParameter("must be more than 0 seconds.", param_hint="--timeout")
+    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+        raise click.BadParameter("must be a number of seconds more than 0.", param_hint="--timeout")
     options = {
         "priority": _priority(priority), "timeout": timeout, "requirements": parse_requirements(requires),
         "max_retries": max_retries, "idempotency_key": idempotency_key,

@@ -278,3 +278,27 @@ async def test_an_instant_task_is_answered_in_the_pass_that_assigned_it(tmp_path
                                 "error": "This device does not hold that task."}))
     await wait_until(lambda: not list(agent.outbox))  # a refused result is not sent again
     assert not agent._pending
+
+
+async def test_a_task_cancelled_in_the_read_that_assigned_it_frees_its_slot_and_is_reported(
+        tmp_path: Path) -> None:
+    """The job is cancelled before its first step: its coroutine (and its cleanup) never runs."""
+    import json
+
+    from retire_cluster.protocol.messages import Message
+
+    agent = Agent(WorkerConfig(device_id="x", data_dir=tmp_path, max_tasks=1))
+    writer = RecordingWriter()
+    agent._writer = writer  # type: ignore[assignment]
+    agent.registered.set()
+    agent._on_message(Message("task_assign", "m-1", "main-node", {"task": {
+        "task_id": "t-1", "attempt": 1, "task_type": "sleep", "payload": {"seconds": 30}, "timeout": 60}}))
+    agent._on_message(Message("task_cancel", "m-2", "main-node", {"task_id": "t-1", "attempt": 1,
+                                                                    "reason": "not_stored"}))
+    await wait_until(lambda: not agent.running)  # the one slot is free again
+    frames = [json.loads(line) for data in writer.writes for line in data.splitlines()]
+    (result,) = [f for f in frames if f["message_type"] == "task_result"]
+    assert result["data"]["status"] == "cancelled" and result["data"]["task_id"] == "t-1"
+    agent._on_message(Message("task_assign", "m-3", "main-node", {"task": {
+        "task_id": "t-2", "attempt": 1, "task_type": "echo", "payload": {"message": "next"}, "timeout": 10}}))
+    await wait_until(lambda: any(b'"output":"next"' in data.replace(b" ", b"") for data in writer.writes))

@@ -94,7 +94,10 @@ def test_requirements_parsing() -> None:
         (["submit", "echo", "--requires", "min_cpu_cores=two"], "needs a number"),
         (["submit", "echo", "--requires", "nonsense"], "is not key=value"),
         (["submit", "echo", "--priority", "asap"], "use low, normal, high, urgent"),
-        (["submit", "echo", "--timeout", "0"], "more than 0 seconds"),
+        (["submit", "echo", "--timeout", "0"], "more than 0"),
+        (["submit", "echo", "--timeout", "nan"], "must be a number of seconds more than 0"),
+        (["submit", "echo", "--timeout", "inf"], "must be a number of seconds more than 0"),
+        (["submit", "echo", "--requires", "min_memory_gb=nan"], "min_memory_gb needs a number"),
         (["worker", "--main", "host:notaport"], "port must be a number"),
     ],
 )

@@ -97,3 +97,18 @@ def test_bool_is_not_a_number_and_integral_floats_are_integers() -> None:
     assert not check({"n": True})
     assert not check({"x": False})
     assert not check({"e": True})
+
+
+def test_nan_and_infinity_are_not_numbers_on_either_path() -> None:
+    """JSON cannot carry them, but an in-process caller can, and NaN passes every bound."""
+    from retire_cluster.protocol.validation import MessageValidator
+
+    validator = MessageValidator()
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for data in ({"task": {"task_type": "echo", "timeout": value}}, {"task": {"task_type": "echo"}, "wait": value},
+                     {"task": {"task_type": "echo", "requirements": {"min_memory_gb": value}}}):
+            message = {"message_type": "task_submit", "message_id": "1", "sender_id": "c", "data": data}
+            assert not validator.fast_ok(message) and not validator.reference_ok(message), data
+    fine = {"message_type": "task_submit", "message_id": "1", "sender_id": "c",
+            "data": {"task": {"task_type": "echo", "timeout": 2.5}, "wait": 1}}
+    assert validator.fast_ok(fine) and validator.reference_ok(fine)

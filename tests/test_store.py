@@ -171,3 +171,20 @@ def test_installed_aiosqlite_offers_the_one_hop_commit() -> None:
     import aiosqlite
 
     assert callable(getattr(aiosqlite.Connection, "_execute", None))
+
+
+async def test_one_bad_write_fails_alone_and_the_rest_of_its_group_commit_lands(store: Store) -> None:
+    """A NaN timeout once reached the store: its NOT NULL failure rolled back every write in the commit."""
+    first = store.write([Store.insert_task(make_task(1))])
+    bad = store.write([Store.insert_task(make_task(2, timeout_s=None))])  # NOT NULL constraint
+    after = store.write([Store.insert_task(make_task(3)), Store.insert_task(make_task(4))])
+    also_bad = store.write([Store.insert_task(make_task(1))])  # the same id again
+    outcomes = await asyncio.gather(first, bad, after, also_bad, return_exceptions=True)
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], sqlite3.IntegrityError) and isinstance(outcomes[3], sqlite3.IntegrityError)
+    assert sorted(t.task_id for t in await store.list_tasks()) == ["t1", "t3", "t4"]
+    # The next commit is a group commit again, and a lone bad write still fails (on its own).
+    await store.write([Store.insert_task(make_task(5))])
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.write([Store.insert_task(make_task(6, timeout_s=None))])
+    assert len(await store.list_tasks()) == 4

@@ -422,3 +422,87 @@ def test_rate_limiter_keeps_a_bounded_number_of_addresses() -> None:
     assert len(limiter._buckets) == 3  # "a" was the least recently seen
     assert limiter.take("d") == 1.0  # d's bucket is empty: one second until its next request
     assert limiter.take("a") == 0.0  # a was forgotten: it starts with a full bucket again
+
+
+# -- edges found by hand: NaN, raw header bytes, static files, 405, hung-up streams ---------------
+
+
+async def test_nan_or_infinity_is_refused_and_spoils_nobody_elses_commit(cluster: Cluster) -> None:
+    """`--timeout nan` once reached the store, whose group commit then failed for every task in it."""
+    import asyncio
+
+    bad = [command(cluster, "submit echo --timeout nan"), command(cluster, "submit echo --timeout Infinity"),
+           cluster.request("POST", "/api/v1/tasks?wait=nan", json={"task_type": "echo"})]
+    good = [cluster.request("POST", "/api/v1/tasks", json={"task_type": "echo", "payload": {"message": n}})
+            for n in range(20)]
+    results = await asyncio.gather(*bad, *good)
+    for status, body in results[: len(bad)]:
+        assert (status, body["code"]) == (400, "invalid_message"), body
+    assert results[0][1]["error"].startswith("--timeout needs a number; usage: submit TYPE")
+    assert results[2][1]["path"] == "?wait"
+    assert all(status == 201 for status, _ in results[len(bad):])
+    listed = await cluster.ok("GET", "/api/v1/tasks?limit=100")
+    assert len(listed["tasks"]) == 20  # the refused ones were never created
+    for _, body in results[len(bad):]:
+        await cluster.wait_task(body["task_id"])
+    status, body = await command(cluster, "submit echo n=NaN big=1e999")
+    assert status == 200 and body["json"]["task"]["payload"] == {"n": "NaN", "big": "1e999"}  # text, as given
+    status, body = await command(cluster, "submit echo --priority -5")
+    assert status == 400 and body["error"].startswith(
+        "task.priority: -5 is less than the minimum of 0 and is not one of ['low', 'normal', 'high', 'urgent']")
+
+
+async def test_a_header_with_raw_bytes_is_a_wrong_token_not_an_internal_error(cluster: Cluster) -> None:
+    import asyncio
+
+    host, port = cluster.node.http_address
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /api/v1/devices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xed\r\n"
+                 b"Connection: close\r\n\r\n")
+    response = await reader.read()
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 401 "), response[:200]
+    assert b'"code":"unauthorized"' in response.replace(b" ", b"")
+
+
+async def test_static_files_and_wrong_methods_answer_as_the_api_does(cluster: Cluster) -> None:
+    async with cluster.session.get(cluster.url("/static/dashboard.js")) as resp:
+        assert resp.status == 200 and resp.headers["Cache-Control"] == "no-cache"
+        assert "javascript" in resp.content_type and len(await resp.read()) > 1000
+    for path in ("/static/nope.js", "/static/", "/static/..%2Fapp.py", "/static/index.html"):
+        status, body = await cluster.request("GET", path, auth=False)
+        assert status == 404 and body["code"] == "not_found", (path, body)
+    async with cluster.session.put(cluster.url("/api/v1/tasks"), headers=cluster.auth) as resp:
+        assert resp.status == 405 and resp.headers["Allow"] == "GET, HEAD, POST"
+        assert (await resp.json())["code"] == "invalid_message"
+
+
+async def test_a_stream_whose_reader_hangs_up_frees_its_place_at_once(tmp_path: Path) -> None:
+    import asyncio
+
+    c = await start_cluster(tmp_path, worker=False)
+    try:
+        web = c.node.web
+        web.keepalive_s = 3600.0  # no keep-alive write would reveal the hang-up
+        web.max_streams = 2
+        host, port = c.node.http_address
+        readers = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"GET /stream/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {c.node.token}\r\n"
+                         "\r\n".encode())
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            readers.append(writer)
+        status, body = await c.request("GET", "/stream/devices")
+        assert status == 429 and body["code"] == "overloaded"
+        for writer in readers:
+            writer.close()
+        await eventually(lambda: _async(web.open_streams == 0))
+        async with c.session.get(c.url("/stream/devices"), headers=c.auth) as resp:
+            assert resp.status == 200
+    finally:
+        await c.close()
+
+
+async def _async(value):
+    return value

@@ -19,10 +19,7 @@ def live_routes(cluster: Cluster) -> Set[Tuple[str, str]]:
     routes = set()
     for resource in cluster.node.web.app.router.resources():
         info = resource.get_info()
-        if "prefix" in info:  # the static directory
-            path = info["prefix"].rstrip("/") + "/{filename}"
-        else:
-            path = info.get("path") or info["formatter"]
+        path = info.get("path") or info["formatter"]
         for route in resource:
             if route.method != "HEAD":
                 routes.add((route.method.lower(), path))

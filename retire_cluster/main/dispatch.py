@@ -48,7 +48,9 @@ class Dispatcher:
     def token_ok(self, token: str | None) -> bool:
         if self.token is None:
             return True
-        return token is not None and hmac.compare_digest(token.encode(), self.token.encode())
+        # surrogatepass: an HTTP header's stray bytes arrive as lone surrogates, and must mean "wrong".
+        return token is not None and hmac.compare_digest(token.encode("utf-8", "surrogatepass"),
+                                                         self.token.encode())
 
     def dispatch(self, conn: Connection, event: Event) -> None:
         """Handle one received event; every request gets exactly one reply."""

@@ -19,9 +19,10 @@ import asyncio
 import json
 import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import aiosqlite
 
@@ -202,6 +203,27 @@ def _apply_batch(db: aiosqlite.Connection, groups: list[tuple[str, list[Sequence
         raise
 
 
+#: Errors that come from one write's values (a constraint, a value SQLite cannot bind), not from
+#: the disk: when a group commit fails with one of them, each write is tried again on its own.
+_DATA_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
+                sqlite3.DataError, TypeError, ValueError, OverflowError)
+
+Outcome = Union[None, BaseException, "list[BaseException | None]"]
+
+
+def _apply_each(db: aiosqlite.Connection, ops: Sequence[Op], spans: list[tuple[int, int]]) -> list[BaseException | None]:
+    """Runs in aiosqlite's thread after a group commit failed on a data error: each write alone, in order."""
+    out: list[BaseException | None] = []
+    for start, end in spans:
+        try:
+            if end > start:
+                _apply_batch(db, _grouped(ops[start:end]))
+            out.append(None)
+        except BaseException as exc:  # noqa: B036 - reported to that write's waiter
+            out.append(exc)
+    return out
+
+
 class DatabaseInUse(Exception):
     """Another process (another main node) has the database open."""
 
@@ -257,6 +279,7 @@ class Store:
         self._db: aiosqlite.Connection | None = None
         self._queue: list[Op] = []
         self._waiters: list[asyncio.Future[None]] = []
+        self._spans: list[tuple[int, int]] = []  # each waiter's writes: a slice of _queue
         self._urgent = False  # a write that wants its own commit is queued
         self._start_handle: asyncio.Handle | None = None
         self._in_flight = False  # a batch is in the SQLite thread
@@ -382,8 +405,10 @@ class Store:
     def _enqueue(self, ops: Sequence[Op], *, urgent: bool) -> asyncio.Future[None]:
         assert self._loop is not None
         fut: asyncio.Future[None] = self._loop.create_future()
+        start = len(self._queue)
         self._queue.extend(ops)
         self._waiters.append(fut)
+        self._spans.append((start, len(self._queue)))
         if urgent:
             self._urgent = True
             self._kick()
@@ -419,8 +444,8 @@ class Store:
         self._start_handle = None
         if self._in_flight or not self._waiters or self._db is None:
             return
-        ops, waiters = self._queue, self._waiters
-        self._queue, self._waiters, self._urgent = [], [], False
+        ops, waiters, spans = self._queue, self._waiters, self._spans
+        self._queue, self._waiters, self._spans, self._urgent = [], [], [], False
         self.next_batch += 1
         if self._lazy_timer is not None:  # what it was armed for is in this commit
             self._lazy_timer.cancel()
@@ -436,36 +461,75 @@ class Store:
             # One hand-off each way: the batch runs as one function in
             # aiosqlite's thread, which then wakes the loop with the outcome.
             def job() -> None:
+                outcome: Outcome = None
                 try:
                     _apply_batch(db, groups)
+                except _DATA_ERRORS as exc:  # one bad write must not fail the others
+                    outcome = _apply_each(db, ops, spans) if len(spans) > 1 else exc
                 except BaseException as exc:  # noqa: B036 - every waiter must hear it
-                    loop.call_soon_threadsafe(self._finish, waiters, exc, len(ops))
-                else:
-                    loop.call_soon_threadsafe(self._finish, waiters, None, len(ops))
+                    outcome = exc
+                loop.call_soon_threadsafe(self._finish, waiters, outcome, len(ops))
 
             tx.put_nowait((None, job))
             return
-        task = loop.create_task(self._commit_slow(db, groups))
+        task = loop.create_task(self._commit_slow_each(db, ops, groups, spans))
         task.add_done_callback(
-            lambda t: self._finish(waiters, asyncio.CancelledError() if t.cancelled() else t.exception(), len(ops))
+            lambda t: self._finish(waiters, asyncio.CancelledError() if t.cancelled() else t.exception()
+                                   or t.result(), len(ops))  # fmt: skip
         )
 
-    def _finish(self, waiters: list[asyncio.Future[None]], exc: BaseException | None, count: int) -> None:
-        """A commit ended: resolve its waiters, then start the next one if anything is queued."""
+    def _finish(self, waiters: list[asyncio.Future[None]], outcome: Outcome, count: int) -> None:
+        """A commit ended: resolve its waiters, then start the next one if anything is queued.
+
+        ``outcome`` is None (committed), an exception every waiter hears (a
+        disk error), or one outcome per waiter (after a data error each write
+        was committed, or refused, on its own).
+        """
         self._in_flight = False
-        if exc is None:
+        if outcome is None:
             if count:
                 self.commits += 1
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
+        elif isinstance(outcome, list):
+            failed = [exc for exc in outcome if exc is not None]
+            log.error("a group commit failed on %s; its %d writes were tried one by one and %d of them failed",
+                      failed[0] if failed else "a data error", len(outcome), len(failed))
+            self.commits += 1
+            for fut, exc in zip(waiters, outcome):
+                if not fut.done():
+                    if exc is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(exc)
         else:  # a disk error: every waiter must hear it
-            log.error("commit of %d statements failed", count, exc_info=exc)
+            log.error("commit of %d statements failed", count, exc_info=outcome)
             for fut in waiters:
                 if not fut.done():
-                    fut.set_exception(exc)
+                    fut.set_exception(outcome)
         if self._urgent:
             self._kick()
+
+    async def _commit_slow_each(self, db: aiosqlite.Connection, ops: Sequence[Op],
+                                groups: list[tuple[str, list[Sequence[Any]]]],
+                                spans: list[tuple[int, int]]) -> Outcome:
+        """:meth:`_commit_slow`, then each write alone after a data error (as the one-hop job does)."""
+        try:
+            await self._commit_slow(db, groups)
+        except _DATA_ERRORS:
+            if len(spans) == 1:
+                raise
+            out: list[BaseException | None] = []
+            for start, end in spans:
+                try:
+                    if end > start:
+                        await self._commit_slow(db, _grouped(ops[start:end]))
+                    out.append(None)
+                except Exception as one:
+                    out.append(one)
+            return out
+        return None
 
     @staticmethod
     async def _commit_slow(db: aiosqlite.Connection, groups: list[tuple[str, list[Sequence[Any]]]]) -> None:

@@ -14,6 +14,7 @@ golden vector and on generated messages.
 from __future__ import annotations
 
 import re
+from math import isfinite
 from typing import Any, Callable
 
 __all__ = ["Check", "UnsupportedSchema", "compile_schema"]
@@ -61,7 +62,9 @@ _TYPES: dict[str, Check] = {
     "array": lambda v: type(v) is list,
     "string": lambda v: type(v) is str,
     "integer": _is_int,
-    "number": lambda v: type(v) in (int, float),
+    # JSON has no NaN or infinity; an in-process caller (the dashboard's commands,
+    # an HTTP query parameter) could still pass one, and NaN passes every bound.
+    "number": lambda v: type(v) is int or (type(v) is float and isfinite(v)),
     "boolean": lambda v: type(v) is bool,
     "null": lambda v: v is None,
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from math import isfinite
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,14 @@ class MessageValidator:
     """
 
     def __init__(self, types: frozenset[str] | None = None) -> None:
-        from jsonschema import Draft202012Validator
+        from jsonschema import Draft202012Validator, validators
         from referencing import Registry, Resource
+
+        # JSON numbers are finite; NaN would pass every minimum and maximum (as in fastcheck).
+        finite = Draft202012Validator.TYPE_CHECKER.redefine(
+            "number", lambda checker, v: type(v) is int or (type(v) is float and isfinite(v))
+        )
+        strict = validators.extend(Draft202012Validator, type_checker=finite)
 
         schemas = load_schemas()
         registry: Registry[Any] = Registry().with_resources(
@@ -71,7 +78,7 @@ class MessageValidator:
         if types is not None:
             names &= set(types)
         self._validators = {
-            name: Draft202012Validator(schemas[name], registry=registry) for name in names
+            name: strict(schemas[name], registry=registry) for name in names
         }
         documents = {schema["$id"]: schema for schema in schemas.values()}
         self._fast = {name: compile_schema(schemas[name], documents) for name in names}
@@ -101,7 +108,7 @@ class MessageValidator:
             return
         best = _deepest(error)
         path = _json_path(best)
-        raise InvalidMessage(f"{path}: {_short(best.message)}", path=path)
+        raise InvalidMessage(f"{path}: {_wording(best)}", path=path)
 
     def reference_ok(self, obj: dict[str, Any]) -> bool:
         """jsonschema's own verdict (tests compare it with the fast path)."""
@@ -118,10 +125,33 @@ class MessageValidator:
 
 
 def _deepest(error: Any) -> Any:
-    """The most specific sub-error (jsonschema reports oneOf/allOf failures at the top)."""
+    """The most specific sub-error (jsonschema reports oneOf/allOf failures at the top).
+
+    When every alternative of a oneOf/anyOf refused the value itself (not
+    something inside it), the top error stays, worded by :func:`_wording`
+    with all of them: "'hgih' is not of type 'integer' and is not one of
+    ['low', ...]" rather than the first alternative's half of the story.
+    """
     while error.context:
+        if error.validator in ("oneOf", "anyOf") and all(not e.relative_path for e in error.context):
+            return error
         error = max(error.context, key=lambda e: len(e.absolute_path))
     return error
+
+
+def _wording(error: Any) -> str:
+    """The error's message, with a long value cut short instead of the reason."""
+    value = _short(repr(error.instance), 60)
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        reasons = []
+        for sub in error.context:
+            text = sub.message
+            reasons.append(text[len(repr(sub.instance)):].strip() if text.startswith(repr(sub.instance)) else text)
+        return _short(f"{value} {' and '.join(dict.fromkeys(reasons))}")
+    text = error.message
+    if text.startswith(repr(error.instance)):
+        text = value + text[len(repr(error.instance)):]
+    return _short(text)
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -38,10 +38,10 @@ def query_int(request: web.Request, name: str, default: int, low: int, high: int
     if text is None:
         return default
     try:
-        value = int(text)
+        value = loads(text)  # strict JSON: not "1_0", "0x10" or "1e2"
     except ValueError:
-        value = low - 1
-    if not low <= value <= high:
+        value = None
+    if type(value) is not int or not low <= value <= high:
         raise InvalidMessage(f"{name} must be an integer from {low} to {high}.", path=f"?{name}")
     return value
 
@@ -165,10 +165,12 @@ class Api:
         data: dict[str, Any] = {}
         if "wait" in request.query:
             try:
-                data["wait"] = float(request.query["wait"])
+                wait = loads(request.query["wait"])  # a JSON number: never NaN or infinity
             except ValueError:
-                raise InvalidMessage("wait must be a number of seconds (more than 0, at most 3600).",
-                                     path="?wait") from None
+                wait = None
+            if type(wait) not in (int, float):
+                raise InvalidMessage("wait must be a number of seconds (more than 0, at most 3600).", path="?wait")
+            data["wait"] = wait
         body = await read_json(request, self.node.config.max_json_depth)
         if not isinstance(body, dict):
             raise InvalidMessage("The request body must be a JSON object: the task.", path="$")

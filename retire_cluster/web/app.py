@@ -51,6 +51,8 @@ __all__ = ["HTTP_STATUS", "STATIC_DIR", "HttpPeer", "WebApp", "json_response"]
 log = logging.getLogger("retire_cluster.web")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+#: What /static/ serves: the page's script and style, nothing else from the package.
+STATIC_FILES = frozenset({"dashboard.css", "dashboard.js"})
 
 #: wire error code -> HTTP status
 HTTP_STATUS = {
@@ -190,7 +192,7 @@ class WebApp:
         for name in self.streams:
             app.router.add_get(f"/stream/{name}", self.stream_route)
         app.router.add_get("/", self.page)
-        app.router.add_static("/static/", STATIC_DIR, append_version=False)
+        app.router.add_get("/static/{filename}", self.static_route)
         return app
 
     @property
@@ -214,9 +216,11 @@ class WebApp:
             return error_response(NotFound(f"No route {request.path}; GET /api/v1/openapi.json lists them."))
         except web.HTTPMethodNotAllowed as exc:
             allowed = ", ".join(sorted(exc.allowed_methods))
-            return error_response(
+            response = error_response(
                 InvalidMessage(f"{request.method} is not allowed on {request.path}; use {allowed}."), 405
             )
+            response.headers["Allow"] = allowed
+            return response
         except web.HTTPException:
             raise
         except (asyncio.CancelledError, ConnectionResetError):
@@ -267,7 +271,9 @@ class WebApp:
         self.node.validator.validate(msg)
         result = self.node.handlers.handle(HttpPeer(peer), msg)  # type: ignore[arg-type]
         if isinstance(result, Awaitable):
-            result = await result
+            # The HTTP client may go away (aiohttp then cancels this handler): the
+            # node's own futures must not be cancelled with it, only the reply dropped.
+            result = await asyncio.shield(result)
         return result
 
     # -- lifecycle --------------------------------------------------------
@@ -278,7 +284,10 @@ class WebApp:
         self._log_feed = LogFeed(self.streams["logs"], loop)
         logging.getLogger("retire_cluster").addHandler(self._log_feed)
         self.node.add_listener(self.on_node_event)
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        # handler_cancellation: a reader that hangs up ends its event stream at once
+        # (and frees its place among max_streams), not at the next keep-alive write.
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=2.0,
+                               handler_cancellation=True)
         await runner.setup()
         self._runner = runner
         site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
@@ -362,6 +371,13 @@ class WebApp:
     async def page(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
+    async def static_route(self, request: web.Request) -> web.StreamResponse:
+        """The dashboard's script and style (index.html is ``/``); revalidated on each load."""
+        name = request.match_info["filename"]
+        if name not in STATIC_FILES:
+            raise NotFound(f"No file {name!r} in /static/; the dashboard is at /.")
+        return web.FileResponse(STATIC_DIR / name, headers={"Cache-Control": "no-cache"})
+
     async def stream_route(self, request: web.Request) -> web.StreamResponse:
         """``/stream/{devices,tasks,logs}``: Server-Sent Events, resumable with Last-Event-ID."""
         from .events import KEEPALIVE, Subscriber, format_event
@@ -370,7 +386,10 @@ class WebApp:
         stream = self.streams[name]
         accept = _stream_filter(name, request)
         if self.open_streams >= self.max_streams:
-            raise Overloaded(f"{self.max_streams} event streams are open, the maximum; close some first.")
+            refused = error_response(
+                Overloaded(f"{self.max_streams} event streams are open, the maximum; close some first."))
+            refused.headers["Retry-After"] = "2"
+            return refused
         last_id = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
         sub = Subscriber(accept, self.max_pending)
         resumed = stream.subscribe(sub, last_id)

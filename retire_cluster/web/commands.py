@@ -14,11 +14,11 @@ while here it answers one snapshot plus ``"action": {"watch": ...}``.
 
 from __future__ import annotations
 
-import json
 import shlex
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from ..protocol.codec import loads
 from ..protocol.errors import InvalidMessage
 from ..protocol.messages import REQUIREMENT_KEYS, TaskStatus
 from .render import (
@@ -60,9 +60,12 @@ PAGE_ONLY = frozenset({"clear", "theme", "history", "logout"})
 
 
 def parse_value(text: str) -> Any:
-    """``3`` -> 3, ``true`` -> True, ``[1,2]`` -> a list, ``"a b"`` -> 'a b', else the text itself."""
+    """``3`` -> 3, ``true`` -> True, ``[1,2]`` -> a list, ``"a b"`` -> 'a b', else the text itself.
+
+    Strict JSON, as on the wire: ``NaN`` and ``Infinity`` stay text.
+    """
     try:
-        return json.loads(text)
+        return loads(text)
     except ValueError:
         return text
 
@@ -190,14 +193,12 @@ class Commands:
             raise _usage("submit", "give the task type")
         spec: dict[str, Any] = {"task_type": words[0], "payload": self._payload(words[1:])}
         if "priority" in opts:
-            value = opts["priority"][-1]
-            spec["priority"] = int(value) if value.isdigit() else value
-        for key, name, kind in (("timeout", "timeout", float), ("max-retries", "max_retries", int)):
+            spec["priority"] = parse_value(opts["priority"][-1])  # a name or a number; the schema says which
+        for key, name, kinds in (("timeout", "timeout", (int, float)), ("max-retries", "max_retries", (int,))):
             if key in opts:
-                try:
-                    spec[name] = kind(opts[key][-1])
-                except ValueError:
-                    raise _usage("submit", f"--{key} needs a number") from None
+                spec[name] = parse_value(opts[key][-1])
+                if type(spec[name]) not in kinds:
+                    raise _usage("submit", f"--{key} needs {'a whole' if kinds == (int,) else 'a'} number")
         if "requires" in opts:
             spec["requirements"] = self._requirements(opts["requires"])
         try:

@@ -188,8 +188,9 @@ def _paths() -> dict[str, Any]:
         "/": {"get": _op("The dashboard page. No token needed: it asks for it.",
                          {"200": _text("text/html", "The page.")}, public=True, errors=())},
         "/static/{filename}": {"get": _op(
-            "The page's script and style sheet. No token needed.", {"200": _text("text/plain", "A file.")},
-            params=[_param("filename", "path", "File name.")], public=True, errors=(404,))},
+            "The page's script and style sheet. No token needed.",
+            {"200": _text("application/javascript", "dashboard.js (text/css for dashboard.css).")},
+            params=[_param("filename", "path", "dashboard.js or dashboard.css.")], public=True, errors=(404,))},
     }
 
 

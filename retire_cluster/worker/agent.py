@@ -21,6 +21,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Dict, Optional, Tuple
 
 from ..link import Link
@@ -404,7 +405,23 @@ class Agent:
             return
         job = asyncio.ensure_future(self._run_task(task))  # its first step runs before the flush of the ack
         self.running[task_id] = Running(task, job)
+        job.add_done_callback(partial(self._never_started, task))
         self._send(ack(msg.message_id, {"task_id": task_id}, sender_id=self.device_id))
+
+    def _never_started(self, task: Dict[str, Any], job: "asyncio.Future[None]") -> None:
+        """A job cancelled before its first step (a cancel in the same read as the assignment).
+
+        Its coroutine never ran, so neither did the ``finally`` that frees the
+        slot: without this the slot stayed taken for good, and the main node
+        never heard how the attempt ended.
+        """
+        if not job.cancelled():
+            return  # _run_task ran: it cleaned up and reported
+        task_id, attempt = str(task["task_id"]), int(task["attempt"])
+        current = self.running.get(task_id)
+        if current is not None and current.attempt == attempt:
+            del self.running[task_id]
+        self._finished(task, Outcome("cancelled", error="cancelled on the worker"))
 
     def _on_cancel(self, msg: Message) -> None:
         task_id = str(msg.data.get("task_id"))
