@@ -506,3 +506,15 @@ async def test_a_stream_whose_reader_hangs_up_frees_its_place_at_once(tmp_path: 
 
 async def _async(value):
     return value
+
+
+async def test_refusals_name_the_url_part_that_was_wrong(cluster: Cluster) -> None:
+    status, body = await cluster.get("/api/v1/tasks/" + "x" * 300)
+    assert status == 400 and body["path"] == "{task_id}"
+    assert body["error"].startswith("{task_id}: 'xxxx") and body["error"].endswith("... is too long")
+    status, body = await cluster.request("DELETE", "/api/v1/tasks/" + "x" * 300)
+    assert status == 400 and body["path"] == "{task_id}"
+    for path in ("/text/tasks?status=bogus", "/text/devices?status=bogus"):
+        status, body = await cluster.get(path)
+        assert status == 400 and body["path"] == "?status", body
+        assert body["error"].startswith("?status: 'bogus' is not one of")

@@ -186,13 +186,18 @@ class Api:
 
     async def task(self, request: web.Request) -> web.Response:
         check_query(request, set())
-        result = await self.web.call("task_status", {"task_id": request.match_info["task_id"]}, request)
-        return json_response(result)
+        return json_response(await self._by_id("task_status", request))
 
     async def cancel(self, request: web.Request) -> web.Response:
         check_query(request, set())
-        result = await self.web.call("task_cancel", {"task_id": request.match_info["task_id"]}, request)
-        return json_response(result)
+        return json_response(await self._by_id("task_cancel", request))
+
+    async def _by_id(self, message_type: str, request: web.Request) -> Any:
+        """A request about the task named in the URL (a refused id is named as the URL's {task_id})."""
+        try:
+            return await self.web.call(message_type, {"task_id": request.match_info["task_id"]}, request)
+        except InvalidMessage as exc:
+            raise rebase(exc, "$.data.task_id", "{task_id}") from None
 
     async def command(self, request: web.Request) -> web.Response:
         """Run one dashboard command line: ``{"command": "devices"}`` -> its text and JSON."""

@@ -19,7 +19,7 @@ from aiohttp import web
 from .. import __version__
 from ..protocol.codec import dumps
 from ..protocol.errors import InvalidMessage
-from .api import check_query, query_int
+from .api import check_query, query_int, rebase
 
 if TYPE_CHECKING:
     from .app import WebApp
@@ -103,6 +103,12 @@ class TextApi:
     def __init__(self, web_app: WebApp) -> None:
         self.web = web_app
 
+    async def _query(self, message_type: str, data: dict[str, Any], request: web.Request) -> Any:
+        try:
+            return await self.web.call(message_type, data, request)
+        except InvalidMessage as exc:
+            raise rebase(exc, "$.data.", "?") from None
+
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_get("/text/devices", self.devices)
         router.add_get("/text/status", self.status)
@@ -112,7 +118,7 @@ class TextApi:
         check_query(request, {"format", "status"})
         fmt = _format(request)
         data = {"status": request.query["status"]} if "status" in request.query else {}
-        devices = (await self.web.call("list_devices", data, request))["devices"]
+        devices = (await self._query("list_devices", data, request))["devices"]
         return _response(fmt, render_rows(fmt, DEVICE_FIELDS, [device_fields(d) for d in devices]))
 
     async def tasks(self, request: web.Request) -> web.Response:
@@ -121,7 +127,7 @@ class TextApi:
         data: dict[str, Any] = {k: request.query[k] for k in ("status", "device_id", "task_type")
                                 if k in request.query}  # fmt: skip
         data["limit"] = query_int(request, "limit", 100, 1, 10_000)
-        tasks = (await self.web.call("task_list", data, request))["tasks"]
+        tasks = (await self._query("task_list", data, request))["tasks"]
         return _response(fmt, render_rows(fmt, TASK_FIELDS, [task_fields(t) for t in tasks]))
 
     async def status(self, request: web.Request) -> web.Response:
