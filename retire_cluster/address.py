@@ -22,6 +22,9 @@ def parse_main_address(text: str) -> Tuple[str, int]:
     if not text:
         raise ValueError("--main is empty; give the main node as HOST or HOST:PORT.")
     host, port = text, DEFAULT_MAIN_PORT
+    if "://" in text:  # the dashboard's address, pasted
+        raise ValueError(f"--main {text!r} is a URL; give the main node's TCP address as HOST or HOST:PORT "
+                         "(8080 by default, not the dashboard's port).")
     if text.startswith("["):
         end = text.find("]")
         if end < 0:

@@ -255,7 +255,8 @@ def _load_default_map(ctx: click.Context, param: click.Parameter, value: Optiona
 @click.option("--capability", "capabilities", multiple=True, help="Extra capability to advertise (repeatable).")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="RETIRE_CLUSTER_WORKER_DIR",
               help="Device id, undelivered results.  [default: ~/.retire-cluster/worker]")
-@click.option("--heartbeat-interval", type=float, help="Override the main node's heartbeat interval.")
+@click.option("--heartbeat-interval", type=click.FloatRange(min=0, min_open=True),
+              help="Override the main node's heartbeat interval (seconds).")
 @click.option("--only-when-charging", is_flag=True, help="Take tasks only while on a charger.")
 @click.option("--min-battery", type=click.FloatRange(0, 100), metavar="PCT",
               help="Take tasks only above this battery level (resumes 5 points higher).")
@@ -284,7 +285,7 @@ def worker_cmd(main_addr: str, token: Optional[str], tls_fingerprint: Optional[s
                hours: Optional[str], evict: bool, task_memory: int, scratch_dir: Optional[str], weight: float,
                reconnect_max: float, burst: bool, log_level: str) -> None:
     """Join a main node and run the tasks it assigns."""
-    from .runtime import run, setup_logging
+    from .runtime import LockHeld, hold_lock, run, setup_logging
     from .worker.agent import Agent
     from .worker.config import WorkerConfig, default_data_dir, parse_main_address
     from .worker.policy import PolicyConfig, parse_hours
@@ -313,7 +314,18 @@ def worker_cmd(main_addr: str, token: Optional[str], tls_fingerprint: Optional[s
     async def serve() -> int:
         import asyncio
 
-        agent = Agent(config)
+        try:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+            # Held until the process ends: two workers on one data dir would share one device id
+            # (and knock each other off the main node) and one outbox of results.
+            hold_lock(config.data_dir / "worker.lock")
+            agent = Agent(config)
+        except LockHeld as exc:
+            _fail(f"another worker{f' (pid {exc.pid})' if exc.pid else ''} is using --data-dir {config.data_dir}; "
+                  "stop it first, or give this one another --data-dir.")
+        except OSError as exc:
+            _fail(f"cannot use --data-dir {config.data_dir} ({exc.strerror or exc}); "
+                  "give a directory this user can write.", 2)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop)

@@ -9,14 +9,49 @@ import asyncio
 import gc
 import logging
 import logging.handlers
+import os
 import queue
 import sys
 from pathlib import Path
 from typing import Any, Coroutine, Optional, TypeVar
 
-__all__ = ["run", "setup_logging", "tune_gc", "uvloop_available"]
+__all__ = ["LockHeld", "hold_lock", "run", "setup_logging", "tune_gc", "uvloop_available"]
 
 T = TypeVar("T")
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; ``pid`` is what it wrote there (None if unreadable)."""
+
+    def __init__(self, path: Path, pid: Optional[int]) -> None:
+        super().__init__(f"{path} is held by {'process ' + str(pid) if pid else 'another process'}")
+        self.path, self.pid = path, pid
+
+
+def hold_lock(path: Path) -> Optional[int]:
+    """Lock ``path`` for this process (it is created); returns the descriptor to keep open.
+
+    A POSIX record lock: the kernel drops it when the process ends, ``kill -9``
+    included, so a crash never leaves a stale lock. Returns None where fcntl
+    is missing (Windows): nothing is locked there.
+
+    Raises:
+        LockHeld: another process holds it.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise LockHeld(path, int(holder) if holder.isdigit() else None) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def uvloop_available() -> bool:

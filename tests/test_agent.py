@@ -138,6 +138,21 @@ async def test_wrong_token_is_fatal_with_exit_2(tmp_path: Path, port: int) -> No
         await node.stop()
 
 
+@pytest.mark.parametrize("bad", [{"device_id": "bad\x1bid"}, {"device_id": "a" * 300},
+                                 {"capabilities": ("c\x07",)}])
+async def test_a_registration_the_main_node_refuses_is_fatal_not_retried_forever(
+        tmp_path: Path, port: int, bad: dict, caplog: pytest.LogCaptureFixture) -> None:
+    node = await start_node(tmp_path, port)
+    try:
+        settings = {"device_id": "phone", **bad}
+        config = WorkerConfig(main_host="127.0.0.1", main_port=port, token=node.token, data_dir=tmp_path / "w",
+                              reconnect_min_s=0.05, reconnect_max_s=0.2, **settings)
+        assert await asyncio.wait_for(Agent(config).run(), 20) == 2
+        assert "The main node refused to register this worker" in caplog.text
+    finally:
+        await node.stop()
+
+
 async def test_backoff_grows_with_jitter_within_bounds(tmp_path: Path) -> None:
     agent = Agent(WorkerConfig(device_id="x", data_dir=tmp_path, reconnect_min_s=1, reconnect_max_s=60))
     for failures in range(1, 12):
@@ -156,6 +171,22 @@ def test_result_frame_is_trimmed_to_fit_including_a_huge_error(tmp_path: Path) -
     assert len(encode(agent._message("task_result", data))) <= agent.max_frame_bytes
     assert data["result"]["truncated"] is True
     assert data["result"]["error"].startswith("é")
+
+
+def test_trimming_shares_the_cut_so_the_output_is_not_the_first_to_go(tmp_path: Path) -> None:
+    """2 MB of stdout and 2 MB of stderr: both kept in part (before, the output was emptied first)."""
+    from retire_cluster.protocol.codec import encode
+
+    agent = Agent(WorkerConfig(device_id="x", data_dir=tmp_path))
+    data = agent._fit({"task_id": "t", "attempt": 1, "status": "completed", "execution_time": 0.0,
+                       "result": {"output": "a" * 2_000_000, "stderr": "b" * 2_000_000, "exit_code": 0}})
+    assert len(encode(agent._message("task_result", data))) <= agent.max_frame_bytes
+    result = data["result"]
+    assert result["truncated"] is True
+    assert 400_000 < len(result["output"]) < 600_000 and abs(len(result["output"]) - len(result["stderr"])) < 1000
+    small = agent._fit({"task_id": "t", "attempt": 1, "status": "failed", "execution_time": 0.0,
+                        "result": {"output": "o" * 3_000_000, "error": "ValueError: bad"}})["result"]
+    assert small["error"] == "ValueError: bad"  # a short field loses almost nothing
 
 
 def test_a_result_that_surely_fits_is_not_encoded_to_measure_it(tmp_path: Path, monkeypatch) -> None:
@@ -302,3 +333,24 @@ async def test_a_task_cancelled_in_the_read_that_assigned_it_frees_its_slot_and_
     agent._on_message(Message("task_assign", "m-3", "main-node", {"task": {
         "task_id": "t-2", "attempt": 1, "task_type": "echo", "payload": {"message": "next"}, "timeout": 10}}))
     await wait_until(lambda: any(b'"output":"next"' in data.replace(b" ", b"") for data in writer.writes))
+
+
+async def test_the_backoff_starts_over_after_a_connection_that_registered(tmp_path: Path, port: int) -> None:
+    """Before, it grew with every lost connection for the worker's life: 16 s to come back after a few."""
+    node = await start_node(tmp_path, port)
+    agent = agent_for(port, node.token, tmp_path / "w")
+    asked = []
+    real = agent._backoff
+    agent._backoff = lambda failures: (asked.append(failures), real(failures))[1]  # type: ignore[method-assign]
+    runner = asyncio.ensure_future(agent.run())
+    try:
+        for n in range(4):
+            await wait_until(lambda: node.registry.get("phone") is not None
+                             and node.registry.get("phone").conn is not None)
+            node.registry.get("phone").conn.close()  # the Wi-Fi drops, after a good registration
+            await wait_until(lambda n=n: len(asked) > n)
+        assert asked == [1, 1, 1, 1]
+    finally:
+        agent.stop()
+        await runner
+        await node.stop()

@@ -99,6 +99,9 @@ def test_requirements_parsing() -> None:
         (["submit", "echo", "--timeout", "inf"], "must be a number of seconds more than 0"),
         (["submit", "echo", "--requires", "min_memory_gb=nan"], "min_memory_gb needs a number"),
         (["worker", "--main", "host:notaport"], "port must be a number"),
+        (["worker", "--main", "http://127.0.0.1:5000/"], "is a URL; give the main node's TCP address"),
+        (["worker", "--heartbeat-interval", "0"], "--heartbeat-interval"),
+        (["worker", "--heartbeat-interval", "-1"], "--heartbeat-interval"),
     ],
 )
 def test_bad_input_is_one_sentence_exit_2(args: list, message: str) -> None:
@@ -352,6 +355,33 @@ def test_a_second_main_node_on_the_same_data_dir_or_port_stops_at_once_with_one_
     assert same_port.returncode == 1 and "Choose another --port." in same_port.stderr
     with Client(main.address, main.token) as client:  # the first one never noticed
         assert client.run("echo", {"message": "still here"}, wait_s=0.1)["status"] == "pending"
+
+
+def test_a_second_worker_on_the_same_data_dir_or_an_unusable_one_stops_with_one_sentence(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens: the first worker keeps trying, holding its data dir
+    data = tmp_path / "w"
+    first = subprocess.Popen(cli_cmd("worker", "--main", f"127.0.0.1:{port}", "--data-dir", str(data)),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+    try:
+        deadline = time.monotonic() + 30
+        while not (data / "worker.lock").exists() or not (data / "worker.lock").read_text().strip():
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        second = subprocess.run(cli_cmd("worker", "--main", f"127.0.0.1:{port}", "--data-dir", str(data)),
+                                capture_output=True, text=True, env=cli_env(), timeout=60)
+        assert second.returncode == 1
+        assert second.stderr.splitlines()[-1] == (
+            f"Error: another worker (pid {first.pid}) is using --data-dir {data}; "
+            "stop it first, or give this one another --data-dir.")
+    finally:
+        first.terminate()
+        first.wait(30)
+    (tmp_path / "afile").write_text("")
+    bad = subprocess.run(cli_cmd("worker", "--main", f"127.0.0.1:{port}", "--data-dir",
+                                 str(tmp_path / "afile" / "sub")),
+                         capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.splitlines()[-1].startswith(f"Error: cannot use --data-dir {tmp_path / 'afile' / 'sub'} (")
 
 
 def test_unknown_task_is_one_sentence(main_process) -> None:

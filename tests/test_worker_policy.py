@@ -179,9 +179,9 @@ async def test_a_stopping_worker_hands_its_task_back_and_is_not_given_it_again(t
         # stayed "assigned" to it, gone, until offline_timeout (5 minutes by default).
         assert task.status.value == "pending" and [a.outcome for a in task.attempts] == ["handed_back"]
         device = node.registry.get("laptop")
-        assert (device.accepting, device.reason) == (False, "stopping")
+        assert (device.accepting, device.reason, device.status.value) == (False, "stopping", "offline")
         reply = await client.ok("task_status", {"task_id": task_id})
-        assert reply["task"]["waiting"] == "1 device can run it and none is free: 1 stopped by its owner."
+        assert reply["task"]["waiting"] == "1 device can run it and none is free: 1 offline."
     finally:
         agent.stop()
         await runner

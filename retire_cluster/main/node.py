@@ -298,10 +298,17 @@ class MainNode(Dispatcher):
         if conn.device_id is not None:
             device = self.registry.get(conn.device_id)
             if device is not None and device.conn is conn:
-                # Stays online until offline_timeout: it may come back.
                 device.conn = None
+                if device.reason == "stopping" and not device.accepting and not device.running:
+                    # Its owner stopped it and it handed everything back: offline now, not after
+                    # offline_timeout (a restarted worker registers again just the same).
+                    device.status = DeviceStatus.OFFLINE
+                    self.write([Store.touch_device(device)])
+                    log.info("device %s stopped", device.device_id)
+                else:
+                    # Stays online until offline_timeout: it may come back.
+                    log.info("device %s disconnected", device.device_id)
                 self.device_changed(device)
-                log.info("device %s disconnected", device.device_id)
 
     # -- lookups ----------------------------------------------------------
 

@@ -28,6 +28,7 @@ import aiosqlite
 
 from ..protocol.codec import dumps
 from ..protocol.messages import TERMINAL_STATUSES, DeviceStatus, TaskStatus
+from ..runtime import LockHeld, hold_lock
 from .health import DeviceStats
 from .registry import Device
 from .tasks import Attempt, Task
@@ -228,33 +229,6 @@ class DatabaseInUse(Exception):
     """Another process (another main node) has the database open."""
 
 
-def _lock(path: Path) -> int | None:
-    """Hold ``path`` (the database's lock file) for this process; raises DatabaseInUse.
-
-    A POSIX record lock: the kernel drops it when the process dies, ``kill -9``
-    included. Two main nodes on one database would each take the other's
-    tasks for their own. Where fcntl is missing (Windows) nothing is locked.
-    """
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 32).decode("ascii", "replace").strip()
-        os.close(fd)
-        db = path.with_suffix("")
-        raise DatabaseInUse(
-            f"another main node{f' (pid {holder})' if holder.isdigit() else ''} is using {db}; "
-            "stop it first, or give this one another --data-dir."
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
-
-
 def _j(value: Any) -> str | None:
     """Compact JSON text for a column (orjson when importable: several times faster)."""
     return None if value is None else dumps(value).decode("utf-8")
@@ -298,7 +272,13 @@ class Store:
     async def open(self) -> None:
         """Open (creating or migrating) the database and start the writer."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _lock(self.path.with_name(self.path.name + ".lock"))
+        try:
+            self._lock_fd = hold_lock(self.path.with_name(self.path.name + ".lock"))
+        except LockHeld as exc:  # two main nodes would each take the other's tasks for their own
+            raise DatabaseInUse(
+                f"another main node{f' (pid {exc.pid})' if exc.pid else ''} is using {self.path}; "
+                "stop it first, or give this one another --data-dir."
+            ) from None
         try:
             # Legacy transaction mode: writes open a transaction, commit() ends it.
             db = await aiosqlite.connect(str(self.path), isolation_level="DEFERRED")

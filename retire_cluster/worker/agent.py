@@ -48,6 +48,27 @@ REQUEST_TIMEOUT_S = 30.0
 _SCALAR_BOUND = 32
 
 
+def _fatal_refusal(exc: ProtocolError) -> "Optional[FatalError]":
+    """A refused registration that asking again cannot fix (the worker then exits 2)."""
+    if exc.code == "unauthorized":
+        return FatalError("The main node refused the token; run `retire-cluster token` on the "
+                          "main node and pass it with --token.")
+    if exc.code == "invalid_message":
+        return FatalError(f"The main node refused to register this worker ({exc.message}); "
+                          "check --device-id (or the device_id file in --data-dir), --role and --capability.")
+    return None
+
+
+def _fair_cap(lengths: "list[int]", budget: int) -> int:
+    """The largest cap with sum(min(n, cap) for n in lengths) <= budget (``lengths`` sorted)."""
+    for i, n in enumerate(lengths):
+        share = max(0, budget) // (len(lengths) - i)
+        if n > share:
+            return share
+        budget -= n
+    return lengths[-1] if lengths else 0
+
+
 def _json_size_bound(value: Any, depth: int = 2) -> Optional[int]:
     """An upper bound of ``value``'s JSON length (every character of a string
     as a six-byte escape), for scalars, strings and objects of them nested at
@@ -197,7 +218,10 @@ class Agent:
                     log.error("%s", exc)
                     return 2
                 except (ConnectionError, OSError, asyncio.TimeoutError, ProtocolError) as exc:
-                    failures += 1
+                    # A connection that got as far as registering was a success: the backoff
+                    # starts over. (It never did, so a worker that had lost three connections
+                    # came back 16 s after a main-node restart, past a short offline_timeout.)
+                    failures = 1 if self.registered.is_set() else failures + 1
                     log.warning("connection to main node lost (%s)", exc or type(exc).__name__)
                 finally:
                     self.registered.clear()
@@ -211,7 +235,9 @@ class Agent:
                 if self._burst_done():
                     break
                 if not self._stopping.is_set():
-                    await self._sleep_unless_stopped(self._backoff(max(failures, 1)))
+                    delay = self._backoff(max(failures, 1))
+                    log.info("reconnecting in %.1f s", delay)
+                    await self._sleep_unless_stopped(delay)
         finally:
             policy_task.cancel()
             await asyncio.gather(policy_task, return_exceptions=True)
@@ -253,11 +279,9 @@ class Agent:
             try:
                 reply = await self._request("register", self._register_data(), wait_for=read_task)
             except ProtocolError as exc:
-                if exc.code == "unauthorized":
-                    raise FatalError(
-                        "The main node refused the token; run `retire-cluster token` on the "
-                        "main node and pass it with --token."
-                    ) from None
+                fatal = _fatal_refusal(exc)
+                if fatal is not None:
+                    raise fatal from None
                 raise
             result = reply.data.get("result") or {}
             if self.config.heartbeat_interval_s is None and result.get("heartbeat_interval"):
@@ -299,6 +323,7 @@ class Agent:
         task straight back to this device, which would then hold it, gone,
         until the main node's offline_timeout.
         """
+        log.info("stopping%s", f": handing back {len(self.running)} running task(s)" if self.running else "")
         self.decision = Decision(False, "stopping")
         try:
             self._send(self._message("heartbeat", self._heartbeat_data()))
@@ -530,12 +555,17 @@ class Agent:
             if size <= limit:
                 return data
             excess = size - limit
-            field = max(("output", "stderr", "stdout", "error"), key=lambda k: len(result.get(k) or ""))
-            text = result.get(field) or ""
-            if not text:
+            texts = {k: (result.get(k) or "").encode("utf-8") for k in ("output", "stdout", "stderr", "error")}
+            total = sum(len(t) for t in texts.values())
+            if not total:
                 break
-            keep = max(0, len(text.encode("utf-8")) - excess - 64)
-            result[field] = text.encode("utf-8")[:keep].decode("utf-8", errors="ignore")
+            # One cap for all texts, as high as the frame allows: short texts stay whole and
+            # long ones keep the same length (2 MB of output and 2 MB of stderr keep about half a
+            # megabyte each; before, the output was cut first, all of it).
+            cap = _fair_cap(sorted(len(t) for t in texts.values()), total - excess - 256)
+            for field, text in texts.items():
+                if len(text) > cap:
+                    result[field] = text[:cap].decode("utf-8", errors="ignore")
             result["truncated"] = True
         return data
 
