@@ -230,7 +230,10 @@ def _say_stuck(lines: List[str]) -> None:
 
 def _print_outcome(record: Dict[str, Any]) -> None:
     result = record.get("result") or {}
+    printed = result.get("stdout")  # what a python_eval printed; its value is the output
     if record.get("status") == "completed":
+        if printed:
+            click.echo(printed, nl=False)
         output = result.get("output")
         click.echo("" if output is None else output)
         if result.get("truncated"):
@@ -238,8 +241,9 @@ def _print_outcome(record: Dict[str, Any]) -> None:
         return
     reason = record.get("error") or result.get("error") or "no details"
     click.echo(f"task {record.get('task_id')} {record.get('status')}: {reason}", err=True)
-    if result.get("stderr"):
-        click.echo(result["stderr"].rstrip(), err=True)
+    for text in (printed, result.get("output"), result.get("stderr")):  # what it wrote before it ended
+        if text:
+            click.echo(text.rstrip(), err=True)
 
 
 @click.command("status")

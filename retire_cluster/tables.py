@@ -166,6 +166,8 @@ def task_detail(record: Dict[str, Any]) -> str:
         fields.append(("exit code", result["exit_code"]))
     if result.get("output") is not None:
         fields.append(("output", result["output"]))
+    if result.get("stdout"):
+        fields.append(("stdout", str(result["stdout"]).rstrip()))
     if result.get("truncated"):
         fields.append(("truncated", "yes: the output was cut to fit the limit"))
     if result.get("stderr"):

@@ -442,3 +442,16 @@ def test_a_worker_without_tls_does_not_load_openssls_hashes() -> None:
     )
     out = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_what_a_task_printed_is_shown_with_its_result(capsys: pytest.CaptureFixture) -> None:
+    from retire_cluster.cli_client import _print_outcome
+
+    done = {"task_id": "t", "status": "completed", "result": {"output": "42", "stdout": "hello\n", "exit_code": 0}}
+    _print_outcome(done)
+    assert capsys.readouterr().out == "hello\n42\n"  # before: only 42
+    assert "stdout        hello" in task_detail(done)
+    hung = {"task_id": "t", "status": "timeout", "error": "stopped after the task timeout of 1 s",
+            "result": {"stdout": "partial\n", "stderr": "oops\n"}}
+    _print_outcome(hung)
+    assert capsys.readouterr().err == "task t timeout: stopped after the task timeout of 1 s\npartial\noops\n"

@@ -191,6 +191,13 @@ async def test_python_eval_result_is_str_of_the_value() -> None:
     assert outcome.output == "{'k': [1, 2.5, None]}"
 
 
+async def test_python_eval_of_a_huge_integer_is_its_digits() -> None:
+    """Python 3.11 refuses str() of an int over 4,300 digits unless told otherwise."""
+    outcome = await evaluate("2 ** 100000")
+    assert outcome.status == "completed", outcome.error
+    assert len(outcome.output) == 30103 and outcome.output.startswith("99900209301438450794")
+
+
 async def test_python_eval_non_ascii_result() -> None:
     outcome = await evaluate("'héllo ' + chr(0x20AC) + ' ' + chr(0x1F600)")
     assert outcome.status == "completed"
@@ -393,3 +400,10 @@ async def test_a_type_not_enabled_fails_instead_of_running() -> None:
     outcome = await run(Executor(frozenset({"echo"}), plugins={}), "python_eval", {"expression": "1"})
     assert outcome.status == "failed"
     assert "not enabled" in (outcome.error or "")
+
+
+async def test_a_timed_out_task_keeps_what_it_wrote_until_then() -> None:
+    """What a hung task printed is what one needs to see where it hung (before, it was all dropped)."""
+    outcome = await evaluate("print('partial', flush=True) or __import__('time').sleep(100)", timeout=1)
+    assert outcome.status == "timeout" and outcome.error == "stopped after the task timeout of 1 s"
+    assert outcome.stdout == "partial\n" and outcome.output is None

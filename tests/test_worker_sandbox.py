@@ -131,6 +131,13 @@ async def test_command_timeout(tmp_path: Path) -> None:
     assert scratch_left(tmp_path) == []
 
 
+async def test_a_command_that_times_out_keeps_its_output_so_far(tmp_path: Path) -> None:
+    outcome = await command(make(tmp_path), ["sh", "-c", "echo partial; echo oops >&2; sleep 60"], timeout=1)
+    assert outcome.status == "timeout" and outcome.error == "stopped after the task timeout of 1 s"
+    assert outcome.output == "partial\n" and outcome.stderr == "oops\n"
+    assert scratch_left(tmp_path) == []
+
+
 # -- resource limits ------------------------------------------------------------------
 
 

@@ -26,6 +26,8 @@ from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Set
 from ..protocol.codec import dumps, loads
 from .plugins import TaskContext, load_plugins, plugin_result
 from .sandbox import (
+    DRAIN_S,
+    REAP_S,
     ChildResult,
     child_env,
     default_scratch_base,
@@ -46,6 +48,8 @@ BUILTIN_TASK_TYPES = frozenset({"echo", "sleep", "python_eval", "command"})
 #: The most of an error text kept, in UTF-8 bytes: it is a sentence, not a log.
 ERROR_LIMIT_BYTES = 4096
 DEFAULT_TIMEOUT_S = 3600.0
+#: How long after its timeout a task's child may take to be killed, drained and reaped.
+CHILD_GRACE_S = DRAIN_S + REAP_S + 1.0
 
 
 class TaskFailed(Exception):
@@ -81,6 +85,13 @@ class Outcome:
         if self.error is not None:
             out["error"] = self.error
         return out
+
+
+def _timed_out(timeout_s: float, child: ChildResult, **texts: Optional[str]) -> "Outcome":
+    """A child stopped at the task timeout: what it wrote until then is kept (it shows where it hung)."""
+    return Outcome("timeout", error=f"stopped after the task timeout of {timeout_s:g} s",
+                   stderr=_non_empty(child.text("stderr")),
+                   truncated=child.stdout_truncated or child.stderr_truncated, **texts)
 
 
 def _clip(text: Optional[str], limit: int) -> "tuple[Optional[str], bool]":
@@ -177,7 +188,10 @@ class Executor:
         try:
             if runner is None:
                 raise TaskFailed(f"task type {task_type!r} is not enabled on this worker")
-            outcome = await asyncio.wait_for(runner(task.get("payload") or {}, timeout_s, progress), timeout_s)
+            # A child process is stopped at timeout_s by run_child itself, keeping what it wrote;
+            # this deadline is then only a backstop, after the time to kill and reap it.
+            backstop = timeout_s + (CHILD_GRACE_S if task_type in ("python_eval", "command") else 0.0)
+            outcome = await asyncio.wait_for(runner(task.get("payload") or {}, timeout_s, progress), backstop)
         except asyncio.TimeoutError:
             outcome = Outcome("timeout", error=f"stopped after the task timeout of {timeout_s:g} s")
         except TaskFailed as exc:
@@ -262,12 +276,12 @@ class Executor:
         except OSError as exc:
             raise TaskFailed(f"cannot create a scratch directory under {self.scratch_base}: {exc}") from None
 
-    async def _run_child(self, argv: "list[str]", scratch: Path, stdin: Optional[bytes],
+    async def _run_child(self, argv: "list[str]", scratch: Path, stdin: Optional[bytes], timeout_s: float,
                          reply_limit_bytes: Optional[int] = None) -> ChildResult:
         try:
             return await run_child(argv, cwd=scratch, env=child_env(scratch), stdin=stdin,
                                    output_limit_bytes=self.output_limit_bytes,
-                                   reply_limit_bytes=reply_limit_bytes, pids=self._pids)
+                                   reply_limit_bytes=reply_limit_bytes, pids=self._pids, timeout_s=timeout_s)
         except OSError as exc:
             raise TaskFailed(f"cannot start the task process: {exc}") from None
 
@@ -282,9 +296,11 @@ class Executor:
         scratch = self._scratch_dir()
         try:
             child = await self._run_child(command_argv(argv, self.limits, timeout_s), scratch,
-                                          None if stdin is None else stdin.encode("utf-8"))
+                                          None if stdin is None else stdin.encode("utf-8"), timeout_s)
         finally:
             await remove_scratch_dir(scratch)
+        if child.timed_out:
+            return _timed_out(timeout_s, child, output=child.text("stdout"))
         code = child.returncode
         stderr = child.text("stderr")
         error = None
@@ -303,10 +319,12 @@ class Executor:
                          "error_limit": ERROR_LIMIT_BYTES})
         scratch = self._scratch_dir()
         try:
-            child = await self._run_child(eval_argv(self.limits, timeout_s), scratch, request,
+            child = await self._run_child(eval_argv(self.limits, timeout_s), scratch, request, timeout_s,
                                           reply_limit_bytes=4 * (self.output_limit_bytes + ERROR_LIMIT_BYTES))
         finally:
             await remove_scratch_dir(scratch)
+        if child.timed_out:
+            return _timed_out(timeout_s, child, stdout=_non_empty(child.text("stdout")))
         stderr = _non_empty(child.text("stderr"))
         stdout = _non_empty(child.text("stdout"))
         truncated = child.stdout_truncated or child.stderr_truncated

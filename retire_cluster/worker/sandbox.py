@@ -112,6 +112,7 @@ class ChildResult:
     stderr_truncated: bool = False
     reply: Optional[bytes] = None
     reply_truncated: bool = False
+    timed_out: bool = False
 
     def text(self, which: str) -> str:
         """``stdout`` or ``stderr`` as text; a character cut by the cap is dropped, not mangled."""
@@ -264,7 +265,7 @@ class _ReplyChannel:
 
 async def run_child(argv: List[str], *, cwd: Path, env: Dict[str, str], stdin: Optional[bytes] = None,
                     output_limit_bytes: int, reply_limit_bytes: Optional[int] = None,
-                    pids: Optional[Set[int]] = None) -> ChildResult:
+                    pids: Optional[Set[int]] = None, timeout_s: Optional[float] = None) -> ChildResult:
     """Start ``argv`` in its own session, feed ``stdin``, capture output, and clean up.
 
     Cancel the call to stop the child (a timeout is the caller's
@@ -278,6 +279,9 @@ async def run_child(argv: List[str], *, cwd: Path, env: Dict[str, str], stdin: O
         output_limit_bytes: the most kept of stdout and of stderr, each.
         reply_limit_bytes: not None opens a reply channel (appended to argv).
         pids: the child's pid is in this set while it runs.
+        timeout_s: stop the child after this long and return what it wrote so far,
+            with ``timed_out`` set (a task's output up to its timeout is what
+            one needs to see why it hung).
 
     Raises:
         OSError: the process could not be started.
@@ -297,6 +301,7 @@ async def run_child(argv: List[str], *, cwd: Path, env: Dict[str, str], stdin: O
             channel.close()
         raise
     pid = transport.get_pid()
+    timed_out = False
     if pids is not None:
         pids.add(pid)
     try:
@@ -308,7 +313,11 @@ async def run_child(argv: List[str], *, cwd: Path, env: Dict[str, str], stdin: O
             if writer is not None:
                 writer.write(stdin)  # type: ignore[attr-defined]
                 writer.close()
-        await asyncio.shield(capture.exited)  # a cancel must not cancel the future itself
+        try:
+            await asyncio.wait_for(asyncio.shield(capture.exited), timeout_s)  # a cancel must not cancel it
+        except asyncio.TimeoutError:
+            timed_out = True
+            _kill_group(transport)
         # What the main child wrote is in the pipes now; a grandchild may hold them open.
         waits = [capture.drained]
         if channel is not None and channel.protocol is not None:
@@ -325,7 +334,8 @@ async def run_child(argv: List[str], *, cwd: Path, env: Dict[str, str], stdin: O
             if pids is not None:
                 pids.discard(pid)
     out, err = capture.streams[1], capture.streams[2]
-    result = ChildResult(transport.get_returncode(), bytes(out.data), bytes(err.data), out.truncated, err.truncated)
+    result = ChildResult(transport.get_returncode(), bytes(out.data), bytes(err.data), out.truncated, err.truncated,
+                         timed_out=timed_out)
     if channel is not None:
         result.reply, result.reply_truncated = channel.result(reply_limit_bytes or 0)
     return result

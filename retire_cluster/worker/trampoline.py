@@ -96,6 +96,9 @@ try:
 except Exception:
     pass
 
+if hasattr(sys, "set_int_max_str_digits"):  # 3.11+: 2**100000 is a result, not a ValueError
+    sys.set_int_max_str_digits(0)
+
 def _clip(text, limit):
     raw = text.encode("utf-8", "backslashreplace")
     if len(raw) <= limit:
