@@ -180,6 +180,19 @@ def test_submit_batch_json_and_stdin(main_process, worker_process) -> None:
     assert plain.stderr.endswith("submitted 4 tasks\n")
 
 
+def test_submit_batch_skips_a_line_too_large_to_send(main_process, tmp_path: Path) -> None:
+    """Before, the main node closed the connection and the whole batch stopped, half submitted."""
+    main = main_process()
+    batch = tmp_path / "big.jsonl"
+    lines = [json.dumps({"task_type": "echo", "payload": {"message": m}}) for m in ("a", "x" * (1 << 20), "c")]
+    batch.write_text("\n".join(lines) + "\n")
+    result = against(main, "submit-batch", str(batch), "--concurrency", "1")
+    assert result.exit_code == 1
+    assert f"{batch} line 2: too large to send: The task_submit request is " in result.stderr
+    assert "submitted 2 tasks; 1 lines refused or skipped" in result.stderr
+    assert len(result.stdout.split()) == 2
+
+
 def test_submit_batch_abort(main_process, tmp_path: Path) -> None:
     main = main_process()
     batch = tmp_path / "tasks.jsonl"

@@ -665,3 +665,33 @@ async def test_async_client_drops_a_connection_that_sends_a_bad_frame() -> None:
                 await client.request("task_submit", {"task": {"task_type": "echo"}})
     finally:
         listener.close()
+
+
+async def test_a_request_over_the_frame_limit_is_refused_before_sending_and_spoils_nothing(node: MainNode) -> None:
+    """Before, the main node closed the connection: ConnectionLost for it and for every request in flight."""
+    from retire_cluster.protocol.errors import FrameTooLarge
+
+    big = {"message": "a" * (1 << 20)}
+    c = await client_of(node)
+    try:
+        small = asyncio.ensure_future(c.submit("echo", {"message": "small"}))
+        with pytest.raises(FrameTooLarge, match="nothing was sent"):
+            await c.submit("echo", big)
+        assert isinstance(await small, str) and c.connections_opened == 1
+    finally:
+        await c.close()
+
+    def blocking() -> None:
+        with Client(addr(node), node.token, timeout_s=10) as client:
+            with pytest.raises(FrameTooLarge, match="nothing was sent"):
+                client.submit("echo", big)
+            client.submit("echo", {"message": "after"})
+            assert client.connections_opened == 1
+        # Set higher than the main node's limit: its own answer (FrameTooLarge), then a new connection.
+        with Client(addr(node), node.token, timeout_s=10, max_request_bytes=8 << 20) as client:
+            with pytest.raises(FrameTooLarge, match="Frame larger than"):
+                client.submit("echo", big)
+            client.submit("echo", {"message": "after"})
+            assert client.connections_opened == 2
+
+    await asyncio.to_thread(blocking)

@@ -38,11 +38,11 @@ from typing import Any, AsyncGenerator, Dict, Iterable, List, Optional, Set
 
 from ..address import parse_main_address
 from ..link import Link
-from ..protocol.codec import encode
 from ..protocol.errors import Conflict, Overloaded
 from ..protocol.messages import Message, new_message_id
 from ..tls import check_fingerprint, client_context, normalise_fingerprint
 from .common import (
+    DEFAULT_MAX_REQUEST_BYTES,
     MAX_WAIT_S,
     TERMINAL,
     ClientError,
@@ -50,6 +50,7 @@ from .common import (
     backoff_delays,
     check_fallback,
     chunks,
+    encode_request,
     is_idempotent,
     on_cluster,
     reply_result,
@@ -132,13 +133,16 @@ class AsyncClient:
         tls_fingerprint: the SHA-256 fingerprint of the main node's certificate (as
             ``retire-cluster main`` prints it); checked before anything is sent.
         max_frame_bytes: the largest frame accepted from the main node.
+        max_request_bytes: the largest request sent (the main node's max_frame_bytes);
+            a larger one raises FrameTooLarge with nothing sent.
     """
 
     def __init__(self, main: str = "127.0.0.1:8080", token: Optional[str] = None, *,
                  timeout_s: float = 30.0, client_id: Optional[str] = None, reconnect: bool = True,
                  reconnect_timeout_s: float = 300.0, backoff_initial_s: float = 0.1,
                  backoff_max_s: float = 5.0, ssl: Optional[_ssl.SSLContext] = None,
-                 tls_fingerprint: Optional[str] = None, max_frame_bytes: int = 64 * 1024 * 1024) -> None:
+                 tls_fingerprint: Optional[str] = None, max_frame_bytes: int = 64 * 1024 * 1024,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         self.host, self.port = parse_main_address(main)
         self.token = token
         self.timeout_s = timeout_s
@@ -150,6 +154,7 @@ class AsyncClient:
         self.tls_fingerprint = None if tls_fingerprint is None else normalise_fingerprint(tls_fingerprint)
         self.ssl = client_context() if ssl is None and tls_fingerprint is not None else ssl
         self.max_frame_bytes = max_frame_bytes
+        self.max_request_bytes = max_request_bytes
         #: How many connections were opened so far (1 after the first connect).
         self.connections_opened = 0
         self._conn: Optional[_Connection] = None
@@ -371,12 +376,13 @@ class AsyncClient:
                          deadline: float) -> Message:
         loop = asyncio.get_running_loop()
         msg = Message(message_type, new_message_id(), self.client_id, data, auth_token=self.token)
+        frame = encode_request(msg, self.max_request_bytes)
         fut: asyncio.Future[Message] = loop.create_future()
         conn.pending[msg.message_id] = fut
         try:
             try:
                 assert conn.link is not None  # a _Connection is handed out only once connected
-                conn.link.write(encode(msg))
+                conn.link.write(frame)
                 await conn.link.drain()
             except (OSError, RuntimeError) as exc:  # RuntimeError: the transport is closing
                 self._lost(conn, str(exc) or type(exc).__name__)

@@ -16,7 +16,7 @@ import asyncio
 import json
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-from ..protocol.errors import ProtocolError
+from ..protocol.errors import FrameTooLarge, ProtocolError
 from .aio import AsyncClient
 
 __all__ = ["BATCH_FIELDS", "parse_batch_line", "read_batch", "submit_batch", "summarise", "wait_batch"]
@@ -93,6 +93,9 @@ async def submit_batch(client: AsyncClient, specs: List[Spec], *, concurrency: i
             options = {k: v for k, v in spec.items() if k not in ("task_type", "payload")}
             try:
                 outcome[line] = await client.submit(spec["task_type"], spec.get("payload"), **options)
+            except FrameTooLarge as exc:  # refused here, before sending (see encode_request)
+                outcome[line] = {"error": f"too large to send: {exc.message}"}
+                stop = stop or stop_on_error
             except ProtocolError as exc:
                 outcome[line] = {"error": f"refused by the main node: {exc.message}"}
                 stop = stop or stop_on_error

@@ -18,7 +18,8 @@ from __future__ import annotations
 import random
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
-from ..protocol.errors import error_from_code
+from ..protocol.codec import encode
+from ..protocol.errors import FrameTooLarge, error_from_code
 from ..protocol.messages import TERMINAL_STATUSES, Message
 
 __all__ = [
@@ -28,10 +29,12 @@ __all__ = [
     "TERMINAL",
     "ClientError",
     "ConnectionLost",
+    "DEFAULT_MAX_REQUEST_BYTES",
     "TaskFailed",
     "backoff_delays",
     "check_fallback",
     "chunks",
+    "encode_request",
     "is_idempotent",
     "local_record",
     "on_cluster",
@@ -41,6 +44,23 @@ __all__ = [
     "task_spec",
     "waited_submit",
 ]
+
+#: The main node's default max_frame_bytes. A bigger request would make it close the
+#: connection, failing every other request on it, so the clients refuse it before sending.
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
+
+
+def encode_request(msg: Message, limit: int) -> bytes:
+    """The frame of a request. Raises FrameTooLarge, with nothing sent, when it is over ``limit`` bytes."""
+    frame = encode(msg)
+    if len(frame) - 1 > limit:  # the newline does not count
+        raise FrameTooLarge(
+            f"The {msg.message_type} request is {len(frame) - 1} bytes, more than the main node's limit of "
+            f"{limit}; nothing was sent. Send less (a smaller payload), or pass max_request_bytes= when the "
+            "main node's max_frame_bytes is larger."
+        )
+    return frame
+
 
 #: Task statuses that never change again.
 TERMINAL = frozenset(s.value for s in TERMINAL_STATUSES)

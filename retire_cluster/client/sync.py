@@ -30,11 +30,12 @@ import time
 from typing import Any, Deque, Dict, Generator, Iterable, List, Optional, Set
 
 from ..address import parse_main_address
-from ..protocol.codec import BadFrame, MessageStream, encode
+from ..protocol.codec import BadFrame, MessageStream
 from ..protocol.errors import Conflict, Overloaded
 from ..protocol.messages import Message, new_message_id
 from ..tls import check_fingerprint, client_context, normalise_fingerprint
 from .common import (
+    DEFAULT_MAX_REQUEST_BYTES,
     MAX_WAIT_S,
     TERMINAL,
     ClientError,
@@ -42,6 +43,7 @@ from .common import (
     backoff_delays,
     check_fallback,
     chunks,
+    encode_request,
     is_idempotent,
     on_cluster,
     reply_result,
@@ -75,13 +77,16 @@ class Client:
         tls_fingerprint: the SHA-256 fingerprint of the main node's certificate (as
             ``retire-cluster main`` prints it); checked before anything is sent.
         max_frame_bytes: the largest frame accepted from the main node.
+        max_request_bytes: the largest request sent (the main node's max_frame_bytes);
+            a larger one raises FrameTooLarge with nothing sent.
     """
 
     def __init__(self, main: str = "127.0.0.1:8080", token: Optional[str] = None, *,
                  timeout_s: float = 30.0, client_id: Optional[str] = None, reconnect: bool = True,
                  reconnect_timeout_s: float = 300.0, backoff_initial_s: float = 0.1,
                  backoff_max_s: float = 5.0, ssl: Optional[_ssl.SSLContext] = None,
-                 tls_fingerprint: Optional[str] = None, max_frame_bytes: int = 64 * 1024 * 1024) -> None:
+                 tls_fingerprint: Optional[str] = None, max_frame_bytes: int = 64 * 1024 * 1024,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         self.host, self.port = parse_main_address(main)
         self.token = token
         self.timeout_s = timeout_s
@@ -93,6 +98,7 @@ class Client:
         self.tls_fingerprint = None if tls_fingerprint is None else normalise_fingerprint(tls_fingerprint)
         self.ssl = client_context() if ssl is None and tls_fingerprint is not None else ssl
         self.max_frame_bytes = max_frame_bytes
+        self.max_request_bytes = max_request_bytes
         #: How many connections were opened so far (1 after the first connect).
         self.connections_opened = 0
         self._sock: Optional[socket.socket] = None
@@ -261,9 +267,10 @@ class Client:
         if self._sock is None:
             raise ConnectionLost("not connected to the main node")
         msg = Message(message_type, new_message_id(), self.client_id, data, auth_token=self.token)
+        frame = encode_request(msg, self.max_request_bytes)
         try:
             self._set_timeout(max(deadline - time.monotonic(), 0.001))
-            self._sock.sendall(encode(msg))
+            self._sock.sendall(frame)
         except socket.timeout:
             raise TimeoutError(f"could not send {message_type} to the main node in time") from None
         except OSError as exc:
@@ -277,6 +284,11 @@ class Client:
                     f"no reply to {message_type} from the main node within {self.timeout_s:g} s"
                 ) from None
             if reply.message_type in ("ack", "error") and reply.data.get("original_message_id") == msg.message_id:
+                return reply
+            if reply.message_type == "error" and reply.data.get("original_message_id") is None:
+                # A frame the main node could not read (too large for its limit, say): ours,
+                # the only one in flight. It closes the connection after this answer.
+                self._drop()
                 return reply
             self._route(reply)
 
