@@ -695,3 +695,51 @@ async def test_a_request_over_the_frame_limit_is_refused_before_sending_and_spoi
             assert client.connections_opened == 2
 
     await asyncio.to_thread(blocking)
+
+
+# -- the caller's timeout_s holds, whatever the main node does ---------------------------------------
+
+
+async def test_wait_with_a_timeout_raises_timeout_even_while_the_main_node_is_down(tmp_path: Path) -> None:
+    """Before, it waited out the client's own timeout_s reconnecting, then raised ClientError."""
+    n = MainNode(make_config(tmp_path), run_monitor=False)
+    await n.start()
+    address, token = addr(n), n.token
+    c = AsyncClient(address, token, timeout_s=5)
+    await c.connect()
+    blocking = Client(address, token, timeout_s=5)
+    await asyncio.to_thread(blocking.connect)
+    try:
+        task_id = await c.submit("sleep", {"seconds": 60})
+        await n.stop()  # nothing listens any more
+        with pytest.raises(TimeoutError, match="1 of 1 tasks did not end within 0.5 s"):
+            await c.wait(task_id, timeout_s=0.5)
+        with pytest.raises(TimeoutError, match="1 of 1 tasks did not end within 0.5 s"):
+            await asyncio.to_thread(blocking.wait, task_id, 0.5)
+    finally:
+        await c.close()
+        blocking.close()
+
+
+async def test_execute_with_a_local_fallback_keeps_to_timeout_s(node: MainNode) -> None:
+    nobody = {"requirements": {"role": "nobody"}}
+    c = await client_of(node)
+    try:
+        with pytest.raises(TimeoutError, match="did not end within 0.5 s"):
+            await c.execute("sleep", {"seconds": 30}, fallback="local", fallback_after_s=0.1, timeout_s=0.5, **nobody)
+    finally:
+        await c.close()
+
+    def blocking() -> None:
+        with Client(addr(node), node.token, timeout_s=10) as client:
+            with pytest.raises(TimeoutError, match="did not end within 0.5 s"):
+                client.execute("sleep", {"seconds": 30}, fallback="local", fallback_after_s=0.1, timeout_s=0.5,
+                               **nobody)
+
+            async def inside_a_loop() -> Dict[str, Any]:  # a notebook, or async code calling the blocking client
+                return client.execute("echo", {"message": "here"}, fallback="local", fallback_after_s=0.1, **nobody)
+
+            done = asyncio.run(inside_a_loop())
+            assert (done["ran_on"], done["result"]["output"]) == ("local", "here")
+
+    await asyncio.to_thread(blocking)

@@ -34,7 +34,7 @@ import logging
 import os
 import socket
 import ssl as _ssl
-from typing import Any, AsyncGenerator, Dict, Iterable, List, Optional, Set
+from typing import Any, AsyncGenerator, Awaitable, Callable, Dict, Iterable, List, Optional, Set, TypeVar
 
 from ..address import parse_main_address
 from ..link import Link
@@ -82,6 +82,23 @@ def _reason(closed: "asyncio.Future[None]") -> str:
         return "closed"
     exc = closed.exception()
     return (str(exc) or type(exc).__name__) if exc is not None else "closed"
+
+
+T = TypeVar("T")
+
+
+async def _by(deadline: Optional[float], late: Callable[[], TimeoutError], aw: Awaitable[T]) -> T:
+    """``await aw`` by the caller's loop-time ``deadline``, else cancel it and raise ``late()``.
+
+    Before, a main node that was down made ``wait(id, timeout_s=2)`` wait out
+    the client's own ``timeout_s`` (30 s) reconnecting, then raise ClientError.
+    """
+    if deadline is None:
+        return await aw
+    try:
+        return await asyncio.wait_for(aw, max(deadline - asyncio.get_running_loop().time(), 0))
+    except asyncio.TimeoutError:
+        raise late() from None
 
 
 def _time_out(fut: "asyncio.Future[Any]") -> None:
@@ -531,18 +548,22 @@ class AsyncClient:
         deadline = None if timeout_s is None else loop.time() + timeout_s
         queue = self._watch(ids)
         remaining = set(ids)
+
+        def late() -> TimeoutError:
+            return TimeoutError(f"{len(remaining)} of {len(ids)} tasks did not end within {timeout_s:g} s")
+
         try:
             # Subscribe first, then read the status: an update cannot fall in between.
             for chunk in chunks(ids):
-                await self.request("subscribe", {"task_ids": chunk})
+                await _by(deadline, late, self.request("subscribe", {"task_ids": chunk}))
             for start in range(0, len(ids), 256):
                 batch = ids[start : start + 256]
-                for record in await asyncio.gather(*(self.status(t) for t in batch)):
+                for record in await _by(deadline, late, asyncio.gather(*(self.status(t) for t in batch))):
                     queue.put_nowait(record)
             while remaining:
                 timeout = None if deadline is None else deadline - loop.time()
                 if timeout is not None and timeout <= 0:
-                    raise TimeoutError(f"{len(remaining)} of {len(ids)} tasks did not end within {timeout_s:g} s")
+                    raise late()
                 try:
                     item = await asyncio.wait_for(queue.get(), timeout)
                 except asyncio.TimeoutError:
@@ -572,15 +593,21 @@ class AsyncClient:
             TimeoutError: no final record within ``timeout_s``.
         """
         check_fallback(fallback, task_type)
-        task_id = await self.submit(task_type, payload, **options)
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
+        task_id = await self.submit(task_type, payload, **options)
+
+        def late() -> TimeoutError:
+            return TimeoutError(f"task {task_id} did not end within {timeout_s:g} s")
+
         queue = self._watch([task_id])
         try:
-            await self.request("subscribe", {"task_ids": [task_id]})
-            record = await self.status(task_id)
+            await _by(deadline, late, self.request("subscribe", {"task_ids": [task_id]}))
+            record = await _by(deadline, late, self.status(task_id))
             if fallback == "local":
                 taken_by = loop.time() + fallback_after_s
+                if deadline is not None:
+                    taken_by = min(taken_by, deadline)
                 while record.get("status") == "pending" and loop.time() < taken_by:
                     record = await self._next_record(queue, record, taken_by)
                 if record.get("status") == "pending":
@@ -589,10 +616,11 @@ class AsyncClient:
                     except Conflict:  # it ended meanwhile: use the cluster's result
                         record = await self.status(task_id)
                     else:
-                        return await run_locally(task_type, payload, options.get("timeout"), task_id)
+                        return await _by(deadline, late,
+                                         run_locally(task_type, payload, options.get("timeout"), task_id))
             while record.get("status") not in TERMINAL:
                 if deadline is not None and loop.time() >= deadline:
-                    raise TimeoutError(f"task {task_id} did not end within {timeout_s:g} s")
+                    raise late()
                 record = await self._next_record(queue, record, deadline)
             return on_cluster(record)
         finally:

@@ -15,12 +15,16 @@ Python 3.9 syntax, standard library only.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import random
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Coroutine, Dict, Iterable, Iterator, List, Optional, TypeVar
 
 from ..protocol.codec import encode
 from ..protocol.errors import FrameTooLarge, error_from_code
 from ..protocol.messages import TERMINAL_STATUSES, Message
+
+T = TypeVar("T")
 
 __all__ = [
     "IDEMPOTENT_TYPES",
@@ -40,10 +44,33 @@ __all__ = [
     "on_cluster",
     "MAX_WAIT_S",
     "reply_result",
+    "run_coroutine",
     "run_locally",
     "task_spec",
     "waited_submit",
 ]
+
+def run_coroutine(coro: Coroutine[Any, Any, T], timeout_s: Optional[float],
+                  late: Callable[[], TimeoutError]) -> T:
+    """Run ``coro`` to its end from blocking code, within ``timeout_s`` (``late()`` is raised after).
+
+    In a thread of its own when this thread already runs an event loop (a
+    Jupyter notebook, async code calling the blocking client): asyncio.run()
+    cannot run there.
+    """
+    async def bounded() -> T:
+        try:
+            return await asyncio.wait_for(coro, timeout_s)
+        except asyncio.TimeoutError:
+            raise late() from None
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(bounded())
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retire-cluster-local") as pool:
+        return pool.submit(asyncio.run, bounded()).result()
+
 
 #: The main node's default max_frame_bytes. A bigger request would make it close the
 #: connection, failing every other request on it, so the clients refuse it before sending.

@@ -22,12 +22,11 @@ Python 3.9 syntax, standard library only.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import socket
 import ssl as _ssl
 import time
-from typing import Any, Deque, Dict, Generator, Iterable, List, Optional, Set
+from typing import Any, Callable, Deque, Dict, Generator, Iterable, List, Optional, Set
 
 from ..address import parse_main_address
 from ..protocol.codec import BadFrame, MessageStream
@@ -47,6 +46,7 @@ from .common import (
     is_idempotent,
     on_cluster,
     reply_result,
+    run_coroutine,
     run_locally,
     task_spec,
     waited_submit,
@@ -293,7 +293,8 @@ class Client:
             self._route(reply)
 
     def request(self, message_type: str, data: Optional[Dict[str, Any]] = None, *,
-                idempotent: Optional[bool] = None, extra_s: float = 0.0) -> Dict[str, Any]:
+                idempotent: Optional[bool] = None, extra_s: float = 0.0,
+                until: Optional[float] = None) -> Dict[str, Any]:
         """Send one request and return its ``ack`` result.
 
         Args:
@@ -301,6 +302,7 @@ class Client:
                 first one broke before the reply (default: see :func:`is_idempotent`).
             extra_s: how much longer than ``timeout_s`` the reply may take (a
                 ``task_submit`` with ``wait``).
+            until: a ``time.monotonic()`` deadline of the caller's, when sooner.
 
         An ``overloaded`` reply (the main node refused the request before acting
         on it) is retried with backoff until ``timeout_s``.
@@ -315,6 +317,8 @@ class Client:
         if idempotent is None:
             idempotent = is_idempotent(message_type, body)
         deadline = time.monotonic() + self.timeout_s + extra_s
+        if until is not None:
+            deadline = min(deadline, until)
         delays = backoff_delays(self.backoff_initial_s, self.backoff_max_s)
         while True:
             if self._sock is None:
@@ -368,6 +372,20 @@ class Client:
         except ClientError as exc:
             raise ClientError(f"lost the connection to the main node and could not reconnect within "
                               f"{self.reconnect_timeout_s:g} s ({exc})") from None
+
+    def _by(self, deadline: Optional[float], late: Callable[[], TimeoutError], message_type: str,
+            data: Dict[str, Any]) -> Dict[str, Any]:
+        """A request that must be answered by the caller's ``deadline``, else ``late()`` is raised.
+
+        Before, a main node that was down made ``wait(id, timeout_s=2)`` wait out
+        the client's own ``timeout_s`` (30 s) reconnecting, then raise ClientError.
+        """
+        try:
+            return self.request(message_type, data, until=deadline)
+        except (ClientError, TimeoutError):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise late() from None
+            raise
 
     def _watch(self, task_ids: Iterable[str]) -> None:
         for task_id in task_ids:
@@ -462,20 +480,24 @@ class Client:
         ids = list(dict.fromkeys(task_ids))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         remaining = set(ids)
+
+        def late() -> TimeoutError:
+            return TimeoutError(f"{len(remaining)} of {len(ids)} tasks did not end within {timeout_s:g} s")
+
         self._watch(ids)
         try:
             # Subscribe first, then read the status: an update cannot fall in between.
             for chunk in chunks(ids):
-                self.request("subscribe", {"task_ids": chunk})
+                self._by(deadline, late, "subscribe", {"task_ids": chunk})
             for task_id in ids:
-                record = self.status(task_id)
+                record = dict(self._by(deadline, late, "task_status", {"task_id": task_id})["task"])
                 if record.get("status") in TERMINAL and task_id in remaining:
                     remaining.discard(task_id)
                     yield record
             while remaining:
                 update = self._pull_update(remaining, deadline)
                 if update is None:
-                    raise TimeoutError(f"{len(remaining)} of {len(ids)} tasks did not end within {timeout_s:g} s")
+                    raise late()
                 task_id = str(update.get("task_id"))
                 if update.get("status") in TERMINAL and task_id in remaining:
                     remaining.discard(task_id)
@@ -499,15 +521,21 @@ class Client:
             TimeoutError: no final record within ``timeout_s``.
         """
         check_fallback(fallback, task_type)
-        task_id = self.submit(task_type, payload, **options)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        task_id = self.submit(task_type, payload, **options)
         wanted = {task_id}
+
+        def late() -> TimeoutError:
+            return TimeoutError(f"task {task_id} did not end within {timeout_s:g} s")
+
         self._watch(wanted)
         try:
-            self.request("subscribe", {"task_ids": [task_id]})
-            record = self.status(task_id)
+            self._by(deadline, late, "subscribe", {"task_ids": [task_id]})
+            record = dict(self._by(deadline, late, "task_status", {"task_id": task_id})["task"])
             if fallback == "local":
                 taken_by = time.monotonic() + fallback_after_s
+                if deadline is not None:
+                    taken_by = min(taken_by, deadline)
                 while record.get("status") == "pending":
                     update = self._pull_update(wanted, taken_by)
                     if update is None:
@@ -519,11 +547,12 @@ class Client:
                     except Conflict:  # it ended meanwhile: use the cluster's result
                         record = self.status(task_id)
                     else:
-                        return asyncio.run(run_locally(task_type, payload, options.get("timeout"), task_id))
+                        return run_coroutine(run_locally(task_type, payload, options.get("timeout"), task_id),
+                                             None if deadline is None else deadline - time.monotonic(), late)
             while record.get("status") not in TERMINAL:
                 update = self._pull_update(wanted, deadline)
                 if update is None:
-                    raise TimeoutError(f"task {task_id} did not end within {timeout_s:g} s")
+                    raise late()
                 record = update
             return on_cluster(record)
         finally:
