@@ -23,6 +23,14 @@ __all__ = ["Link"]
 log = logging.getLogger("retire_cluster.link")
 
 
+class BadFrameFromPeer(ConnectionError):
+    """A strict Link's peer sent a frame the codec refused (``error``: too large, not JSON, ...)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(f"the main node sent a bad frame: {error}")
+        self.error = error
+
+
 class Link(asyncio.Protocol):
     """One connection to the main node.
 
@@ -57,7 +65,7 @@ class Link(asyncio.Protocol):
                 if isinstance(event, Message):
                     self._on_message(event)
                 elif self._strict:
-                    raise ConnectionError(f"the main node sent a bad frame: {event.error}")
+                    raise BadFrameFromPeer(event.error)
                 else:
                     log.warning("bad frame from main node: %s", event.error)
                     if event.error.close:  # too large: the stream cannot go on

@@ -661,10 +661,35 @@ async def test_async_client_drops_a_connection_that_sends_a_bad_frame() -> None:
     try:
         async with AsyncClient(f"127.0.0.1:{listener.getsockname()[1]}", None, timeout_s=5,
                                reconnect=False) as client:
-            with pytest.raises(ConnectionLost, match="bad frame"):
+            with pytest.raises(ClientError, match="sent something that is not a retire-cluster frame") as refused:
                 await client.request("task_submit", {"task": {"task_type": "echo"}})
+            assert not isinstance(refused.value, ConnectionLost)  # it would only happen again
     finally:
         listener.close()
+
+
+async def test_a_reply_too_large_for_the_client_says_so_at_once(node: MainNode) -> None:
+    """Before, the request was sent again and again until the timeout: "no reply within 30 s"."""
+    c = await client_of(node)
+    try:
+        for n in range(20):
+            await c.submit("echo", {"message": "m" * 100})
+    finally:
+        await c.close()
+    small = await client_of(node, max_frame_bytes=1000)
+    try:
+        with pytest.raises(ClientError, match=r"larger than this client's max_frame_bytes \(1000\)"):
+            await small.tasks(limit=50)
+    finally:
+        await small.close()
+
+    def blocking() -> None:
+        with Client(addr(node), node.token, timeout_s=10, max_frame_bytes=1000) as client:
+            with pytest.raises(ClientError, match=r"larger than this client's max_frame_bytes \(1000\)"):
+                client.tasks(limit=50)
+            assert client.connections_opened == 1
+
+    await asyncio.to_thread(blocking)
 
 
 async def test_a_request_over_the_frame_limit_is_refused_before_sending_and_spoils_nothing(node: MainNode) -> None:
@@ -743,3 +768,16 @@ async def test_execute_with_a_local_fallback_keeps_to_timeout_s(node: MainNode) 
             assert (done["ran_on"], done["result"]["output"]) == ("local", "here")
 
     await asyncio.to_thread(blocking)
+
+
+async def test_nan_and_infinity_are_refused_before_sending_not_sent_as_null(node: MainNode) -> None:
+    """orjson writes NaN as null: the task ran with a payload other than the one given."""
+    c = await client_of(node)
+    try:
+        with pytest.raises(ValueError, match=r"task.payload.x\[1\] is nan, which JSON cannot carry"):
+            await c.submit("echo", {"x": [1.0, float("nan")]})
+        with pytest.raises(ValueError, match="task.timeout is inf"):
+            await c.submit("echo", {"message": "a"}, timeout=float("inf"))
+        assert await c.tasks() == []
+    finally:
+        await c.close()

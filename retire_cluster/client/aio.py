@@ -37,7 +37,7 @@ import ssl as _ssl
 from typing import Any, AsyncGenerator, Awaitable, Callable, Dict, Iterable, List, Optional, Set, TypeVar
 
 from ..address import parse_main_address
-from ..link import Link
+from ..link import BadFrameFromPeer, Link
 from ..protocol.errors import Conflict, Overloaded
 from ..protocol.messages import Message, new_message_id
 from ..tls import check_fingerprint, client_context, normalise_fingerprint
@@ -48,6 +48,7 @@ from .common import (
     ClientError,
     ConnectionLost,
     backoff_delays,
+    bad_frame_error,
     check_fallback,
     chunks,
     encode_request,
@@ -277,7 +278,7 @@ class AsyncClient:
                 pass
         self.connections_opened += 1
         conn.link = link
-        link.closed.add_done_callback(lambda f: self._lost(conn, _reason(f)))
+        link.closed.add_done_callback(lambda f: self._lost(conn, _reason(f), self._not_retried(f)))
         self._conn = conn
         try:
             if self.token is not None:
@@ -311,7 +312,14 @@ class AsyncClient:
                 continue
             self._on_update(record)
 
-    def _lost(self, conn: _Connection, reason: str) -> None:
+    def _not_retried(self, closed: "asyncio.Future[None]") -> Optional[ClientError]:
+        """The error for requests in flight when what ended the connection would happen again."""
+        exc = None if closed.cancelled() else closed.exception()
+        if isinstance(exc, BadFrameFromPeer):
+            return bad_frame_error(exc.error, self.host, self.port, self.max_frame_bytes)
+        return None
+
+    def _lost(self, conn: _Connection, reason: str, final: Optional[ClientError] = None) -> None:
         if conn.broken:
             return
         conn.broken = True
@@ -319,7 +327,7 @@ class AsyncClient:
             conn.link.close()
         for fut in conn.pending.values():
             if not fut.done():
-                fut.set_exception(ConnectionLost(f"connection to the main node broke ({reason})"))
+                fut.set_exception(final or ConnectionLost(f"connection to the main node broke ({reason})"))
         conn.pending.clear()
         if self._conn is conn:
             self._conn = None

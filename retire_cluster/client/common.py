@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
     "TaskFailed",
     "backoff_delays",
+    "bad_frame_error",
     "check_fallback",
     "chunks",
     "encode_request",
@@ -113,6 +114,19 @@ class ConnectionLost(ClientError):
     """The connection broke before the reply came; the request may or may not have taken effect."""
 
 
+def bad_frame_error(error: Exception, host: str, port: int, max_frame_bytes: int) -> ClientError:
+    """What a frame from the main node that the codec refused means, as an error not worth retrying.
+
+    Retried, a reply too large for ``max_frame_bytes`` came back too large until the
+    timeout, and the caller saw only "no reply within 30 s".
+    """
+    if isinstance(error, FrameTooLarge):
+        return ClientError(f"a reply from the main node is larger than this client's max_frame_bytes "
+                           f"({max_frame_bytes}); pass a larger max_frame_bytes=, or ask for less (a smaller limit=)")
+    return ClientError(f"{host}:{port} sent something that is not a retire-cluster frame ({error}); is it the "
+                       "main node's TCP port (8080 by default), not its dashboard's?")
+
+
 class TaskFailed(Exception):
     """A task ended ``failed`` or ``timeout``. ``record`` is its whole task record."""
 
@@ -148,7 +162,25 @@ def task_spec(task_type: str, payload: Optional[Dict[str, Any]], options: Dict[s
         raise TypeError(f"unknown submit option {unknown[0]!r}; use {', '.join(sorted(SUBMIT_OPTIONS))}")
     task: Dict[str, Any] = {"task_type": task_type, "payload": payload or {}}
     task.update({k: v for k, v in options.items() if v is not None})
+    _finite(task, "task")
     return task
+
+
+def _finite(value: Any, path: str) -> None:
+    """Refuse NaN and infinity: JSON has no such numbers, and orjson would send them as null.
+
+    Raises:
+        ValueError: naming where the number is.
+    """
+    if type(value) is float:
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{path} is {value!r}, which JSON cannot carry; send a finite number or a string")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _finite(item, f"{path}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _finite(item, f"{path}[{i}]")
 
 
 def waited_submit(task_type: str, payload: Optional[Dict[str, Any]], options: Dict[str, Any],

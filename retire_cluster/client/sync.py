@@ -40,6 +40,7 @@ from .common import (
     ClientError,
     ConnectionLost,
     backoff_delays,
+    bad_frame_error,
     check_fallback,
     chunks,
     encode_request,
@@ -229,7 +230,7 @@ class Client:
             for event in self._stream.feed(data):
                 if isinstance(event, BadFrame):
                     self._drop()
-                    raise ConnectionLost(f"the main node sent a bad frame: {event.error}")
+                    raise bad_frame_error(event.error, self.host, self.port, self.max_frame_bytes)
                 self._inbox.append(event)
             if not data and not self._inbox:
                 self._drop()
