@@ -75,6 +75,9 @@ def _param(name: str, where: str, description: str, schema: dict[str, Any] | Non
             "schema": schema or {"type": "string"}}
 
 
+#: A query parameter that may be given more than once (?task_id=a&task_id=b).
+_MANY = {"type": "array", "items": {"type": "string"}}
+
 FORMAT = _param("format", "query", "pipe (default), csv, tsv or json.",
                 {"enum": ["pipe", "csv", "tsv", "json"]})
 
@@ -134,14 +137,14 @@ def _paths() -> dict[str, Any]:
                 "device": device_obj, "statistics": {"type": "object"},
                 "heartbeats": {"type": "array", "items": {"type": "object"}},
                 "recent_tasks": {"type": "array", "items": _ref("task_record")}}})},
-            params=[_param("device_id", "path", "The device id.")], errors=(404,))},
+            params=[_param("device_id", "path", "The device id.")], errors=(400, 404))},
         "/api/v1/tasks": {
             "get": _op("Tasks, newest first, filtered and paginated.", {"200": _json(tasks_list)}, params=[
                 status, _param("device_id", "query", "Only tasks assigned to this device."),
                 _param("task_type", "query", "Only this task type."),
                 _param("limit", "query", "1-1000, default 100.", {"type": "integer"}),
-                _param("offset", "query", "Skip this many (next_offset of the previous page).",
-                       {"type": "integer"})]),
+                _param("offset", "query", "Skip this many (next_offset of the previous page); offset + limit "
+                       "is at most 10000.", {"type": "integer", "minimum": 0, "maximum": 9999})]),
             "post": _op("Submit a task (validated exactly as task_submit on TCP).", {
                 "201": _json({"type": "object", "properties": {"task_id": {"type": "string"},
                                                                "task": _ref("task_record")}},
@@ -164,7 +167,7 @@ def _paths() -> dict[str, Any]:
             {"200": _json({"type": "object", "properties": {
                 "command": {"type": "string"}, "text": {"type": "string"}, "json": {}}})},
             body={"type": "object", "required": ["command"], "properties": {"command": {"type": "string"}}},
-            errors=(400, 404, 409))},
+            errors=(400, 404, 409, 413))},
         "/api/v1/openapi.json": {"get": _op("This document.", {"200": _json({"type": "object"})}, errors=())},
         "/text/devices": {"get": _op("Devices, one line each.", {"200": _text("text/plain", "Pipe-separated.")},
                                      params=[FORMAT, _param("status", "query", "online or offline.")])},
@@ -172,7 +175,8 @@ def _paths() -> dict[str, Any]:
                                    {"200": _text("text/plain", "Pipe-separated.")},
                                    params=[FORMAT, status, _param("device_id", "query", "Assigned device."),
                                            _param("task_type", "query", "Task type."),
-                                           _param("limit", "query", "1-10000, default 100.")])},
+                                           _param("limit", "query", "1-10000, default 100.",
+                                                  {"type": "integer", "minimum": 1, "maximum": 10000})])},
         "/text/status": {"get": _op("key=value lines (or ?format=json).",
                                     {"200": _text("text/plain", "key=value lines.")},
                                     params=[_param("format", "query", "text or json.")])},
@@ -180,9 +184,9 @@ def _paths() -> dict[str, Any]:
         "/text/metrics": {"get": _op("The same as /metrics.", {"200": _text("text/plain", "Metrics.")},
                                      errors=())},
         "/stream/devices": _sse("device changes", "`snapshot` (all devices, first), `device`",
-                                _param("device_id", "query", "Only these devices (repeatable).")),
+                                _param("device_id", "query", "Only these devices (repeatable).", _MANY)),
         "/stream/tasks": _sse("task changes, as TCP subscribers get them", "`task` (the whole record)",
-                              _param("task_id", "query", "Only these tasks (repeatable).")),
+                              _param("task_id", "query", "Only these tasks (repeatable).", _MANY)),
         "/stream/logs": _sse("the main node's log", "`log` (time, level, logger, message)",
                              _param("level", "query", "debug, info, warning, error or critical and above.")),
         "/": {"get": _op("The dashboard page. No token needed: it asks for it.",
