@@ -525,8 +525,8 @@ class MainNode(Dispatcher):
                 task,
                 TaskStatus.FAILED,
                 now,
-                error=f"{outcome}: gave up after {task.attempts_used} attempts "
-                f"(max_retries {task.max_retries})",
+                error=f"{outcome}: gave up after {task.attempts_used} "
+                f"attempt{'' if task.attempts_used == 1 else 's'} (max_retries {task.max_retries})",
                 released=True,
             )
             return

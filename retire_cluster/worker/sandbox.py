@@ -287,6 +287,9 @@ async def run_child(argv: List[str], *, cwd: Path, env: Dict[str, str], stdin: O
         OSError: the process could not be started.
     """
     loop = asyncio.get_running_loop()
+    # From now, not from when the child is up: a CPU-bound child then meets its CPU rlimit
+    # (SIGXCPU at the same number of seconds) after this deadline, not before it.
+    deadline = None if timeout_s is None else loop.time() + timeout_s
     capture = _Capture(output_limit_bytes, loop)
     channel = _ReplyChannel.open(cwd) if reply_limit_bytes is not None else None
     try:
@@ -314,7 +317,8 @@ async def run_child(argv: List[str], *, cwd: Path, env: Dict[str, str], stdin: O
                 writer.write(stdin)  # type: ignore[attr-defined]
                 writer.close()
         try:
-            await asyncio.wait_for(asyncio.shield(capture.exited), timeout_s)  # a cancel must not cancel it
+            await asyncio.wait_for(asyncio.shield(capture.exited),  # a cancel must not cancel it
+                                   None if deadline is None else max(deadline - loop.time(), 0))
         except asyncio.TimeoutError:
             timed_out = True
             _kill_group(transport)
