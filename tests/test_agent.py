@@ -345,7 +345,8 @@ async def test_the_backoff_starts_over_after_a_connection_that_registered(tmp_pa
     runner = asyncio.ensure_future(agent.run())
     try:
         for n in range(4):
-            await wait_until(lambda: node.registry.get("phone") is not None
+            # Registered on both sides: the worker has the register ack (else the drop counts as a failure).
+            await wait_until(lambda: agent.registered.is_set() and node.registry.get("phone") is not None
                              and node.registry.get("phone").conn is not None)
             node.registry.get("phone").conn.close()  # the Wi-Fi drops, after a good registration
             await wait_until(lambda n=n: len(asked) > n)
