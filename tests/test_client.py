@@ -781,3 +781,24 @@ async def test_nan_and_infinity_are_refused_before_sending_not_sent_as_null(node
         assert await c.tasks() == []
     finally:
         await c.close()
+
+
+async def test_one_task_id_given_as_a_string_is_refused_not_split_into_letters(node: MainNode) -> None:
+    c = await client_of(node)
+    try:
+        with pytest.raises(TypeError, match=r"not one id: pass \['abc'\]"):
+            await c.subscribe("abc")
+        with pytest.raises(TypeError, match="not one id"):
+            async for _ in c.as_completed("abc"):
+                pass
+    finally:
+        await c.close()
+
+    def blocking() -> None:
+        with Client(addr(node), node.token, timeout_s=10) as client:
+            with pytest.raises(TypeError, match="not one id"):
+                client.subscribe("abc")
+            with pytest.raises(TypeError, match="not one id"):
+                next(client.as_completed("abc"))
+
+    await asyncio.to_thread(blocking)

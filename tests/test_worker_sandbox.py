@@ -489,3 +489,26 @@ def test_the_sandbox_works_under_uvloop(tmp_path: Path) -> None:
     finally:
         loop.close()
     assert scratch_left(tmp_path) == []
+
+
+def test_scratch_dirs_of_workers_that_are_gone_are_swept(tmp_path: Path) -> None:
+    """A worker killed with -9 cannot remove its task's scratch directory; the next one does."""
+    import os
+    import subprocess
+    import sys
+
+    from retire_cluster.worker.sandbox import make_scratch_dir, sweep_scratch_dirs
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(gone.stdout)
+    left = tmp_path / f"task-{dead_pid}-abc123"
+    (left / "work").mkdir(parents=True)
+    (left / "work" / "file").write_text("x")
+    mine = make_scratch_dir(tmp_path)
+    assert mine.name.startswith(f"task-{os.getpid()}-")
+    old_style = tmp_path / "task-qwerty"  # no pid in the name: not ours to judge
+    old_style.mkdir()
+    assert sweep_scratch_dirs(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "task-qwerty"])
+    assert sweep_scratch_dirs(tmp_path / "missing") == 0

@@ -52,6 +52,7 @@ from .common import (
     check_fallback,
     chunks,
     encode_request,
+    id_list,
     is_idempotent,
     on_cluster,
     reply_result,
@@ -522,7 +523,7 @@ class AsyncClient:
             self._subscribed_all = True
             await self.request("subscribe", {})
             return
-        ids = list(dict.fromkeys(task_ids))
+        ids = id_list(task_ids)
         self._subscribed.update(ids)
         for chunk in chunks(ids):
             await self.request("subscribe", {"task_ids": chunk})
@@ -551,7 +552,7 @@ class AsyncClient:
         Raises:
             TimeoutError: not all of them ended within ``timeout_s`` (counted from the call).
         """
-        ids = list(dict.fromkeys(task_ids))
+        ids = id_list(task_ids)
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         queue = self._watch(ids)

@@ -40,6 +40,7 @@ __all__ = [
     "check_fallback",
     "chunks",
     "encode_request",
+    "id_list",
     "is_idempotent",
     "local_record",
     "on_cluster",
@@ -148,6 +149,13 @@ def is_idempotent(message_type: str, data: Dict[str, Any]) -> bool:
     if message_type in IDEMPOTENT_TYPES:
         return True
     return message_type == "task_submit" and bool((data.get("task") or {}).get("idempotency_key"))
+
+
+def id_list(task_ids: Iterable[str]) -> List[str]:
+    """The distinct ids, in order. Raises TypeError for one id given as a string (it is iterable too)."""
+    if isinstance(task_ids, (str, bytes)):
+        raise TypeError(f"task_ids is a list of task ids, not one id: pass [{task_ids!r}] (or call wait(task_id))")
+    return list(dict.fromkeys(task_ids))
 
 
 def task_spec(task_type: str, payload: Optional[Dict[str, Any]], options: Dict[str, Any]) -> Dict[str, Any]:

@@ -44,6 +44,7 @@ from .common import (
     check_fallback,
     chunks,
     encode_request,
+    id_list,
     is_idempotent,
     on_cluster,
     reply_result,
@@ -448,7 +449,7 @@ class Client:
             self._subscribed_all = True
             self.request("subscribe", {})
             return
-        ids = list(dict.fromkeys(task_ids))
+        ids = id_list(task_ids)
         self._subscribed.update(ids)
         for chunk in chunks(ids):
             self.request("subscribe", {"task_ids": chunk})
@@ -478,7 +479,7 @@ class Client:
         Raises:
             TimeoutError: not all of them ended within ``timeout_s`` (counted from the call).
         """
-        ids = list(dict.fromkeys(task_ids))
+        ids = id_list(task_ids)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         remaining = set(ids)
 

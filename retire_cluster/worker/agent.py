@@ -34,6 +34,7 @@ from .executor import Executor, Outcome
 from .outbox import Outbox
 from .policy import Decision, OwnerPolicy, Readings
 from .profiler import OwnerCpu, Profiler, read_battery
+from .sandbox import sweep_scratch_dirs
 
 __all__ = ["Agent", "FatalError"]
 
@@ -190,6 +191,7 @@ class Agent:
         """Connect, serve, reconnect until stopped. Returns the exit code."""
         failures = 0
         await self.check_policy()
+        await self._sweep_scratch()
         policy_task = asyncio.ensure_future(self._policy_loop())
         try:
             while not self._stopping.is_set():
@@ -244,6 +246,16 @@ class Agent:
             await self._cancel_all()
             self.outbox.spill()
         return 0
+
+    async def _sweep_scratch(self) -> None:
+        """Remove what workers killed with -9 left in the scratch base (in a thread: it is disk work)."""
+        try:
+            removed = await asyncio.to_thread(sweep_scratch_dirs, self.executor.scratch_base)
+        except Exception:  # a leftover directory must not stop the worker
+            log.exception("cleaning up old scratch directories failed")
+            return
+        if removed:
+            log.info("removed %d scratch director%s left by stopped workers", removed, "y" if removed == 1 else "ies")
 
     def _backoff(self, failures: int) -> float:
         """Exponential from reconnect_min_s to reconnect_max_s, with full jitter above the minimum."""

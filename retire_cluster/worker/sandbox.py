@@ -43,6 +43,7 @@ __all__ = [
     "default_scratch_base",
     "describe_exit",
     "make_scratch_dir",
+    "sweep_scratch_dirs",
     "remove_scratch_dir",
     "run_child",
 ]
@@ -78,7 +79,42 @@ def make_scratch_dir(base: Path) -> Path:
     info = os.lstat(base)
     if not stat.S_ISDIR(info.st_mode) or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
         raise OSError(f"{base} is not a directory owned by this user; remove it or choose another base")
-    return Path(tempfile.mkdtemp(prefix="task-", dir=base))
+    return Path(tempfile.mkdtemp(prefix=f"task-{os.getpid()}-", dir=base))
+
+
+def sweep_scratch_dirs(base: Path) -> int:
+    """Remove the scratch directories of workers that are gone (``kill -9`` leaves them); returns how many.
+
+    A directory's name carries the pid of the worker that made it
+    (``task-<pid>-...``); those of a live process are kept, and so are names
+    without a pid.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return 0
+    for entry in entries:
+        parts = entry.name.split("-", 2)
+        if len(parts) < 3 or parts[0] != "task" or not parts[1].isdigit() or not entry.is_dir(follow_symlinks=False):
+            continue
+        if _alive(int(parts[1])):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or we cannot tell: keep its directories
+    return True
 
 
 async def remove_scratch_dir(path: Path) -> None:
