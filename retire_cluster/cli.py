@@ -289,6 +289,7 @@ def worker_cmd(main_addr: str, token: Optional[str], tls_fingerprint: Optional[s
     from .worker.agent import Agent
     from .worker.config import WorkerConfig, default_data_dir, parse_main_address
     from .worker.policy import PolicyConfig, parse_hours
+    from .worker.sandbox import prepare_scratch_base
     from .worker.trampoline import Limits
 
     try:
@@ -326,6 +327,12 @@ def worker_cmd(main_addr: str, token: Optional[str], tls_fingerprint: Optional[s
         except OSError as exc:
             _fail(f"cannot use --data-dir {config.data_dir} ({exc.strerror or exc}); "
                   "give a directory this user can write.", 2)
+        if set(agent.executor.task_types) - {"echo", "sleep"}:  # the types that get a scratch directory
+            try:
+                prepare_scratch_base(agent.executor.scratch_base)
+            except OSError as exc:
+                _fail(f"cannot use --scratch-dir {agent.executor.scratch_base} ({exc.strerror or exc}); "
+                      "give a directory this user can write.", 2)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop)

@@ -395,6 +395,11 @@ def test_a_second_worker_on_the_same_data_dir_or_an_unusable_one_stops_with_one_
                          capture_output=True, text=True, env=cli_env(), timeout=60)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.splitlines()[-1].startswith(f"Error: cannot use --data-dir {tmp_path / 'afile' / 'sub'} (")
+    scratch = subprocess.run(cli_cmd("worker", "--main", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "w2"),
+                                     "--allow", "python_eval", "--scratch-dir", str(tmp_path / "afile" / "s")),
+                             capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert scratch.returncode == 2 and "Traceback" not in scratch.stderr  # before: it ran, and every task failed
+    assert scratch.stderr.splitlines()[-1].startswith(f"Error: cannot use --scratch-dir {tmp_path / 'afile' / 's'} (")
 
 
 def test_unknown_task_is_one_sentence(main_process) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "default_scratch_base",
     "describe_exit",
     "make_scratch_dir",
+    "prepare_scratch_base",
     "sweep_scratch_dirs",
     "remove_scratch_dir",
     "run_child",
@@ -75,11 +76,23 @@ def make_scratch_dir(base: Path) -> Path:
     Raises:
         OSError: it cannot be created, or ``base`` is not ours.
     """
+    prepare_scratch_base(base)
+    return Path(tempfile.mkdtemp(prefix=f"task-{os.getpid()}-", dir=base))
+
+
+def prepare_scratch_base(base: Path) -> None:
+    """Create ``base`` (0700) if needed and check it is a real directory of this user's.
+
+    The worker calls it at start, so a bad --scratch-dir is an error then,
+    not a failure of every command and python_eval task later.
+
+    Raises:
+        OSError: it cannot be created, or it is not ours.
+    """
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = os.lstat(base)
     if not stat.S_ISDIR(info.st_mode) or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
         raise OSError(f"{base} is not a directory owned by this user; remove it or choose another base")
-    return Path(tempfile.mkdtemp(prefix=f"task-{os.getpid()}-", dir=base))
 
 
 def sweep_scratch_dirs(base: Path) -> int:
