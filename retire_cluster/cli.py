@@ -66,8 +66,8 @@ def build_main_config(config_file: Optional[str], options: Dict[str, Any]) -> An
 
     overrides: Dict[str, Any] = MainConfig.from_file(config_file) if config_file else {}
     given = {_MAIN_OPTIONS[k]: v for k, v in options.items() if v is not None and k != "no_http"}
-    if options.get("no_http"):
-        given["http_enabled"] = False
+    if options.get("no_http") is not None:  # RETIRE_CLUSTER_NO_HTTP=false beats the file's http_enabled: false
+        given["http_enabled"] = not options["no_http"]
     overrides.update(normalise_keys(given, source="the command line"))
     if overrides.get("port") == 0 and "http_port" not in overrides:
         overrides["http_port"] = 0  # --port 0 picks free ports (tests): HTTP's too

@@ -45,6 +45,31 @@ def test_config_file_then_environment_then_flags(tmp_path: Path, monkeypatch: py
     assert config.port == 9002 and config.heartbeat_interval_s == 30
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"insecure": "false"}, 'insecure must be true or false, not "false".'),  # was true: no token auth at all
+    ({"port": 18482.7}, "port must be a whole number, not 18482.7."),  # was a traceback
+    ({"host": 127}, "host must be a string, not 127."),
+    ({"port": True}, "port must be a whole number, not true."),
+    ({"heartbeat_interval": "5"}, 'heartbeat_interval must be a number, not "5".'),
+    ({"tls_cert": 5}, "tls_cert must be a path or null, not 5."),
+])
+def test_a_config_file_value_of_the_wrong_type_is_one_sentence(tmp_path: Path, setting: dict, message: str) -> None:
+    conf = tmp_path / "main.json"
+    conf.write_text(json.dumps(setting))
+    with pytest.raises(ConfigError) as refused:
+        build_main_config(str(conf), {})
+    assert str(refused.value) == message
+    result = CliRunner().invoke(cli, ["main", "--config", str(conf), "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code == 2 and result.output.strip().endswith(message) and "Traceback" not in result.output
+
+
+def test_the_environment_turns_http_back_on_over_the_file(tmp_path: Path) -> None:
+    conf = tmp_path / "main.json"
+    conf.write_text(json.dumps({"http_enabled": False}))
+    assert build_main_config(str(conf), {"no_http": False})[0].http_enabled  # RETIRE_CLUSTER_NO_HTTP=false
+    assert not build_main_config(str(conf), {"no_http": None})[0].http_enabled
+
+
 def test_insecure_defaults_to_loopback_unless_host_given() -> None:
     config, _ = build_main_config(None, {"insecure": True})
     assert config.host == "127.0.0.1"

@@ -8,9 +8,11 @@ variables and command-line flags; tests build one directly.
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..protocol.framing import DEFAULT_MAX_FRAME_BYTES
 
@@ -18,6 +20,43 @@ __all__ = ["DEFAULT_PORT", "ConfigError", "MainConfig"]
 
 DEFAULT_PORT = 8080
 STRATEGY_NAMES = ("least_loaded", "round_robin", "weighted_round_robin", "least_connections", "response_time")
+
+
+#: The setting's name as users write it (flag or config key), where it is not the field's.
+_KEY_NAMES = {"heartbeat_interval_s": "heartbeat_interval", "offline_timeout_s": "offline_timeout"}
+_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "int": ("a whole number", lambda v: type(v) is int),
+    "float": ("a number", lambda v: type(v) in (int, float) and math.isfinite(v)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "Path": ("a path", lambda v: isinstance(v, (str, os.PathLike))),
+}
+
+
+def _check_types(config: Any) -> None:
+    for f in fields(config):
+        _check_type(f.name, f.type, getattr(config, f.name))
+
+
+def _check_type(name: str, annotation: Any, value: Any) -> None:
+    """Refuse a setting of the wrong JSON type (a config file is not checked by click).
+
+    ``"insecure": "false"`` used to be true (a non-empty string) and turned token auth off;
+    ``"port": 18482.7`` ended in a traceback.
+    """
+    kind = str(annotation)
+    optional = kind.endswith(" | None")
+    entry = _KINDS.get(kind[: -len(" | None")] if optional else kind)
+    if entry is None or (optional and value is None):
+        return
+    what, ok = entry
+    if not ok(value):
+        shown = _KEY_NAMES.get(name, name)
+        try:
+            given = json.dumps(value)
+        except (TypeError, ValueError):
+            given = repr(value)
+        raise ConfigError(f"{shown} must be {what}{' or null' if optional else ''}, not {given}.")
 
 
 class ConfigError(ValueError):
@@ -114,6 +153,7 @@ class MainConfig:
     device_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if not isinstance(self.device_weights, dict) or not all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w <= 1000
             for w in self.device_weights.values()
