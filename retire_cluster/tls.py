@@ -33,6 +33,9 @@ __all__ = [
 class FingerprintMismatch(ssl.SSLError):
     """The main node showed a certificate other than the pinned one."""
 
+    def __str__(self) -> str:  # ssl.SSLError would show the args tuple: ("...",)
+        return str(self.args[0]) if self.args else "the main node's certificate is not the pinned one"
+
 
 def normalise_fingerprint(text: str) -> str:
     """A SHA-256 fingerprint as 64 lowercase hex digits.

@@ -122,8 +122,9 @@ def test_fingerprint_is_what_openssl_prints(cert: Tuple[Path, Path]) -> None:
 
 
 def test_check_fingerprint_without_tls_refuses() -> None:
-    with pytest.raises(FingerprintMismatch, match="no TLS certificate"):
+    with pytest.raises(FingerprintMismatch, match="no TLS certificate") as refused:
         check_fingerprint(None, WRONG)
+    assert str(refused.value) == "the main node sent no TLS certificate"  # was the tuple ('...',)
 
 
 def test_client_context_leaves_checking_to_the_pin() -> None:
