@@ -802,3 +802,20 @@ async def test_one_task_id_given_as_a_string_is_refused_not_split_into_letters(n
                 next(client.as_completed("abc"))
 
     await asyncio.to_thread(blocking)
+
+
+async def test_a_client_without_the_pin_against_a_tls_main_node_is_told_at_once(tls_node: MainNode) -> None:
+    """The main node closes a plain connection at once; the client used to retry until its timeout."""
+    hint = "if the main node speaks TLS .* pass --tls-fingerprint"
+    plain = AsyncClient(addr(tls_node), tls_node.token, timeout_s=60)
+    try:
+        with pytest.raises(ClientError, match=hint):
+            await plain.connect()
+    finally:
+        await plain.close()
+
+    def blocking() -> None:
+        with pytest.raises(ClientError, match=hint):
+            Client(addr(tls_node), tls_node.token, timeout_s=60).connect()
+
+    await asyncio.to_thread(blocking)

@@ -55,6 +55,7 @@ from .common import (
     id_list,
     is_idempotent,
     on_cluster,
+    refused_at_first,
     reply_result,
     run_locally,
     task_spec,
@@ -290,6 +291,9 @@ class AsyncClient:
                 log.info("reconnected to the main node at %s:%s", self.host, self.port)
                 await self._resubscribe(conn, deadline)
         except ConnectionLost as exc:
+            if conn.number == 1:  # never got in: not a connection to come back to
+                self.connections_opened = 0
+                raise refused_at_first(exc, self.ssl is not None) from None
             raise ClientError(str(exc)) from None
         if conn.number > 1 and self._task_queues:
             self._spawn(self._refresh_waited())

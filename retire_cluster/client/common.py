@@ -45,6 +45,7 @@ __all__ = [
     "local_record",
     "on_cluster",
     "MAX_WAIT_S",
+    "refused_at_first",
     "reply_result",
     "run_coroutine",
     "run_locally",
@@ -113,6 +114,17 @@ class ClientError(ConnectionError):
 
 class ConnectionLost(ClientError):
     """The connection broke before the reply came; the request may or may not have taken effect."""
+
+
+def refused_at_first(exc: Exception, tls: bool) -> ClientError:
+    """The first connection closed before the main node answered: what to tell the user.
+
+    A TLS main node closes a plain connection at once; without this the client
+    retried until its timeout and then said "no reply within 30 s".
+    """
+    hint = "" if tls else ("; if the main node speaks TLS (it printed a certificate fingerprint), "
+                           "pass --tls-fingerprint (tls_fingerprint= in Python)")
+    return ClientError(f"{exc}{hint}")
 
 
 def bad_frame_error(error: Exception, host: str, port: int, max_frame_bytes: int) -> ClientError:

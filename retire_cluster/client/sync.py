@@ -47,6 +47,7 @@ from .common import (
     id_list,
     is_idempotent,
     on_cluster,
+    refused_at_first,
     reply_result,
     run_coroutine,
     run_locally,
@@ -191,6 +192,9 @@ class Client:
             try:
                 reply_result(self._roundtrip("subscribe", {"task_ids": []}, deadline))
             except ConnectionLost as exc:
+                if self.connections_opened == 1:  # never got in: not a connection to come back to
+                    self.connections_opened = 0
+                    raise refused_at_first(exc, self.ssl is not None) from None
                 raise ClientError(str(exc)) from None
         if self.connections_opened > 1:
             self._restore(deadline)
