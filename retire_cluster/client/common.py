@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import random
 from typing import Any, Callable, Coroutine, Dict, Iterable, Iterator, List, Optional, TypeVar
 
@@ -52,27 +53,6 @@ __all__ = [
     "task_spec",
     "waited_submit",
 ]
-
-def run_coroutine(coro: Coroutine[Any, Any, T], timeout_s: Optional[float],
-                  late: Callable[[], TimeoutError]) -> T:
-    """Run ``coro`` to its end from blocking code, within ``timeout_s`` (``late()`` is raised after).
-
-    In a thread of its own when this thread already runs an event loop (a
-    Jupyter notebook, async code calling the blocking client): asyncio.run()
-    cannot run there.
-    """
-    async def bounded() -> T:
-        try:
-            return await asyncio.wait_for(coro, timeout_s)
-        except asyncio.TimeoutError:
-            raise late() from None
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(bounded())
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retire-cluster-local") as pool:
-        return pool.submit(asyncio.run, bounded()).result()
 
 
 #: The main node's default max_frame_bytes. A bigger request would make it close the
@@ -152,6 +132,28 @@ class TaskFailed(Exception):
         super().__init__(f"task {self.task_id} {self.status}: {reason}")
 
 
+def run_coroutine(coro: Coroutine[Any, Any, T], timeout_s: Optional[float],
+                  late: Callable[[], TimeoutError]) -> T:
+    """Run ``coro`` to its end from blocking code, within ``timeout_s`` (``late()`` is raised after).
+
+    In a thread of its own when this thread already runs an event loop (a
+    Jupyter notebook, async code calling the blocking client): asyncio.run()
+    cannot run there.
+    """
+    async def bounded() -> T:
+        try:
+            return await asyncio.wait_for(coro, timeout_s)
+        except asyncio.TimeoutError:
+            raise late() from None
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(bounded())
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retire-cluster-local") as pool:
+        return pool.submit(asyncio.run, bounded()).result()
+
+
 def is_idempotent(message_type: str, data: Dict[str, Any]) -> bool:
     """Whether sending this request twice is harmless (so it is retried on a new connection).
 
@@ -182,25 +184,33 @@ def task_spec(task_type: str, payload: Optional[Dict[str, Any]], options: Dict[s
         raise TypeError(f"unknown submit option {unknown[0]!r}; use {', '.join(sorted(SUBMIT_OPTIONS))}")
     task: Dict[str, Any] = {"task_type": task_type, "payload": payload or {}}
     task.update({k: v for k, v in options.items() if v is not None})
-    _finite(task, "task")
+    where = _non_finite_at(task)
+    if where is not None:
+        *keys, number = where
+        path = "task" + "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys)
+        raise ValueError(f"{path} is {number!r}, which JSON cannot carry; send a finite number or a string")
     return task
 
 
-def _finite(value: Any, path: str) -> None:
-    """Refuse NaN and infinity: JSON has no such numbers, and orjson would send them as null.
+def _non_finite_at(value: Any) -> Optional[List[Any]]:
+    """Where a NaN or infinity is in ``value`` (keys and indexes, then the number), or None.
 
-    Raises:
-        ValueError: naming where the number is.
+    JSON has no such numbers, and orjson would send them as null. Nothing is
+    formatted unless one is found: this runs on every submission.
     """
     if type(value) is float:
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"{path} is {value!r}, which JSON cannot carry; send a finite number or a string")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _finite(item, f"{path}.{key}")
+        return None if math.isfinite(value) else [value]
+    if isinstance(value, dict):
+        items: Iterable[Any] = value.items()
     elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            _finite(item, f"{path}[{i}]")
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        where = _non_finite_at(item)
+        if where is not None:
+            return [key, *where]
+    return None
 
 
 def waited_submit(task_type: str, payload: Optional[Dict[str, Any]], options: Dict[str, Any],

@@ -30,6 +30,7 @@ from ..protocol.errors import (
 )
 from ..protocol.messages import (
     ACTIVE_STATUSES,
+    STOPPING_REASON,
     DeviceStatus,
     Message,
     TaskStatus,
@@ -299,7 +300,7 @@ class MainNode(Dispatcher):
             device = self.registry.get(conn.device_id)
             if device is not None and device.conn is conn:
                 device.conn = None
-                if device.reason == "stopping" and not device.accepting and not device.running:
+                if device.reason == STOPPING_REASON and not device.accepting and not device.running:
                     # Its owner stopped it and it handed everything back: offline now, not after
                     # offline_timeout (a restarted worker registers again just the same).
                     device.status = DeviceStatus.OFFLINE

@@ -284,8 +284,6 @@ class Scheduler:
             breaker = device.breaker
             if not device.online:
                 why = "offline"
-            elif not device.accepting and device.reason == "stopping":  # its worker was stopped
-                why = "stopped by its owner"
             elif device.conn is None:
                 why = "reconnecting"
             elif not device.accepting:

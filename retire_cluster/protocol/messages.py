@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Any
 
 __all__ = [
+    "STOPPING_REASON",
     "ACTIVE_STATUSES",
     "CLIENT_MESSAGE_TYPES",
     "DEFAULT_TASK_TIMEOUT_S",
@@ -104,6 +105,9 @@ REQUIREMENT_KEYS = frozenset(
     {"min_cpu_cores", "min_memory_gb", "platform", "architecture", "role", "capabilities"}
 )
 DEFAULT_TASK_TIMEOUT_S = 3600.0
+#: The ``reason`` of the heartbeat a worker sends when its owner stops it, before it hands its
+#: tasks back: the main node gives it nothing more and marks it offline once it has gone.
+STOPPING_REASON = "stopping"
 
 
 def parse_priority(value: Any) -> int:

@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 from ..link import Link
 from ..protocol.codec import encode
 from ..protocol.errors import ProtocolError, error_from_code
-from ..protocol.messages import Message, ack, error_reply, new_message_id, utc_timestamp
+from ..protocol.messages import STOPPING_REASON, Message, ack, error_reply, new_message_id, utc_timestamp
 from ..tls import FingerprintMismatch, check_fingerprint, client_context
 from .config import WorkerConfig, load_or_create_device_id
 from .executor import Executor, Outcome
@@ -151,7 +151,7 @@ class Agent:
         On a change the main node hears at once (an extra heartbeat); with
         --evict, running tasks are stopped and handed back when lending stops.
         """
-        if self._stopping.is_set():  # "stopping" is the last word: no policy change undoes it
+        if self._stopping.is_set():  # stopping is the last word: no policy change undoes it
             return self.decision
         if self.config.policy.active or not self.battery:
             self.battery = await read_battery()
@@ -336,7 +336,7 @@ class Agent:
         until the main node's offline_timeout.
         """
         log.info("stopping%s", f": handing back {len(self.running)} running task(s)" if self.running else "")
-        self.decision = Decision(False, "stopping")
+        self.decision = Decision(False, STOPPING_REASON)
         try:
             self._send(self._message("heartbeat", self._heartbeat_data()))
         except ConnectionError:
