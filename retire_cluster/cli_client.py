@@ -24,6 +24,7 @@ from .protocol.messages import PRIORITY_NAMES, REQUIREMENT_KEYS, TaskStatus
 from .tables import (
     DEVICE_HEADERS,
     TASK_HEADERS,
+    cut,
     device_row,
     format_table,
     stuck_lines,
@@ -453,7 +454,7 @@ def watch_cmd(interval: float, limit: int, once: bool, main_addr: str, token: Op
             click.echo(render(view, time.time()) + ("" if once else "\n"))
         else:
             size = shutil.get_terminal_size()
-            lines = [line[: size.columns] for line in render(view, time.time()).splitlines()[: size.lines - 1]]
+            lines = [cut(line, size.columns) for line in render(view, time.time()).splitlines()[: size.lines - 1]]
             click.echo(_HOME + "".join(line + _CLEAR_TO_EOL + "\n" for line in lines) + _CLEAR_BELOW, nl=False)
 
     client = _async_client(main_addr, token)

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import time
+import unicodedata
 from datetime import datetime
 from typing import Any, Dict, List, Optional, Sequence
 
 __all__ = [
     "DEVICE_HEADERS",
     "TASK_HEADERS",
+    "cut",
     "device_row",
+    "display_width",
     "format_ago",
     "format_battery",
     "format_bytes",
     "format_duration",
     "format_load",
     "format_table",
+    "pad",
     "parse_timestamp",
     "status_summary",
     "task_detail",
@@ -24,13 +28,56 @@ __all__ = [
 ]
 
 
+# -- display width: what a terminal shows, not what len() counts ------------------------------
+
+
+def _char_width(ch: str) -> int:
+    """Columns one character takes on a terminal: 2 for East Asian wide/fullwidth, 0 for
+    combining marks and other zero-width characters, else 1."""
+    if ch < "\u0300":  # ASCII and Latin-1: one column, as len() counts them
+        return 1
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def display_width(text: str) -> int:
+    """The columns ``text`` takes on a terminal ('日本' is 4, 'e\u0301' is 1)."""
+    if text.isascii():
+        return len(text)
+    return sum(_char_width(ch) for ch in text)
+
+
+def pad(text: str, width: int) -> str:
+    """``text`` left-aligned in ``width`` columns (ljust by display width)."""
+    return text + " " * max(0, width - display_width(text))
+
+
+def cut(text: str, width: int, marker: str = "") -> str:
+    """The longest start of ``text`` that fits in ``width`` columns, never splitting a wide
+    character; with ``marker`` (such as '...'), a cut text ends with it, still within ``width``."""
+    if display_width(text) <= width:
+        return text
+    room = max(0, width - display_width(marker))
+    out, used = [], 0
+    for ch in text:
+        w = _char_width(ch)
+        if used + w > room:
+            break
+        out.append(ch)
+        used += w
+    return "".join(out) + (marker if display_width(marker) <= width else "")
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns separated by two spaces, with a rule under the header."""
+    """Left-aligned columns separated by two spaces, with a rule under the header.
+
+    Columns are measured in display width, so wide (CJK) characters line up."""
     cells: List[List[str]] = [list(headers)] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    widths = [max(display_width(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for n, row in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        lines.append("  ".join(pad(c, w) for c, w in zip(row, widths)).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -172,8 +219,8 @@ def task_detail(record: Dict[str, Any]) -> str:
         fields.append(("truncated", "yes: the output was cut to fit the limit"))
     if result.get("stderr"):
         fields.append(("stderr", str(result["stderr"]).rstrip()))
-    width = max(len(k) for k, _ in fields)
-    lines = [f"{key:<{width}}  {value}" for key, value in fields]
+    width = max(display_width(k) for k, _ in fields)
+    lines = [f"{pad(key, width)}  {value}" for key, value in fields]
     attempts: List[Dict[str, Any]] = record.get("attempts") or []
     lines.append("")
     if attempts:

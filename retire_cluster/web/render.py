@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..tables import format_ago, format_battery, format_bytes, format_load
+from ..tables import cut, display_width, format_ago, format_battery, format_bytes, format_load, pad
 
 __all__ = [
     "box_table",
@@ -25,13 +25,14 @@ __all__ = [
 
 
 def box_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A table drawn with ``+``, ``-`` and ``|``; cells are left-aligned."""
+    """A table drawn with ``+``, ``-`` and ``|``; cells are left-aligned (by display width,
+    so wide CJK characters line up)."""
     cells = [[str(h) for h in headers]] + [[_cell(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    widths = [max(display_width(row[i]) for row in cells) for i in range(len(headers))]
     rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
 
     def line(row: list[str]) -> str:
-        return "|" + "|".join(f" {c.ljust(w)} " for c, w in zip(row, widths)) + "|"
+        return "|" + "|".join(f" {pad(c, w)} " for c, w in zip(row, widths)) + "|"
 
     out = [rule, line(cells[0]), rule]
     out += [line(row) for row in cells[1:]]
@@ -119,8 +120,8 @@ def tasks_table(tasks: Sequence[dict[str, Any]]) -> str:
 
 
 def key_values(pairs: Sequence[tuple[str, Any]]) -> str:
-    width = max((len(k) for k, _ in pairs), default=0)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in pairs)
+    width = max((display_width(k) for k, _ in pairs), default=0)
+    return "\n".join(f"{pad(k, width)}  {v}" for k, v in pairs)
 
 
 def status_text(status: dict[str, Any], version: str) -> str:
@@ -158,19 +159,19 @@ def device_grid(devices: Sequence[dict[str, Any]], columns: int = 4) -> str:
         if state == "online" and d.get("accepting") is False:
             state = "paused"
         cells.append([
-            str(d.get("device_id"))[:22],
+            cut(str(d.get("device_id")), 22),
             f"state {state}",
             f"bat {progress_bar(_battery_fraction(metrics), 8)}",
             f"cpu {progress_bar(_cpu_fraction(metrics), 8)}",
             f"tasks {d.get('active_tasks', 0)}/{d.get('max_concurrent_tasks', 0)}",
         ])
-    width = max(len(line) for cell in cells for line in cell)
+    width = max(display_width(line) for cell in cells for line in cell)
     out = []
     for start in range(0, len(cells), columns):
         group = cells[start : start + columns]
         out.append(" ".join("+" + "-" * (width + 2) + "+" for _ in group))
         for i in range(len(group[0])):
-            out.append(" ".join(f"| {cell[i].ljust(width)} |" for cell in group))
+            out.append(" ".join(f"| {pad(cell[i], width)} |" for cell in group))
         out.append(" ".join("+" + "-" * (width + 2) + "+" for _ in group))
     return "\n".join(out)
 
