@@ -10,7 +10,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 __all__ = [
     "DEVICE_HEADERS",
+    "HANDBACK_OUTCOMES",
     "TASK_HEADERS",
+    "attempt_text",
     "cut",
     "device_row",
     "display_width",
@@ -19,6 +21,7 @@ __all__ = [
     "format_bytes",
     "format_duration",
     "format_load",
+    "format_seconds",
     "format_table",
     "pad",
     "parse_timestamp",
@@ -121,12 +124,26 @@ def format_ago(value: Optional[Any], now: Optional[float] = None) -> str:
     return f"{int(seconds)}s ago"
 
 
+def _seconds(value: Any) -> Optional[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None
+
+
+def format_seconds(value: Any) -> str:
+    """0.0312 -> '0.031 s', 754 -> '12.6 min'; '-' when not a number of seconds."""
+    seconds = _seconds(value)
+    if seconds is None:
+        return "-"
+    return f"{seconds:.3f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
 def format_duration(start: Optional[Any], end: Optional[Any]) -> str:
     """Seconds between two timestamps, '-' when one is missing."""
     a, b = parse_timestamp(start), parse_timestamp(end)
     if a is None or b is None:
         return "-"
-    return f"{max(0.0, b - a):.3f} s" if b - a < 60 else f"{(b - a) / 60:.1f} min"
+    return format_seconds(max(0.0, b - a))
 
 
 def format_battery(metrics: Dict[str, Any]) -> str:
@@ -186,15 +203,55 @@ def task_row(t: Dict[str, Any]) -> List[str]:
             str(t.get("attempt", 0)), str(t.get("assigned_device") or "-"), str(t.get("created_at") or "-")]
 
 
+#: Attempt outcomes where the task went back without being run (PROTOCOL.md, "task record"):
+#: the worker handed it back or refused it, or never received it. They use no retry.
+HANDBACK_OUTCOMES = frozenset({"handed_back", "refused", "not_received"})
+
+
+def attempt_text(record: Dict[str, Any]) -> str:
+    """The task record's ``attempt`` with what it means for ``max_retries``.
+
+    ``attempt`` counts assignments (it matches the attempts table); hand-backs
+    (a worker refused or gave the task back, or never received it) are
+    assignments too but use no retry, so they are counted apart:
+    '1 (at most 4)', or '5 (3 counted, at most 4; 2 hand-backs, which use no retry)'.
+    """
+    attempt = record.get("attempt", 0)
+    attempts = record.get("attempts") or []
+    handbacks = sum(1 for a in attempts if isinstance(a, dict) and a.get("outcome") in HANDBACK_OUTCOMES)
+    retries = record.get("max_retries")
+    if not isinstance(attempt, int) or isinstance(attempt, bool):
+        return str(attempt)
+    limit = f"at most {retries + 1}" if isinstance(retries, int) and not isinstance(retries, bool) else ""
+    if not handbacks:
+        return f"{attempt} ({limit})" if limit else str(attempt)
+    counted = max(0, attempt - handbacks)
+    back = f"{handbacks} hand-back{'' if handbacks == 1 else 's'}, which use{'s' if handbacks == 1 else ''} no retry"
+    return f"{attempt} ({counted} counted{', ' + limit if limit else ''}; {back})"
+
+
+def _attempt_took(record: Dict[str, Any], attempt: Dict[str, Any]) -> str:
+    """How long one attempt ran: the run time the device reported for the attempt that ended
+    the task, else started..finished; never from the assignment (that would count the wait,
+    or the time a restarted main node took to hear the result)."""
+    if attempt.get("outcome") in HANDBACK_OUTCOMES:
+        return "-"  # it never ran
+    ended_task = (attempt.get("attempt") == record.get("attempt") and attempt.get("finished_at")
+                  and record.get("status") == attempt.get("outcome"))
+    if ended_task and _seconds(record.get("execution_time")) is not None:
+        return format_seconds(record["execution_time"])
+    if attempt.get("started_at"):
+        return format_duration(attempt.get("started_at"), attempt.get("finished_at"))
+    return "-"
+
+
 def task_detail(record: Dict[str, Any]) -> str:
     """Every field of a task record, then its attempts (device, times, outcome)."""
     result = record.get("result") or {}
-    retries = record.get("max_retries")
     fields: List[Any] = [
         ("task", record.get("task_id")), ("type", record.get("task_type")), ("status", record.get("status")),
         ("priority", record.get("priority")), ("timeout", f"{record.get('timeout')} s"),
-        ("attempt", f"{record.get('attempt', 0)} (at most {retries + 1})" if isinstance(retries, int)
-         else record.get("attempt", 0)),
+        ("attempt", attempt_text(record)),
         ("device", record.get("assigned_device") or "-"),
         ("requirements", json.dumps(record.get("requirements") or {}, ensure_ascii=False, sort_keys=True)),
         ("payload", json.dumps(record.get("payload"), ensure_ascii=False, sort_keys=True)),
@@ -203,8 +260,8 @@ def task_detail(record: Dict[str, Any]) -> str:
     ]  # fmt: skip
     if record.get("waiting"):
         fields.insert(3, ("waiting", record["waiting"]))
-    if record.get("execution_time") is not None:
-        fields.append(("execution", f"{record['execution_time']} s"))
+    if _seconds(record.get("execution_time")) is not None:
+        fields.append(("took", f"{format_seconds(record['execution_time'])} (run time the device reported)"))
     if record.get("progress") is not None and record.get("status") == "running":
         fields.append(("progress", f"{record['progress']}%"))
     if record.get("error"):
@@ -225,8 +282,7 @@ def task_detail(record: Dict[str, Any]) -> str:
     lines.append("")
     if attempts:
         rows = [[str(a.get("attempt")), str(a.get("device_id")), str(a.get("assigned_at") or "-"),
-                 str(a.get("started_at") or "-"), str(a.get("finished_at") or "-"),
-                 format_duration(a.get("started_at") or a.get("assigned_at"), a.get("finished_at")),
+                 str(a.get("started_at") or "-"), str(a.get("finished_at") or "-"), _attempt_took(record, a),
                  str(a.get("outcome") or ("running" if not a.get("finished_at") else "-"))] for a in attempts]
         lines.append(format_table(["attempt", "device", "assigned", "started", "finished", "took", "outcome"],
                                   rows))
