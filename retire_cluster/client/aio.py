@@ -225,7 +225,7 @@ class AsyncClient:
     async def _connection(self, deadline: float) -> _Connection:
         """The open connection, or a new one (with backoff after the first has been opened)."""
         if self._closed:
-            raise ClientError("the client is closed")
+            raise ClientError("this AsyncClient is closed; make a new one")
         conn = self._conn
         if conn is not None and not conn.broken:
             return conn

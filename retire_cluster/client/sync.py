@@ -23,10 +23,11 @@ Python 3.9 syntax, standard library only.
 from __future__ import annotations
 
 import collections
+import functools
 import socket
 import ssl as _ssl
 import time
-from typing import Any, Callable, Deque, Dict, Generator, Iterable, List, Optional, Set
+from typing import Any, Callable, Deque, Dict, Generator, Iterable, List, Optional, Set, TypeVar, cast
 
 from ..address import parse_main_address
 from ..protocol.codec import BadFrame, MessageStream
@@ -64,9 +65,29 @@ TIMEOUT_SLACK_S = 0.01
 
 _MAX_KEPT_UPDATES = 100_000
 
+#: What a call on a closed Client raises (a ClientError, as AsyncClient raises).
+_CLOSED = "this Client is closed; make a new one"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _one_call(method: F) -> F:
+    """A public method that refuses a closed client (before, the call silently opened a new connection)."""
+
+    @functools.wraps(method)
+    def call(self: Client, *args: Any, **kwargs: Any) -> Any:
+        if self._closed:
+            raise ClientError(_CLOSED)
+        return method(self, *args, **kwargs)
+
+    return cast(F, call)
+
 
 class Client:
     """Blocking client of the main node. Not thread-safe: use one per thread.
+
+    Once closed (:meth:`close`, or the end of its ``with`` block) it stays closed:
+    every call raises :class:`ClientError`, as :class:`AsyncClient` does.
 
     Args:
         main: ``HOST[:PORT]`` of the main node.
@@ -116,9 +137,12 @@ class Client:
         self._subscribed_all = False
         self._subscribed: Set[str] = set()
         self._watching: Dict[str, int] = {}
+        self._closed = False
 
     def __enter__(self) -> Client:
         """The connection opens with the first request."""
+        if self._closed:
+            raise ClientError(_CLOSED)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -130,17 +154,21 @@ class Client:
 
     # -- connection ---------------------------------------------------------
 
+    @_one_call
     def connect(self) -> None:
         """Open the connection now (requests open it too).
 
         Raises:
-            ClientError: the main node cannot be reached.
+            ClientError: the main node cannot be reached, or this client is closed.
         """
         if self._sock is None:
             self._connect(time.monotonic() + self.timeout_s)
 
     def close(self) -> None:
+        """Close the connection for good: any later call raises ClientError. Closing again does nothing."""
+        self._closed = True
         self._drop()
+        self._updates.clear()
 
     def _drop(self) -> None:
         if self._sock is not None:
@@ -298,6 +326,7 @@ class Client:
                 return reply
             self._route(reply)
 
+    @_one_call
     def request(self, message_type: str, data: Optional[Dict[str, Any]] = None, *,
                 idempotent: Optional[bool] = None, extra_s: float = 0.0,
                 until: Optional[float] = None) -> Dict[str, Any]:
@@ -315,10 +344,15 @@ class Client:
 
         Raises:
             ProtocolError: the typed ``error`` reply (NotFound, Conflict, ...).
-            ClientError: the main node cannot be reached; ConnectionLost when it
-                broke before a non-repeatable request was answered.
+            ClientError: the main node cannot be reached, or this client is closed;
+                ConnectionLost when it broke before a non-repeatable request was answered.
             TimeoutError: no reply within ``timeout_s``.
         """
+        return self._request(message_type, data, idempotent=idempotent, extra_s=extra_s, until=until)
+
+    def _request(self, message_type: str, data: Optional[Dict[str, Any]] = None, *,
+                 idempotent: Optional[bool] = None, extra_s: float = 0.0,
+                 until: Optional[float] = None) -> Dict[str, Any]:
         body = data or {}
         if idempotent is None:
             idempotent = is_idempotent(message_type, body)
@@ -387,7 +421,7 @@ class Client:
         the client's own ``timeout_s`` (30 s) reconnecting, then raise ClientError.
         """
         try:
-            return self.request(message_type, data, until=deadline)
+            return self._request(message_type, data, until=deadline)
         except (ClientError, TimeoutError):
             if deadline is not None and time.monotonic() >= deadline:
                 raise late() from None
@@ -407,14 +441,16 @@ class Client:
 
     # -- API --------------------------------------------------------------
 
+    @_one_call
     def submit(self, task_type: str, payload: Optional[Dict[str, Any]] = None, **options: Any) -> str:
         """Submit a task; return its id once the main node has it on disk.
 
         Options: ``priority`` (low, normal, high, urgent or 0-100), ``timeout`` (s),
         ``requirements`` (dict), ``max_retries``, ``retry_on_timeout``, ``idempotency_key``.
         """
-        return str(self.request("task_submit", {"task": task_spec(task_type, payload, options)})["task_id"])
+        return str(self._request("task_submit", {"task": task_spec(task_type, payload, options)})["task_id"])
 
+    @_one_call
     def run(self, task_type: str, payload: Optional[Dict[str, Any]] = None, *,
             wait_s: float = MAX_WAIT_S, **options: Any) -> Dict[str, Any]:
         """Submit a task and return its record once it has ended, in one request.
@@ -423,46 +459,54 @@ class Client:
         a ``status`` that is not terminal means ``wait_s`` ran out.
         """
         body = waited_submit(task_type, payload, options, wait_s)
-        return dict((self.request("task_submit", body, extra_s=wait_s))["task"])
+        return dict((self._request("task_submit", body, extra_s=wait_s))["task"])
 
+    @_one_call
     def status(self, task_id: str) -> Dict[str, Any]:
         """The whole task record (status, attempts, result, times)."""
-        return dict(self.request("task_status", {"task_id": task_id})["task"])
+        return dict(self._request("task_status", {"task_id": task_id})["task"])
 
+    @_one_call
     def cancel(self, task_id: str) -> Dict[str, Any]:
         """Cancel a pending or running task. Raises Conflict when it already ended."""
-        return self.request("task_cancel", {"task_id": task_id})
+        return self._request("task_cancel", {"task_id": task_id})
 
+    @_one_call
     def tasks(self, *, status: Optional[str] = None, device_id: Optional[str] = None,
               task_type: Optional[str] = None, limit: Optional[int] = None) -> List[Dict[str, Any]]:
         """Task records, newest first (100 unless ``limit`` says otherwise)."""
         query = {"status": status, "device_id": device_id, "task_type": task_type, "limit": limit}
-        return list(self.request("task_list", {k: v for k, v in query.items() if v is not None})["tasks"])
+        return list(self._request("task_list", {k: v for k, v in query.items() if v is not None})["tasks"])
 
+    @_one_call
     def devices(self, status: Optional[str] = None) -> List[Dict[str, Any]]:
         """Device records; ``status`` "online" or "offline" filters."""
-        return list(self.request("list_devices", {} if status is None else {"status": status})["devices"])
+        return list(self._request("list_devices", {} if status is None else {"status": status})["devices"])
 
+    @_one_call
     def cluster_status(self) -> Dict[str, Any]:
         """Devices and tasks counted by state, queue length, slots, uptime."""
-        return self.request("cluster_status")
+        return self._request("cluster_status")
 
+    @_one_call
     def subscribe(self, task_ids: Optional[Iterable[str]] = None) -> None:
         """Have ``task_update`` pushed for these tasks (all when None); read them with :meth:`next_update`."""
         if task_ids is None:
             self._subscribed_all = True
-            self.request("subscribe", {})
+            self._request("subscribe", {})
             return
         ids = id_list(task_ids)
         self._subscribed.update(ids)
         for chunk in chunks(ids):
-            self.request("subscribe", {"task_ids": chunk})
+            self._request("subscribe", {"task_ids": chunk})
 
+    @_one_call
     def next_update(self, timeout_s: Optional[float] = None) -> Optional[Dict[str, Any]]:
         """The next pushed task record after :meth:`subscribe`; None after ``timeout_s``."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         return self._pull_update(None, deadline)
 
+    @_one_call
     def wait(self, task_id: str, timeout_s: Optional[float] = None) -> Dict[str, Any]:
         """Block until the task ends (pushed ``task_update``, no polling); return its record.
 
@@ -476,6 +520,7 @@ class Client:
         finally:
             records.close()
 
+    @_one_call
     def as_completed(self, task_ids: Iterable[str],
                      timeout_s: Optional[float] = None) -> Generator[Dict[str, Any], None, None]:
         """Yield each task's final record as it ends (those already ended first).
@@ -483,6 +528,24 @@ class Client:
         Raises:
             TimeoutError: not all of them ended within ``timeout_s`` (counted from the call).
         """
+        return self._stepped(self._as_completed(task_ids, timeout_s))
+
+    def _stepped(self, records: Generator[Dict[str, Any], None, None]) -> Generator[Dict[str, Any], None, None]:
+        """``records``, each step of it a call of its own (refused once this client is closed)."""
+        try:
+            while True:
+                if self._closed:
+                    raise ClientError(_CLOSED)
+                try:
+                    record = next(records)
+                except StopIteration:
+                    return
+                yield record
+        finally:
+            records.close()
+
+    def _as_completed(self, task_ids: Iterable[str],
+                      timeout_s: Optional[float]) -> Generator[Dict[str, Any], None, None]:
         ids = id_list(task_ids)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         remaining = set(ids)
@@ -511,6 +574,7 @@ class Client:
         finally:
             self._unwatch(ids)
 
+    @_one_call
     def execute(self, task_type: str, payload: Optional[Dict[str, Any]] = None, *,
                 fallback: Optional[str] = None, fallback_after_s: float = 10.0,
                 timeout_s: Optional[float] = None, **options: Any) -> Dict[str, Any]:
