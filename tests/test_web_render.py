@@ -56,3 +56,15 @@ def test_command_values_and_payloads() -> None:
     assert Commands._payload(['{"expression": "1+1"}']) == {"expression": "1+1"}
     assert Commands._requirements(["capabilities=gpu,camera", "min_cpu_cores=2"]) == {
         "capabilities": ["gpu", "camera"], "min_cpu_cores": 2}
+
+
+async def test_help_fits_80_columns_and_keeps_every_command() -> None:
+    from retire_cluster.web.commands import COMMANDS
+
+    out = await Commands(None).run("help")  # type: ignore[arg-type]  # help needs no node
+    lines = out["text"].splitlines()
+    assert max(len(line) for line in lines) <= 80, out["text"]
+    flat = " ".join(out["text"].split())
+    for usage, what in COMMANDS.values():
+        assert usage in flat and what in flat  # wrapped, not cut
+    assert out["json"]["commands"]["submit"]["usage"].startswith("submit TYPE")

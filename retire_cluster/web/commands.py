@@ -14,6 +14,7 @@ while here it answers one snapshot plus ``"action": {"watch": ...}``.
 
 from __future__ import annotations
 
+import re
 import shlex
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
     from .app import WebApp
 
-__all__ = ["COMMANDS", "Commands", "parse_value"]
+__all__ = ["COMMANDS", "Commands", "help_text", "parse_value"]
 
 #: name -> (usage, what it does); the page's `help` and tab completion use it too
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -68,6 +69,43 @@ def parse_value(text: str) -> Any:
         return loads(text)
     except ValueError:
         return text
+
+
+#: The width `help` fits in: a terminal's classic 80 columns (the page's output is about as wide).
+HELP_COLUMNS = 80
+HELP_FOOTER = "Tab completes commands and device/task ids; up/down walks the history."
+
+
+def _fill(words: list[str], width: int, indent: str = "") -> list[str]:
+    """Words into lines of at most ``width`` characters (a longer single word stays whole)."""
+    lines: list[str] = []
+    line = ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = indent + word
+        else:
+            line = f"{line} {word}" if line else word
+    return [*lines, line] if line else lines
+
+
+def help_text(columns: int = HELP_COLUMNS) -> str:
+    """The command list in ``columns`` columns: usage on the left, what it does on the right; a
+    usage too long for the left column gets its own lines (continued under an indent)."""
+    columns = max(40, columns)
+    left = min(max(len(usage) for usage, _ in COMMANDS.values()), columns // 3)
+    indent = " " * (left + 2)
+    lines: list[str] = []
+    for usage, what in COMMANDS.values():
+        said = _fill(what.split(), columns - len(indent)) or [""]
+        if len(usage) <= left:
+            lines.append(f"{usage.ljust(left)}  {said[0]}".rstrip())
+        else:
+            # Keep each [option VALUE] together: break only between them.
+            lines += _fill(re.findall(r"\[[^\]]*\]|\S+", usage), columns, "    ")
+            lines.append(indent + said[0])
+        lines += [indent + more for more in said[1:]]
+    return "\n".join([*lines, "", *_fill(HELP_FOOTER.split(), columns)])
 
 
 def _usage(name: str, problem: str) -> InvalidMessage:
@@ -132,11 +170,7 @@ class Commands:
     # -- the commands -----------------------------------------------------
 
     async def cmd_help(self, args: list[str]) -> tuple[str, Any, Any]:
-        width = max(len(usage) for usage, _ in COMMANDS.values())
-        lines = [f"{usage.ljust(width)}  {what}" for usage, what in COMMANDS.values()]
-        lines.append("")
-        lines.append("Tab completes commands and device/task ids; up/down walks the history.")
-        return "\n".join(lines), {"commands": {k: {"usage": u, "help": h} for k, (u, h) in COMMANDS.items()}}, None
+        return help_text(), {"commands": {k: {"usage": u, "help": h} for k, (u, h) in COMMANDS.items()}}, None
 
     async def cmd_status(self, args: list[str]) -> tuple[str, Any, Any]:
         if args:
