@@ -109,6 +109,12 @@ def test_dashboard_in_chromium(main_process, worker_process) -> None:
             box.fill("")
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
+            # A stray word is refused with one sentence naming it, on the main node and on the page.
+            typed("grid x")
+            sync_api.expect(output).to_contain_text("unexpected word 'x' after `grid`; usage: grid")
+            typed("clear now")
+            sync_api.expect(output).to_contain_text("unexpected word 'now' after `clear`; usage: clear")
+
             # Themes switch by command and by button, and survive a reload (as does the token).
             typed("theme amber")
             sync_api.expect(page.locator("body")).to_have_class(re.compile("theme-amber"))

@@ -68,3 +68,27 @@ async def test_help_fits_80_columns_and_keeps_every_command() -> None:
     for usage, what in COMMANDS.values():
         assert usage in flat and what in flat  # wrapped, not cut
     assert out["json"]["commands"]["submit"]["usage"].startswith("submit TYPE")
+
+
+@pytest.mark.parametrize("line, stray, usage", [
+    ("grid x", "unexpected word 'x' after `grid`", "grid"),
+    ("help me", "unexpected word 'me' after `help`", "help"),
+    ("status now", "unexpected word 'now' after `status`", "status"),
+    ("logs all", "unexpected word 'all' after `logs`", "logs"),
+    ("devices online x", "unexpected word 'x' after `devices online`", "devices [online|offline]"),
+    ("tasks failed extra", "unexpected word 'extra' after `tasks failed`", "tasks [STATUS]"),
+    ("task abc def", "unexpected word 'def' after `task abc`", "task ID"),
+    ("cancel abc def", "unexpected word 'def' after `cancel abc`", "cancel ID"),
+    ("watch abc def", "unexpected word 'def' after `watch abc`", "watch [ID]"),
+    ("grid --limit 5", "unexpected option '--limit' after `grid`", "grid"),
+    ("tasks --limit 5 --limit 6", "--limit is given twice", "tasks [STATUS]"),
+    ("submit echo --watch=yes", "--watch takes no value", "submit TYPE"),
+])  # fmt: skip
+async def test_stray_words_are_refused_with_one_sentence_naming_them(line: str, stray: str, usage: str) -> None:
+    from retire_cluster.protocol.errors import InvalidMessage
+
+    with pytest.raises(InvalidMessage) as refused:
+        await Commands(None).run(line)  # type: ignore[arg-type]  # refused before reaching the node
+    message = refused.value.message
+    assert message.startswith(stray) and f"; usage: {usage}" in message and message.count("; usage:") == 1
+    assert refused.value.path == "$.command"

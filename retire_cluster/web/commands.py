@@ -112,9 +112,20 @@ def _usage(name: str, problem: str) -> InvalidMessage:
     return InvalidMessage(f"{problem}; usage: {COMMANDS[name][0]}", path="$.command")
 
 
-def _options(name: str, args: list[str], takes_value: set[str], flags: frozenset[str] = frozenset()) -> tuple[
-        list[str], dict[str, Any]]:  # fmt: skip
-    """Split ``--opt value`` / ``--opt=value`` / ``--flag`` from positional words."""
+def _stray(name: str, args: list[str], allowed: int = 0) -> None:
+    """Refuse words beyond the ``allowed`` first ones, naming the first stray one."""
+    if len(args) > allowed:
+        extra = args[allowed]
+        what = "option" if extra.startswith("--") else "word"
+        raise _usage(name, f"unexpected {what} {extra!r} after `{' '.join([name, *args[:allowed]])}`")
+
+
+def _options(name: str, args: list[str], takes_value: set[str], flags: frozenset[str] = frozenset(),
+             repeatable: frozenset[str] = frozenset()) -> tuple[list[str], dict[str, Any]]:  # fmt: skip
+    """Split ``--opt value`` / ``--opt=value`` / ``--flag`` from positional words.
+
+    An option given twice is refused unless it is ``repeatable`` (the last one would win silently).
+    """
     words: list[str] = []
     opts: dict[str, Any] = {}
     i = 0
@@ -122,7 +133,11 @@ def _options(name: str, args: list[str], takes_value: set[str], flags: frozenset
         arg = args[i]
         if arg.startswith("--") and len(arg) > 2:
             key, eq, value = arg[2:].partition("=")
-            if key in flags and not eq:
+            if key in opts and key not in repeatable:
+                raise _usage(name, f"--{key} is given twice")
+            if key in flags:
+                if eq:
+                    raise _usage(name, f"--{key} takes no value (got {arg!r})")
                 opts[key] = True
             elif key in takes_value:
                 if not eq:
@@ -170,30 +185,34 @@ class Commands:
     # -- the commands -----------------------------------------------------
 
     async def cmd_help(self, args: list[str]) -> tuple[str, Any, Any]:
+        _stray("help", args)
         return help_text(), {"commands": {k: {"usage": u, "help": h} for k, (u, h) in COMMANDS.items()}}, None
 
     async def cmd_status(self, args: list[str]) -> tuple[str, Any, Any]:
-        if args:
-            raise _usage("status", "no arguments expected")
+        _stray("status", args)
         status = await self._call("cluster_status", {})
         status["version"] = __version__
         return status_text(status, __version__), status, None
 
     async def cmd_devices(self, args: list[str]) -> tuple[str, Any, Any]:
-        if len(args) > 1 or (args and args[0] not in ("online", "offline")):
-            raise _usage("devices", "the only filter is online or offline")
+        if args and args[0] not in ("online", "offline"):
+            raise _usage("devices", f"{args[0]!r} is not a filter: the only ones are online and offline")
+        _stray("devices", args, 1)
         devices = (await self._call("list_devices", {"status": args[0]} if args else {}))["devices"]
         return devices_table(devices, self.web.node.clock()), {"devices": devices}, None
 
     async def cmd_grid(self, args: list[str]) -> tuple[str, Any, Any]:
+        _stray("grid", args)
         devices = (await self._call("list_devices", {}))["devices"]
         return device_grid(devices), {"devices": devices}, None
 
     async def cmd_tasks(self, args: list[str]) -> tuple[str, Any, Any]:
         words, opts = _options("tasks", args, {"limit", "device", "type"})
         data: dict[str, Any] = {"limit": 20}
-        if len(words) > 1 or (words and words[0] not in {s.value for s in TaskStatus}):
-            raise _usage("tasks", f"STATUS is one of {', '.join(s.value for s in TaskStatus)}")
+        if words and words[0] not in {s.value for s in TaskStatus}:
+            raise _usage("tasks", f"{words[0]!r} is not a task state: STATUS is one of "
+                                  f"{', '.join(s.value for s in TaskStatus)}")  # fmt: skip
+        _stray("tasks", words, 1)
         if words:
             data["status"] = words[0]
         if "limit" in opts:
@@ -209,20 +228,22 @@ class Commands:
         return tasks_table(tasks), {"tasks": tasks}, None
 
     async def cmd_task(self, args: list[str]) -> tuple[str, Any, Any]:
-        if len(args) != 1:
+        if not args:
             raise _usage("task", "give one task id")
+        _stray("task", args, 1)
         task = (await self._call("task_status", {"task_id": args[0]}))["task"]
         return task_text(task), {"task": task}, None
 
     async def cmd_cancel(self, args: list[str]) -> tuple[str, Any, Any]:
-        if len(args) != 1:
+        if not args:
             raise _usage("cancel", "give one task id")
+        _stray("cancel", args, 1)
         result = await self._call("task_cancel", {"task_id": args[0]})
         return f"{task_progress({'status': 'cancelled'})}  {result['task_id']}", result, None
 
     async def cmd_submit(self, args: list[str]) -> tuple[str, Any, Any]:
         words, opts = _options("submit", args, {"priority", "timeout", "max-retries", "requires"},
-                               frozenset({"watch"}))
+                               frozenset({"watch"}), repeatable=frozenset({"requires"}))
         if not words:
             raise _usage("submit", "give the task type")
         spec: dict[str, Any] = {"task_type": words[0], "payload": self._payload(words[1:])}
@@ -273,8 +294,7 @@ class Commands:
         return out
 
     async def cmd_watch(self, args: list[str]) -> tuple[str, Any, Any]:
-        if len(args) > 1:
-            raise _usage("watch", "give at most one task id")
+        _stray("watch", args, 1)
         if args:
             task = (await self._call("task_status", {"task_id": args[0]}))["task"]
             text = f"{task_progress(task)}  {task['status']}  {task['task_id']}"
@@ -283,7 +303,6 @@ class Commands:
         return tasks_table(tasks), {"tasks": tasks}, {"watch": None}
 
     async def cmd_logs(self, args: list[str]) -> tuple[str, Any, Any]:
-        if args:
-            raise _usage("logs", "no arguments expected")
+        _stray("logs", args)
         return "the log streams live on the page (GET /stream/logs)", {}, {"logs": True}
 

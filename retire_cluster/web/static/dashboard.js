@@ -16,6 +16,9 @@
   var THEMES = ["matrix", "amber", "blue"];
   var COMMANDS = ["help", "status", "devices", "grid", "tasks", "task", "submit", "cancel", "watch",
                   "logs", "clear", "theme", "history", "logout"];
+  // The commands the page runs by itself: how many words they take, and their usage.
+  var PAGE_ONLY = { clear: [0, "clear"], theme: [1, "theme matrix|amber|blue"], history: [0, "history"],
+                    logout: [0, "logout"] };
   var TASK_STATES = ["pending", "assigned", "running", "completed", "failed", "cancelled", "timeout"];
   var TERMINAL = { completed: 1, failed: 1, cancelled: 1, timeout: 1 };
   var HISTORY_KEY = "rc-history", THEME_KEY = "rc-theme", TOKEN_KEY = "rc-token";
@@ -418,6 +421,12 @@
     if (!line) return Promise.resolve();
     var words = line.split(/\s+/), name = words[0].toLowerCase();
     if (state.live && !(name === "watch" || name === "logs")) stopLive("(stopped)");
+    var takes = Object.prototype.hasOwnProperty.call(PAGE_ONLY, name) ? PAGE_ONLY[name] : null;
+    if (takes && words.length > takes[0] + 1) {  // as the main node answers for its commands
+      print("error (invalid_message): unexpected word '" + words[takes[0] + 1] + "' after `" +
+            words.slice(0, takes[0] + 1).join(" ") + "`; usage: " + takes[1], "err");
+      return Promise.resolve();
+    }
     if (name === "clear") { out.textContent = ""; return Promise.resolve(); }
     if (name === "theme") { setTheme(words[1]); return Promise.resolve(); }
     if (name === "history") {
