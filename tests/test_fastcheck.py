@@ -112,3 +112,79 @@ def test_nan_and_infinity_are_not_numbers_on_either_path() -> None:
     fine = {"message_type": "task_submit", "message_id": "1", "sender_id": "c",
             "data": {"task": {"task_type": "echo", "timeout": 2.5}, "wait": 1}}
     assert validator.fast_ok(fine) and validator.reference_ok(fine)
+
+
+#: Keywords and shapes the message schemas do not all use, each checked against jsonschema.
+SYNTHETIC = {
+    "$id": "https://x/syn.json",
+    "$defs": {
+        "tree": {"type": "object", "required": ["v"], "additionalProperties": False,
+                 "properties": {"v": {"type": "integer", "minimum": 0, "exclusiveMaximum": 10},
+                                "kids": {"type": "array", "maxItems": 3, "items": {"$ref": "#/$defs/tree"}}}},
+        "word": {"type": "string", "minLength": 1, "maxLength": 5, "pattern": "^[a-z]+$"},
+    },
+    "type": "object",
+    "properties": {
+        "tree": {"$ref": "#/$defs/tree"},
+        "any": {"anyOf": [{"$ref": "#/$defs/word"}, {"type": "number", "maximum": 3.5}]},
+        "one": {"oneOf": [{"type": "integer"}, {"type": "number", "minimum": 2}]},
+        "not": {"not": {"type": "array", "minItems": 2}},
+        "enum": {"enum": [1, "a", None, [1, 2], {"k": True}, False]},
+        "const": {"const": {"a": [1, 2.0]}},
+        "extra": {"type": "object", "additionalProperties": {"$ref": "#/$defs/word"}, "properties": {"n": {"type": "null"}}},
+        "untyped": {"minLength": 2, "maxItems": 1, "minimum": -1, "required": ["x"], "items": {"type": "boolean"}},
+        "all": {"allOf": [{"type": ["integer", "string"]}, {"not": {"const": 7}}, {"maximum": 100}]},
+    },
+}
+_leaf = (st.none() | st.booleans() | st.integers(-3, 12) | st.sampled_from([1.0, 2.5, 3.5, 4.0, -0.5, 7.0, 1e300])
+         | st.sampled_from(["", "a", "ab", "abcdef", "A", "x y", "hello"]))
+_values = st.recursive(_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(
+    st.sampled_from(["v", "kids", "x", "k", "a", "n", "w"]), c, max_size=3), max_leaves=10)
+_trees = st.recursive(st.fixed_dictionaries({"v": st.integers(-1, 11)}),
+                      lambda c: st.fixed_dictionaries({"v": st.integers(0, 9), "kids": st.lists(c, max_size=4)}),
+                      max_leaves=8)
+
+
+@settings(max_examples=600, deadline=None)
+@given(value=st.dictionaries(st.sampled_from(sorted(SYNTHETIC["properties"])), _values | _trees, max_size=4))
+def test_synthetic_schema_same_verdict(value: dict) -> None:
+    """Recursion, anyOf/oneOf/not, enum and const of any JSON value, untyped keywords: as jsonschema says."""
+    from jsonschema import Draft202012Validator
+
+    check = compile_schema(SYNTHETIC, {SYNTHETIC["$id"]: SYNTHETIC})
+    assert check(value) == Draft202012Validator(SYNTHETIC).is_valid(value), value
+
+
+def test_recursive_reference_and_deep_nesting() -> None:
+    check = compile_schema(SYNTHETIC, {SYNTHETIC["$id"]: SYNTHETIC})
+    tree: dict = {"v": 1}
+    for _ in range(60):  # deeper than the inlined code goes: the recursive ref is a call
+        tree = {"v": 2, "kids": [tree]}
+    assert check({"tree": tree})
+    tree["kids"][0]["kids"][0]["v"] = 10
+    assert not check({"tree": tree})
+    nested: dict = {"type": "integer"}
+    for _ in range(40):  # past _MAX_INLINE_DEPTH of inline properties: compiles to calls
+        nested = {"type": "object", "properties": {"a": nested}}
+    deep = {"$id": "https://x/deep.json", **nested}
+    value: object = 5
+    for _ in range(40):
+        value = {"a": value}
+    assert compile_schema(deep, {deep["$id"]: deep})(value)
+    assert "def " in compile_schema(deep, {deep["$id"]: deep}).__source__
+
+
+@pytest.mark.parametrize("value", [
+    {"one": 5}, {"one": 1}, {"one": 2.5}, {"one": 1.5}, {"one": "x"},      # oneOf: both, first, second, none
+    {"enum": True}, {"enum": 1}, {"enum": 1.0}, {"enum": False}, {"enum": 0}, {"enum": [1, 2]}, {"enum": {"k": 1}},
+    {"const": {"a": [1, 2]}}, {"const": {"a": [True, 2]}}, {"any": "abc"}, {"any": 4}, {"any": "ABC"},
+    {"not": [1]}, {"not": [1, 2]}, {"not": "ab"}, {"all": 7}, {"all": 7.0}, {"all": "7"}, {"all": 101}, {"all": 2.5},
+    {"extra": {"n": None, "w": "ab"}}, {"extra": {"w": "toolong"}}, {"extra": {"n": "ab"}},
+    {"untyped": "a"}, {"untyped": [True, False]}, {"untyped": {"y": 1}}, {"untyped": -2}, {"untyped": True},
+    {"tree": {"v": 9.0}}, {"tree": {"v": 10}}, {"tree": {"v": 1, "kids": [{"v": True}]}}, {"tree": {"v": 1, "x": 1}},
+])
+def test_synthetic_schema_edge_values(value: dict) -> None:
+    from jsonschema import Draft202012Validator
+
+    check = compile_schema(SYNTHETIC, {SYNTHETIC["$id"]: SYNTHETIC})
+    assert check(value) == Draft202012Validator(SYNTHETIC).is_valid(value), value
