@@ -7,7 +7,7 @@ from typing import Any, Dict, Set, Tuple
 
 import webutil
 from jsonschema import Draft202012Validator
-from webutil import Cluster, open_stream
+from webutil import WORKER_ID, Cluster, open_stream
 
 METHODS = {"get", "post", "put", "patch", "delete"}
 
@@ -85,3 +85,28 @@ async def test_every_documented_get_answers_with_a_documented_status(cluster: Cl
                          ("/static/{filename}", "dashboard.css")):
         status, _ = await cluster.get(path.split("{")[0] + sample)
         assert str(status) in doc["paths"][path]["get"]["responses"], (path, status)
+
+
+async def test_a_query_parameter_given_twice_is_refused_unless_documented_as_repeatable(cluster: Cluster) -> None:
+    """?status=pending&status=running used to list only pending tasks, silently."""
+    status, body = await cluster.get("/api/v1/tasks?status=pending&status=running")
+    assert (status, body["path"]) == (400, "?status"), body
+    doc = (await cluster.get("/api/v1/openapi.json"))[1]
+    assert "given twice" in doc["info"]["description"]
+    checked = set()
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            for param in op.get("parameters", []):
+                if param["in"] != "query" or param["schema"].get("type") == "array":
+                    continue  # the repeatable ones (task_id, device_id on /stream/...) are an array
+                name = param["name"]
+                url = path.replace("{device_id}", WORKER_ID).replace("{task_id}", "nope")
+                status, body = await cluster.request(method.upper(), f"{url}?{name}=1&{name}=2", json={})
+                assert status == 400 and "400" in op["responses"], (method, path, name, status, body)
+                assert body["code"] == "invalid_message" and body["path"] == f"?{name}", body
+                assert body["error"] == f"query parameter {name!r} is given 2 times; it takes one value, so give it once."
+                checked.add((path, name))
+    assert ("/api/v1/tasks", "status") in checked and ("/text/tasks", "status") in checked
+    assert ("/api/v1/devices", "status") in checked and ("/stream/logs", "level") in checked
+    status, body = await cluster.get("/stream/logs?last_event_id=1&last_event_id=2")
+    assert status == 400 and body["path"] == "?last_event_id", body

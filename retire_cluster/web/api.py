@@ -2,7 +2,9 @@
 
 Query parameters are checked like requirement keys on the wire: an unknown
 one is refused (``invalid_message``), so a typo never silently lists
-everything. Validation errors name the query parameter (``?status``) or the
+everything; so is one given twice (``?status=pending&status=running``), since
+each takes one value and silently using the first would answer another
+question. (Only the event streams' ``task_id`` / ``device_id`` repeat.) Validation errors name the query parameter (``?status``) or the
 JSON path in the request body (``$.payload``) instead of the wire path.
 """
 
@@ -20,17 +22,30 @@ from .app import json_response
 if TYPE_CHECKING:
     from .app import WebApp
 
-__all__ = ["Api", "query_int", "read_json"]
+__all__ = ["Api", "check_query", "query_int", "read_json", "refuse_repeated"]
 
 API = "/api/v1"
 MAX_LIST = 10_000  # task_list's own limit
 
 
 def check_query(request: web.Request, allowed: set[str]) -> None:
+    """Refuse a query parameter not in ``allowed``, or given more than once."""
     unknown = sorted(set(request.query) - allowed)
     if unknown:
         known = ", ".join(sorted(allowed)) or "none"
         raise InvalidMessage(f"unknown query parameter {unknown[0]!r}; known: {known}.", path=f"?{unknown[0]}")
+    refuse_repeated(request)
+
+
+def refuse_repeated(request: web.Request, repeatable: frozenset[str] = frozenset()) -> None:
+    """Refuse a query parameter given more than once (``?status=a&status=b``) unless ``repeatable``."""
+    if len(request.query) == len(set(request.query)):
+        return
+    for name in sorted(set(request.query) - repeatable):
+        count = len(request.query.getall(name))
+        if count > 1:
+            raise InvalidMessage(f"query parameter {name!r} is given {count} times; it takes one value, "
+                                 "so give it once.", path=f"?{name}")  # fmt: skip
 
 
 def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:

@@ -425,11 +425,14 @@ class WebApp:
 
 def _stream_filter(name: str, request: web.Request) -> Callable[[str | None], bool] | None:
     """``?task_id=A&task_id=B`` on /stream/tasks, ``?device_id=`` on devices, ``?level=`` on logs."""
+    from .api import refuse_repeated
+
     unknown = set(request.query) - {"last_event_id", {"tasks": "task_id", "devices": "device_id",
                                                        "logs": "level"}[name]}
     if unknown:
         raise InvalidMessage(f"unknown query parameter {sorted(unknown)[0]!r} on /stream/{name}.",
                              path=f"?{sorted(unknown)[0]}")
+    refuse_repeated(request, frozenset({"task_id", "device_id"}))
     if name == "logs":
         level = request.query.get("level")
         if level is None:

@@ -203,7 +203,8 @@ def build_document(server_url: str | None = None) -> dict[str, Any]:
     responses = {
         f"E{code}": _json(_ref("Error"), text)
         for code, text in (
-            (400, "Invalid request: invalid_json or invalid_message (with path)."),
+            (400, "Invalid request: invalid_json or invalid_message (with path), such as an unknown query "
+                  "parameter or one given twice."),
             (401, "unauthorized: send Authorization: Bearer TOKEN."),
             (404, "not_found."),
             (409, "conflict: the task already ended."),
@@ -217,7 +218,11 @@ def build_document(server_url: str | None = None) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "retire-cluster main node", "version": __version__,
                  "description": "JSON, text, metrics and event-stream API of the main node. Errors carry "
-                                "the wire protocol's codes (see protocol/PROTOCOL.md)."},  # fmt: skip
+                                "the wire protocol's codes (see protocol/PROTOCOL.md). A query parameter "
+                                "takes one value: given twice (?status=pending&status=running) it is "
+                                "refused with 400 invalid_message naming it, as is an unknown one; only "
+                                "the parameters marked repeatable (an array: task_id and device_id on "
+                                "/stream/...) may be given more than once."},  # fmt: skip
         "paths": _paths(),
         "components": {
             "schemas": _components(),
