@@ -4,6 +4,7 @@ and one Client used by two threads at once is refused instead of mixing their fr
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any, Callable, Dict, List
 
 import pytest
@@ -14,6 +15,15 @@ from retire_cluster.main import MainNode
 
 def addr(node: MainNode) -> str:
     return f"{node.address[0]}:{node.address[1]}"
+
+
+async def subscribed_on_the_node(node: MainNode, task_id: str) -> None:
+    """Until a connection to the node has subscribed to ``task_id`` (checked each loop pass, no fixed sleep)."""
+    for _ in range(10_000):
+        if any(task_id in conn.subscribed for conn in node.server.connections):
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"nobody subscribed to {task_id}")
 
 
 def every_call(client: Client, task_id: str) -> Dict[str, Callable[[], Any]]:
@@ -76,3 +86,51 @@ async def test_the_executor_refuses_work_after_shutdown(node: MainNode) -> None:
         ex.map("echo", [{"message": "x"}])
     with pytest.raises(ClientError, match="closed"):
         await ex.client.status("t1")
+
+
+async def test_a_second_thread_calling_while_a_call_is_in_progress_is_refused(node: MainNode) -> None:
+    """Before, the second thread's request went out on the same socket and the two threads read each
+    other's replies (a lost reply, then a timeout), with nothing saying why."""
+    aio = AsyncClient(addr(node), node.token, timeout_s=10)
+    task_id = await aio.submit("echo", {"message": "x"})  # no device: it stays pending until cancelled
+    client = Client(addr(node), node.token, timeout_s=10)
+    first_thread: List[int] = []
+    later = client.as_completed([task_id])  # made now, stepped from the second thread below
+
+    def wait_in_the_first_thread() -> Dict[str, Any]:
+        first_thread.append(threading.get_ident())
+        return client.wait(task_id)
+
+    waiting = asyncio.ensure_future(asyncio.to_thread(wait_in_the_first_thread))
+    try:
+        # wait() subscribes, then blocks until the task ends: it is in progress from here on.
+        await subscribed_on_the_node(node, task_id)
+
+        def calls_from_a_second_thread() -> List[str]:
+            assert threading.get_ident() not in first_thread
+            refused = []
+            for call in (lambda: client.status(task_id), lambda: client.submit("echo"), client.cluster_status,
+                         client.close, lambda: next(later)):
+                with pytest.raises(RuntimeError) as info:
+                    call()
+                refused.append(str(info.value))
+            return refused
+
+        refused = await asyncio.to_thread(calls_from_a_second_thread)
+        assert len(refused) == 5 and len(set(refused)) == 1
+        assert "one Client per thread, or share an AsyncClient or a ClusterExecutor" in refused[0]
+        assert not waiting.done() and client.connected  # the refusals sent nothing and closed nothing
+        await aio.cancel(task_id)
+        record = await asyncio.wait_for(waiting, 10)  # the first thread's call got its own answer
+        assert record["task_id"] == task_id and record["status"] == "cancelled"
+
+        # One thread after another (not at the same time) is fine.
+        assert (await asyncio.to_thread(client.status, task_id))["status"] == "cancelled"
+        assert [r["status"] for r in await asyncio.to_thread(list, client.as_completed([task_id]))] == ["cancelled"]
+        assert client.connections_opened == 1
+    finally:
+        if not waiting.done():
+            await aio.cancel(task_id)
+            await asyncio.wait_for(waiting, 10)
+        client.close()
+        await aio.close()

@@ -26,6 +26,7 @@ import collections
 import functools
 import socket
 import ssl as _ssl
+import threading
 import time
 from typing import Any, Callable, Deque, Dict, Generator, Iterable, List, Optional, Set, TypeVar, cast
 
@@ -67,24 +68,45 @@ _MAX_KEPT_UPDATES = 100_000
 
 #: What a call on a closed Client raises (a ClientError, as AsyncClient raises).
 _CLOSED = "this Client is closed; make a new one"
+#: What a call raises while another thread's call on the same Client is in progress (a RuntimeError).
+_IN_USE = ("this Client is in the middle of a call from another thread; a Client serves one thread at a "
+           "time: make one Client per thread, or share an AsyncClient or a ClusterExecutor")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _one_call(method: F) -> F:
-    """A public method that refuses a closed client (before, the call silently opened a new connection)."""
+    """A public method that refuses a closed client, and a call while another thread's is in progress.
+
+    Before, a closed client silently opened a new connection, and two threads
+    calling at once interleaved their frames and took each other's replies.
+    The claim is a non-blocking acquire of a reentrant lock (0.1 µs; 0.4-0.5 µs
+    a call with this wrapper, against 100 µs or more for a round trip): a method
+    may call another on the same thread, and threads taking turns (one call
+    after another, not overlapping) stay allowed.
+    """
 
     @functools.wraps(method)
     def call(self: Client, *args: Any, **kwargs: Any) -> Any:
-        if self._closed:
-            raise ClientError(_CLOSED)
-        return method(self, *args, **kwargs)
+        if not self._calling.acquire(False):
+            raise RuntimeError(_IN_USE)
+        try:
+            if self._closed:
+                raise ClientError(_CLOSED)
+            return method(self, *args, **kwargs)
+        finally:
+            self._calling.release()
 
     return cast(F, call)
 
 
 class Client:
-    """Blocking client of the main node. Not thread-safe: use one per thread.
+    """Blocking client of the main node, for one thread at a time.
+
+    A call while another thread's call on the same client is in progress raises
+    RuntimeError (it would mix the two threads' frames and replies): make one
+    Client per thread, or share an :class:`AsyncClient` or a ``ClusterExecutor``.
+    Threads taking turns (one call after another) are fine.
 
     Once closed (:meth:`close`, or the end of its ``with`` block) it stays closed:
     every call raises :class:`ClientError`, as :class:`AsyncClient` does.
@@ -138,6 +160,8 @@ class Client:
         self._subscribed: Set[str] = set()
         self._watching: Dict[str, int] = {}
         self._closed = False
+        # Held by the thread whose call is in progress (reentrant: a method may call another).
+        self._calling = threading.RLock()
 
     def __enter__(self) -> Client:
         """The connection opens with the first request."""
@@ -165,10 +189,19 @@ class Client:
             self._connect(time.monotonic() + self.timeout_s)
 
     def close(self) -> None:
-        """Close the connection for good: any later call raises ClientError. Closing again does nothing."""
-        self._closed = True
-        self._drop()
-        self._updates.clear()
+        """Close the connection for good: any later call raises ClientError. Closing again does nothing.
+
+        Raises:
+            RuntimeError: another thread's call on this client is in progress.
+        """
+        if not self._calling.acquire(False):
+            raise RuntimeError(_IN_USE)
+        try:
+            self._closed = True
+            self._drop()
+            self._updates.clear()
+        finally:
+            self._calling.release()
 
     def _drop(self) -> None:
         if self._sock is not None:
@@ -531,15 +564,23 @@ class Client:
         return self._stepped(self._as_completed(task_ids, timeout_s))
 
     def _stepped(self, records: Generator[Dict[str, Any], None, None]) -> Generator[Dict[str, Any], None, None]:
-        """``records``, each step of it a call of its own (refused once this client is closed)."""
+        """``records``, each step of it a call of its own (see :func:`_one_call`).
+
+        Between steps the client is free: the loop body may make other calls,
+        and another thread may take the generator over.
+        """
         try:
             while True:
-                if self._closed:
-                    raise ClientError(_CLOSED)
+                if not self._calling.acquire(False):
+                    raise RuntimeError(_IN_USE)
                 try:
+                    if self._closed:
+                        raise ClientError(_CLOSED)
                     record = next(records)
                 except StopIteration:
                     return
+                finally:
+                    self._calling.release()
                 yield record
         finally:
             records.close()
