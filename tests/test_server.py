@@ -199,3 +199,33 @@ async def test_a_waited_reply_is_written_at_once_and_the_rest_of_the_pass_togeth
     assert transport.writes[-1] == b"reply-3\n"
     await asyncio.sleep(0)
     assert len(transport.writes) == 3
+
+
+async def test_the_replies_to_one_read_are_written_together_when_it_is_handled(node: MainNode) -> None:
+    """No call_soon per connection: the replies leave in one write before data_received returns."""
+    from conftest import register_data
+
+    from retire_cluster.main.server import Connection
+
+    conn = Connection(node)
+    transport = RecordingTransport()
+    conn.connection_made(transport)
+
+    def frame(mtype: str, mid: str, data: dict) -> bytes:
+        return json.dumps({"message_type": mtype, "message_id": mid, "sender_id": "dev-9",
+                           "auth_token": node.token, "data": data}).encode() + b"\n"
+
+    conn.data_received(frame("register", "r", register_data()))
+    for _ in range(5):  # the register reply waits for its commit
+        await asyncio.sleep(0)
+        await node.store.flush()
+    assert any(b'"r"' in w for w in transport.writes)
+    transport.writes.clear()
+    conn.data_received(frame("heartbeat", "h1", {}) + frame("heartbeat", "h2", {}))
+    assert len(transport.writes) == 1  # before the loop runs again, both replies in one write
+    replies = [json.loads(line) for line in transport.writes[0].splitlines()]
+    assert [r["data"]["original_message_id"] for r in replies] == ["h1", "h2"]
+    conn.send_bytes(b"push\n")  # outside a read: at the end of the pass, as before
+    assert len(transport.writes) == 1
+    await asyncio.sleep(0)
+    assert transport.writes[-1] == b"push\n"

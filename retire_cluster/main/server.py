@@ -3,7 +3,8 @@
 One :class:`Connection` (an ``asyncio.Protocol``) per peer. Received bytes go
 through the sans-I/O :class:`MessageStream`; each event goes to the node's
 ``dispatch``. Replies are queued with :meth:`Connection.send` and written once
-per loop pass, so a burst of requests costs one ``write`` system call. A reply
+per read (the replies to what one read brought) or once per loop pass (pushes
+queued meanwhile), so a burst of requests costs one ``write`` system call. A reply
 that waited for a commit goes out at once when it is the first of its pass
 (:meth:`Connection.send_now`); the rest of that pass follows in one more write.
 
@@ -82,6 +83,7 @@ class Connection(asyncio.Protocol):
         self.welcomed = False
         self._out: list[bytes] = []
         self._flush_scheduled = False
+        self._reading = False  # in data_received: it writes the replies when the read is handled
         self._loop = asyncio.get_running_loop()
         # Token bucket of the request rate limit (not used once registered).
         self._tokens = float(config.client_burst)
@@ -111,7 +113,16 @@ class Connection(asyncio.Protocol):
         if not self.authenticated:
             self._receive_preauth(data)
             return
-        self._handle(self._feed(data))
+        # The replies to what this read brought are written once, right after
+        # it (no call_soon per connection); pushes queued later in the pass
+        # still go out at its end.
+        self._reading = True
+        try:
+            self._handle(self._feed(data))
+        finally:
+            self._reading = False
+        if self._out and not self._flush_scheduled:
+            self.flush()
 
     def eof_received(self) -> bool:
         if not self.closed:
@@ -257,7 +268,7 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return
         self._out.append(frame)
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and not self._reading:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
@@ -268,6 +279,9 @@ class Connection(asyncio.Protocol):
         (other callbacks of the same commit); what else this pass queues for
         the peer still leaves together, in one more write.
         """
+        if self._reading:  # written when this read is handled, moments from now
+            self.send_bytes(frame)
+            return
         first = not self._flush_scheduled
         self.send_bytes(frame)
         if first and self._out:
