@@ -8,16 +8,67 @@ Circuit breaker (per device), as in the seed's load balancer:
     half_open --success--> closed            half_open --failure--> open
 
 While open the device gets no work; half-open lets exactly one trial task
-through. Failures are results ``failed`` or ``timeout`` and tasks lost with
-the device; a success is a ``completed`` result.
+through. A success is a ``completed`` result. The breaker is for devices that
+are broken, not for bad tasks, so a failure counts only when it is the
+device's doing (:func:`device_at_fault`):
+
+- counts: the device was lost with the task (offline, or it re-registered
+  without it); the main node expired the lease (no result by the task's
+  ``timeout`` plus ``lease_grace_s``); a ``failed`` result that says the
+  worker could not run the task: no exit code, and an ``error`` that begins
+  as one of :data:`DEVICE_ERRORS` or ends as :data:`DEVICE_ERROR_ENDS` (it
+  offered a type it cannot run, could not start the process or make its
+  scratch directory, the python_eval sandbox ended without an answer, the
+  worker itself raised), or exit code 0 (the task succeeded, the worker failed);
+- does not count (the task's own doing): a ``failed`` result with a non-zero
+  exit code (a ``command`` that exited non-zero or was killed at a resource
+  limit, a python_eval expression that raised, a plug-in's non-zero exit), a
+  ``failed`` result without an exit code for any other reason (an invalid
+  payload, an exception in a plug-in), and a ``timeout`` the worker reports
+  (it stopped the task at the task's own ``timeout``, as it should: the task
+  needed more time than it asked for).
+
+A result that does not count changes neither the breaker's count nor its
+state (a half-open device's trial simply ends, and the next task is the next
+trial). Device statistics still count every failed, timed-out or lost task.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EWMA_ALPHA", "CircuitBreaker", "DeviceStats"]
+__all__ = ["DEVICE_ERRORS", "DEVICE_ERROR_ENDS", "EWMA_ALPHA", "CircuitBreaker", "DeviceStats", "device_at_fault"]
+
+#: How the worker's ``error`` begins when it could not run a task at all (an
+#: exit code is then null): retire_cluster/worker/executor.py and agent.py.
+#: tests/test_health_breaker.py runs the worker's executor to keep these in step.
+DEVICE_ERRORS = (
+    "cannot start the task process",  # fork/exec of the sandbox failed (no memory, no processes left)
+    "cannot create a scratch directory",  # its disk is full or read-only
+    "python_eval child ended with",  # the sandboxed Python died without an answer
+    "worker error:",  # a bug in the worker
+)
+#: ... or ends: "task type 'x' is not enabled on this worker" (it offered a type it cannot run).
+DEVICE_ERROR_ENDS = ("is not enabled on this worker",)
+
+
+def device_at_fault(status: str, result: Mapping[str, Any] | None) -> bool:
+    """Whether a worker's ``task_result`` of ``status`` and ``result`` counts against its device.
+
+    Only ``failed`` can: see the module docstring for the rule.
+    """
+    if status != "failed":
+        return False
+    if not isinstance(result, Mapping):
+        return False
+    code = result.get("exit_code")
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code == 0  # non-zero: the task's process or expression said it failed
+    error = result.get("error")
+    return isinstance(error, str) and (error.startswith(DEVICE_ERRORS) or error.endswith(DEVICE_ERROR_ENDS))
+
 
 #: Weight of the newest sample in the response-time average.
 EWMA_ALPHA = 0.3

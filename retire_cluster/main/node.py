@@ -41,7 +41,7 @@ from ..protocol.validation import MessageValidator
 from .config import ConfigError, MainConfig
 from .dispatch import Dispatcher
 from .handlers import Handlers
-from .health import CircuitBreaker
+from .health import CircuitBreaker, device_at_fault
 from .keyfilter import KeyFilter
 from .monitor import Monitor
 from .registry import Device, Registry
@@ -540,21 +540,30 @@ class MainNode(Dispatcher):
         self.scheduler.push(task, now)
         self.schedule_soon()
 
-    def _release(self, task: Task, outcome: str, now: float) -> None:
-        """Free the device slot, close the current attempt, update the device's record."""
+    def _release(self, task: Task, outcome: str, now: float, *, device_failed: bool | None = None) -> None:
+        """Free the device slot, close the current attempt, update the device's record.
+
+        ``device_failed`` says whether a failed or timed-out ``outcome`` was
+        the device's doing (counted by its circuit breaker) or the task's
+        own (see :mod:`.health`); None means: only ``worker_lost`` is.
+        """
         device = self.registry.get(task.assigned_device or "")
         if device is not None and task.task_id in device.running:
             device.running.discard(task.task_id)
+            if device_failed is None:
+                device_failed = outcome == "worker_lost"
             if outcome == "completed":
                 device.stats.record_success(task.task_type, task.execution_time_s)
                 device.breaker.on_success()
-            elif outcome in ("failed", "timeout", "worker_lost"):
-                device.stats.failures += 1
-                if device.breaker.on_failure(now):
-                    log.warning("device %s: circuit breaker open after %d failures in a row",
-                                device.device_id, device.breaker.consecutive_failures)
-            else:  # handed back, refused, cancelled: says nothing about the device
-                device.breaker.trial_running = False
+            else:
+                if outcome in ("failed", "timeout", "worker_lost"):
+                    device.stats.failures += 1
+                if device_failed:
+                    if device.breaker.on_failure(now):
+                        log.warning("device %s: circuit breaker open after %d failures in a row",
+                                    device.device_id, device.breaker.consecutive_failures)
+                else:  # the task's own failure, handed back, refused, cancelled: says nothing
+                    device.breaker.trial_running = False
             self.touch(device)
             self.device_changed(device)
         self.monitor.release(task)
@@ -578,7 +587,8 @@ class MainNode(Dispatcher):
         if execution_time_s is not None:
             task.execution_time_s = execution_time_s
         if not released:
-            self._release(task, status.value, now)
+            # Ended by its device's task_result (or a cancel): the result says whose doing a failure was.
+            self._release(task, status.value, now, device_failed=device_at_fault(status.value, result))
         task.move(status)
         task.finished_at = now
         if result is not None:
@@ -599,6 +609,9 @@ class MainNode(Dispatcher):
     def expire(self, task: Task, now: float) -> None:
         """The lease of ``task`` ran out: stop it on its device, then retry or end it."""
         self.send_cancel(task, "timeout")
+        # The device said nothing by timeout + lease_grace_s (a worker stops a task at its
+        # timeout and reports it): that counts against the device, unlike a reported timeout.
+        self._release(task, "timeout", now, device_failed=True)
         if task.retry_on_timeout and task.attempts_used <= task.max_retries:
             self.requeue(task, "timeout", now)
         else:
@@ -607,6 +620,7 @@ class MainNode(Dispatcher):
                 TaskStatus.TIMEOUT,
                 now,
                 error=f"no result within the task timeout of {task.timeout_s:g} s",
+                released=True,
             )
 
     def send_cancel(self, task: Task, reason: str) -> None:
