@@ -11,6 +11,7 @@ Termux); the main node's modules are imported inside the ``main`` command.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import socket
 import sys
@@ -207,31 +208,72 @@ def token_cmd(data_dir: str) -> None:
 # -- worker ------------------------------------------------------------------
 
 
+#: What a list setting of the worker's --config file holds, and an example (for the refusal).
+_LIST_SETTINGS = {"allow": ("task types", '["python_eval"]'), "capabilities": ("capabilities", '["gpu"]')}
+
+
+def _file_type_error(key: str, param: click.Parameter, value: Any) -> Optional[str]:
+    """Why ``value`` from the worker's config file cannot be ``param``'s setting; None if it can.
+
+    Click would convert a file value as if it were typed text: ``"max_tasks": 3.5`` became 3,
+    ``"weight": true`` 1.0, and a string for a list got click's own words. The main node's
+    config file refuses the wrong JSON type in one sentence; so does this one.
+    """
+    given = json.dumps(value)
+    if param.multiple:
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return None
+        what, example = _LIST_SETTINGS.get(param.name or "", ("strings", '["..."]'))
+        return f"{key} must be a list of {what}, like {example}, not {given}."
+    is_flag = isinstance(param, click.Option) and param.is_flag
+    # null means "not set" where the option has no default of its own (--max-tasks: the CPU count)
+    nullable = not is_flag and not param.required and not isinstance(param.default, (str, int, float))
+    if is_flag:
+        what, ok = "true or false", isinstance(value, bool)
+    elif isinstance(param.type, click.types.IntParamType):
+        what, ok = "a whole number", type(value) is int
+    elif isinstance(param.type, click.types.FloatParamType):
+        what, ok = "a number", type(value) in (int, float) and math.isfinite(value)
+    else:
+        what, ok = "a string", isinstance(value, str)
+    if ok or (nullable and value is None):
+        return None
+    return f"{key} must be {what}{' or null' if nullable else ''}, not {given}."
+
+
 def _load_default_map(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
-    """--config FILE: a JSON object whose keys (option names, - or _) become defaults."""
-    if not value:
+    """--config FILE: a JSON object whose keys (option names, - or _) become defaults.
+
+    A problem with the file is one sentence and exit 2, as for the main node's --config.
+    """
+    if not value or ctx.resilient_parsing:
         return value
     try:
         raw = json.loads(Path(value).read_text(encoding="utf-8"))
     except OSError as exc:
-        raise click.BadParameter(f"cannot read {value}: {exc.strerror}.") from None
+        _fail(f"cannot read config file {value}: {exc.strerror}.", 2)
     except ValueError as exc:
-        raise click.BadParameter(f"{value} is not valid JSON ({exc}).") from None
+        _fail(f"config file {value} is not valid JSON: {exc}.", 2)
     if not isinstance(raw, dict):
-        raise click.BadParameter(f"{value} must hold a JSON object.")
-    names: Dict[str, str] = {}
+        _fail(f"config file {value} must hold a JSON object.", 2)
+    params: Dict[str, click.Parameter] = {}
+    flags = []
     for p in ctx.command.params:
         if p.name and p.name != "config":
-            names[p.name] = p.name
+            params[p.name] = p
             for opt in p.opts:
                 if opt.startswith("--"):
-                    names[opt[2:].replace("-", "_")] = p.name
+                    params[opt[2:].replace("-", "_")] = p
+                    flags.append(opt[2:].replace("-", "_"))
     defaults = {}
     for key, val in raw.items():
-        name = names.get(key.replace("-", "_"))
-        if name is None:
-            raise click.BadParameter(f"unknown setting {key!r} in {value}.")
-        defaults[name] = val
+        p = params.get(key.replace("-", "_"))
+        if p is None:
+            _fail(f"unknown setting {key!r} in {value}; known: {', '.join(sorted(flags))}.", 2)
+        refused = _file_type_error(key, p, val)
+        if refused is not None:
+            _fail(refused, 2)
+        defaults[str(p.name)] = val
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 

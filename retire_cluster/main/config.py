@@ -225,7 +225,7 @@ class MainConfig:
         """Read settings from a JSON object file; returns the overrides found.
 
         Keys are the attribute names; the CLI spellings (``heartbeat_interval``,
-        ``offline_timeout``) are accepted too.
+        ``offline_timeout``, ``no_http``) are accepted too.
         """
         try:
             raw = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -248,13 +248,27 @@ _ALIASES = {
 }
 
 
+#: Flags that turn a setting off, as file keys: ``"no_http": true`` is ``"http_enabled": false``
+#: (file keys are the flag names with underscores, like ``insecure`` for ``--insecure``).
+_NEGATIONS = {"no_http": "http_enabled"}
+
+
 def normalise_keys(raw: dict[str, Any], *, source: str) -> dict[str, Any]:
     """Map CLI-style keys to attribute names and refuse unknown ones."""
     names = set(MainConfig.field_names())
     out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
     for key, value in raw.items():
-        name = _ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
+        plain = key.replace("-", "_")
+        if plain in _NEGATIONS:
+            _check_type(plain, "bool", value)  # not "false": that would be true, negated
+            name, value = _NEGATIONS[plain], not value
+        else:
+            name = _ALIASES.get(plain, plain)
         if name not in names:
             raise ConfigError(f"unknown setting {key!r} in {source}; known: {', '.join(sorted(names))}.")
+        if name in out and out[name] != value:
+            raise ConfigError(f"{given_as[name]!r} and {key!r} in {source} disagree; give only one of them.")
         out[name] = value
+        given_as[name] = key
     return out

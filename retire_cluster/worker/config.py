@@ -119,12 +119,16 @@ class WorkerConfig:
         self.data_dir = Path(self.data_dir)
         if self.tls_fingerprint is not None:
             self.tls_fingerprint = normalise_fingerprint(self.tls_fingerprint)
+        if isinstance(self.allow, str):  # a set of its letters would be refused in confusing words
+            raise ValueError(f"allow must be a set of task types, like {{'python_eval'}}, not {self.allow!r}.")
         unknown = set(self.allow) - OPT_IN_TYPES
         if unknown:
             raise ValueError(
                 f"--allow {', '.join(sorted(unknown))}: only {', '.join(sorted(OPT_IN_TYPES))} "
                 "need allowing; other types are always on."
             )
+        if self.max_tasks is not None and type(self.max_tasks) is not int:  # 3.5 is not 3 slots
+            raise ValueError(f"max_tasks must be a whole number, not {self.max_tasks!r}.")
         if self.max_tasks is not None and self.max_tasks < 1:
             raise ValueError("--max-tasks must be at least 1.")
 
