@@ -114,12 +114,13 @@ def build_main_config(config_file: Optional[str], options: Dict[str, Any]) -> An
 def main_cmd(config_file: Optional[str], **options: Any) -> None:
     """Start the main node (registry, scheduler, monitor, store) on TCP, with the HTTP API and dashboard."""
     from .main.config import ConfigError
-    from .main.node import MainNode
+    from .main.node import MainNode, tls_context
     from .main.store import DatabaseInUse
     from .runtime import run, setup_logging, stop_logging, tune_gc
 
     try:
         config, host_given = build_main_config(config_file, options)
+        tls_context(config)  # a bad certificate stops here, before the log file (or anything) is created
     except (ConfigError, TypeError, ValueError) as exc:
         _fail(str(exc), 2)
     setup_logging(config.log_level, config.log_file)

@@ -1,21 +1,25 @@
-"""Config files of the main node and the worker: keys mirror the flags, values keep their JSON types.
+"""Config files of the main node and the worker: keys mirror the flags, values keep their JSON types,
+and a refused start leaves nothing behind.
 
 Found by hand-testing: ``"no_http": true`` was an unknown setting on the main node (the README says
 file keys are the flag names); a worker's ``"max_tasks": 3.5`` became 3 slots and ``"allow":
-"python_eval"`` got click's words.
+"python_eval"`` got click's words; a main node with a bad --tls-cert had already written its token.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Dict, Iterator
 
 import pytest
 from click.testing import CliRunner
+from conftest import make_config
 
 import retire_cluster.runtime as runtime
 from retire_cluster.cli import build_main_config, cli
+from retire_cluster.main import MainNode
 from retire_cluster.main.config import ConfigError
 from retire_cluster.worker.config import WorkerConfig
 
@@ -146,3 +150,44 @@ def test_worker_config_in_python_refuses_the_same(tmp_path: Path, settings: Dict
     with pytest.raises(ValueError) as refused:
         WorkerConfig(data_dir=tmp_path, **settings)
     assert str(refused.value) == message
+
+
+# -- main node: a refused TLS start leaves nothing behind --------------------------------------------
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """The main command sets up logging when it gets that far; the test's handlers come back after."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    listener = getattr(runtime, "_listener", None)  # a log file opened by a start that got that far
+    for handler in listener.handlers if listener is not None else ():
+        handler.close()
+    runtime.stop_logging()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+async def test_a_main_node_with_a_bad_certificate_writes_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pem"
+    config = make_config(tmp_path, tls_cert=missing, tls_key=missing)
+    node = MainNode(config)
+    with pytest.raises(ConfigError, match="cannot use --tls-cert"):
+        await node.start()
+    assert not config.data_dir.exists()  # was: the data dir and its token
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_the_main_command_with_a_bad_certificate_writes_nothing(tmp_path: Path) -> None:
+    not_pem = write(tmp_path, {"not": "a certificate"}, "cert.pem")
+    data_dir = tmp_path / "data"
+    result = CliRunner().invoke(cli, [
+        "main", "--port", "0", "--no-http", "--data-dir", str(data_dir), "--log-file", str(data_dir / "main.log"),
+        "--tls-cert", str(not_pem), "--tls-key", str(not_pem),
+    ])
+    assert result.exit_code == 2 and result.output.startswith(f"Error: cannot use --tls-cert {not_pem}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cert.pem"]  # no data dir, token or log file

@@ -50,7 +50,7 @@ from .server import Connection, Server
 from .store import Op, Store
 from .tasks import Attempt, Task
 
-__all__ = ["MainNode", "load_or_create_token"]
+__all__ = ["MainNode", "load_or_create_token", "tls_context"]
 
 log = logging.getLogger("retire_cluster.main")
 
@@ -82,6 +82,25 @@ def load_or_create_token(config: MainConfig) -> str:
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(token + "\n")
     return token
+
+
+def tls_context(config: MainConfig) -> tuple[Any, str | None]:
+    """(SSL context, certificate SHA-256) when tls_cert/tls_key are set, else (None, None).
+
+    Raises ConfigError, one sentence, when they cannot be used. Reads the two
+    files and creates nothing: the CLI calls it before it opens a log file.
+    """
+    if config.tls_cert is None or config.tls_key is None:
+        return None, None
+    from ..tls import certificate_fingerprint, server_context
+
+    try:
+        return server_context(config.tls_cert, config.tls_key), certificate_fingerprint(config.tls_cert)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(
+            f"cannot use --tls-cert {config.tls_cert} / --tls-key {config.tls_key} ({exc}); "
+            "give a PEM certificate and its private key."
+        ) from None
 
 
 class MainNode(Dispatcher):
@@ -152,13 +171,19 @@ class MainNode(Dispatcher):
     # -- lifecycle --------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the store, recover state, listen, start the monitor."""
+        """Open the store, recover state, listen, start the monitor.
+
+        A start that fails on its settings (a bad TLS certificate) leaves
+        nothing behind; the token is created only once the store's lock is
+        held, so that two main nodes started at once on a new data dir
+        cannot each write a token of their own.
+        """
         self._loop = asyncio.get_running_loop()
-        if not self.config.insecure:
-            self.token = load_or_create_token(self.config)
-        tls = self._tls_context()  # before anything is opened: a bad certificate stops here
+        tls = self._tls_context()  # before anything is created or opened: a bad certificate stops here
         await self.store.open()
         try:
+            if not self.config.insecure:
+                self.token = load_or_create_token(self.config)
             now = self.clock()
             self.started_at = now
             await self._recover(now)
@@ -187,18 +212,7 @@ class MainNode(Dispatcher):
 
     def _tls_context(self) -> Any:
         """The server's SSL context when tls_cert/tls_key are set (see retire_cluster.tls)."""
-        if self.config.tls_cert is None or self.config.tls_key is None:
-            return None
-        from ..tls import certificate_fingerprint, server_context
-
-        try:
-            context = server_context(self.config.tls_cert, self.config.tls_key)
-            self.tls_fingerprint = certificate_fingerprint(self.config.tls_cert)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise ConfigError(
-                f"cannot use --tls-cert {self.config.tls_cert} / --tls-key {self.config.tls_key} ({exc}); "
-                "give a PEM certificate and its private key."
-            ) from None
+        context, self.tls_fingerprint = tls_context(self.config)
         return context
 
     async def _recover(self, now: float) -> None:
