@@ -43,6 +43,7 @@ class Link(asyncio.Protocol):
 
     ``closed`` is a future that fails with the reason when the connection
     ends (the main node closed it, it broke, or a frame could not be handled).
+    Nobody has to await it: its exception counts as retrieved either way.
     """
 
     def __init__(self, on_message: Callable[[Message], None], max_frame_bytes: int, *, strict: bool = False) -> None:
@@ -53,6 +54,9 @@ class Link(asyncio.Protocol):
         self._paused = False
         self._drain_waiters: List["asyncio.Future[None]"] = []
         self.closed: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
+        # A connection that ends after its user stopped waiting on it (a worker refusing a pinned
+        # certificate never reads from it) must not log "Future exception was never retrieved".
+        self.closed.add_done_callback(_retrieve)
 
     # -- protocol callbacks -----------------------------------------------
 
@@ -133,3 +137,8 @@ class Link(asyncio.Protocol):
                     waiter.set_result(None)
                 else:
                     waiter.set_exception(exc)
+
+
+def _retrieve(fut: "asyncio.Future[None]") -> None:
+    if not fut.cancelled():
+        fut.exception()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from typing import Any, List
 
@@ -109,3 +110,17 @@ async def test_drain_waits_while_writing_is_paused() -> None:
     with pytest.raises(ConnectionError):
         await link.drain()
     assert link.get_extra_info("peername") == ("127.0.0.1", 8080)
+
+
+async def test_an_end_nobody_waits_for_is_not_reported_as_never_retrieved() -> None:
+    loop = asyncio.get_running_loop()
+    complaints: List[Any] = []
+    loop.set_exception_handler(lambda _loop, context: complaints.append(context))
+    try:
+        link, _ = link_with([])
+        link.connection_lost(ConnectionResetError("reset"))
+        del link
+        gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert complaints == []

@@ -376,12 +376,16 @@ class Agent:
         msg = self._message(message_type, data)
         fut: "asyncio.Future[Message]" = asyncio.get_running_loop().create_future()
         self._pending[msg.message_id] = fut
-        self._send(msg)
-        assert self._writer is not None
-        await self._writer.drain()
-        done, _ = await asyncio.wait({fut, wait_for}, timeout=REQUEST_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
-        if fut not in done:
+        try:
+            self._send(msg)
+            assert self._writer is not None
+            await self._writer.drain()
+            done, _ = await asyncio.wait({fut, wait_for}, timeout=REQUEST_TIMEOUT_S,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Not left for the end of the connection to fail: nobody would retrieve that exception.
             self._pending.pop(msg.message_id, None)
+        if fut not in done:
             if wait_for in done:
                 wait_for.result()
                 raise ConnectionError("main node closed the connection")
