@@ -44,6 +44,8 @@ class Link(asyncio.Protocol):
     ``closed`` is a future that fails with the reason when the connection
     ends (the main node closed it, it broke, or a frame could not be handled).
     Nobody has to await it: its exception counts as retrieved either way.
+    ``messages`` counts the frames received (none: the main node never
+    answered on this connection).
     """
 
     def __init__(self, on_message: Callable[[Message], None], max_frame_bytes: int, *, strict: bool = False) -> None:
@@ -57,6 +59,7 @@ class Link(asyncio.Protocol):
         # A connection that ends after its user stopped waiting on it (a worker refusing a pinned
         # certificate never reads from it) must not log "Future exception was never retrieved".
         self.closed.add_done_callback(_retrieve)
+        self.messages = 0
 
     # -- protocol callbacks -----------------------------------------------
 
@@ -67,6 +70,7 @@ class Link(asyncio.Protocol):
         try:
             for event in self._stream.feed(data):
                 if isinstance(event, Message):
+                    self.messages += 1
                     self._on_message(event)
                 elif self._strict:
                     raise BadFrameFromPeer(event.error)

@@ -10,24 +10,37 @@ least of all), the peer compares the certificate it got with the pin and hangs
 up on a mismatch. That is what SSH does with host keys, minus trust on first
 use: the pin is given, never learnt.
 
+A peer whose first connection fails in a way a TLS mismatch would explain
+(plain TCP closed before any reply, or a handshake the other side did not
+speak) asks once more the other way (:func:`speaks_tls`, :func:`speaks_plain`)
+so that it can say which side is wrong instead of retrying forever.
+
 Python 3.9 syntax and the standard library only (workers import this).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import ssl
 from pathlib import Path
 from typing import Optional, Union
 
 __all__ = [
     "FingerprintMismatch",
+    "PROBE_TIMEOUT_S",
     "certificate_fingerprint",
     "check_fingerprint",
     "client_context",
     "format_fingerprint",
     "normalise_fingerprint",
     "server_context",
+    "speaks_plain",
+    "speaks_tls",
 ]
+
+#: How long a probe waits for the handshake, or for the one reply line.
+PROBE_TIMEOUT_S = 10.0
 
 
 class FingerprintMismatch(ssl.SSLError):
@@ -120,3 +133,54 @@ def check_fingerprint(ssl_object: Optional[Union[ssl.SSLObject, ssl.SSLSocket]],
             f"{format_fingerprint(expected)}; someone may be in between, or the certificate changed "
             "(check `retire-cluster main`'s output and update --tls-fingerprint)"
         )
+
+
+async def _close(writer: "asyncio.StreamWriter") -> None:
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except (OSError, ssl.SSLError):
+        pass
+
+
+async def speaks_tls(host: str, port: int, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """True when ``host:port`` completes a TLS handshake and shows a certificate.
+
+    Nothing is sent after the handshake (no token, no frame). False when
+    anything goes wrong, a timeout included: only a handshake that worked is
+    certain.
+    """
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=client_context(), ssl_handshake_timeout=timeout_s),
+            timeout_s)
+    except (OSError, asyncio.TimeoutError, ssl.SSLError, EOFError):
+        return False
+    try:
+        ssl_object = writer.get_extra_info("ssl_object")
+        return bool(ssl_object is not None and ssl_object.getpeercert(binary_form=True))
+    finally:
+        await _close(writer)
+
+
+async def speaks_plain(host: str, port: int, sender_id: str = "tls-probe", timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """True when ``host:port`` answers a plain-TCP frame with a protocol reply (a main node without TLS).
+
+    The frame carries no token and asks for nothing: a message type no main
+    node acts on, answered ``unauthorized`` (or ``unknown_message_type`` by an
+    ``--insecure`` one). False when anything goes wrong, a timeout included.
+    """
+    frame = {"message_type": "tls_probe", "message_id": "tls-probe", "sender_id": sender_id, "data": {}}
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    try:
+        writer.write(json.dumps(frame).encode("utf-8") + b"\n")
+        line = await asyncio.wait_for(reader.readline(), timeout_s)
+        reply = json.loads(line.decode("utf-8"))
+    except (OSError, asyncio.TimeoutError, ValueError, asyncio.LimitOverrunError):
+        return False
+    finally:
+        await _close(writer)
+    return isinstance(reply, dict) and reply.get("message_type") in ("ack", "error")

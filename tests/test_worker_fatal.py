@@ -1,19 +1,91 @@
 """The worker stops with exit 2 and one sentence when retrying cannot help, and only then.
 
-- on every such path the output is that one sentence: nothing is left
+- a TLS mismatch it has confirmed: a TLS main node and no --tls-fingerprint,
+  or a pin against a main node without TLS (before, it retried for ever);
+- and on every such path the output is that one sentence: nothing is left
   for asyncio to complain about ("Future exception was never retrieved").
+
+A connection that merely broke, or that a server closed without a word
+while it does not speak TLS either, is still retried.
 """
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import List, Tuple
+from typing import Any, List, Optional, Tuple
 
+import pytest
 from conftest import cli_cmd, cli_env
+from test_agent import wait_until
 from test_tls import WRONG, cert, tls_node  # noqa: F401  (fixtures)
 
 from retire_cluster.main import MainNode
+from retire_cluster.worker import Agent, WorkerConfig
+
+
+def make_agent(port: int, token: Optional[str], data_dir: Path, device_id: str = "phone", **kw: Any) -> Agent:
+    return Agent(WorkerConfig(main_host="127.0.0.1", main_port=port, token=token, device_id=device_id,
+                              data_dir=data_dir, reconnect_min_s=0.05, reconnect_max_s=0.2,
+                              heartbeat_interval_s=0.5, **kw))
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: str) -> List[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "retire_cluster.worker" and r.levelname == level]
+
+
+# -- TLS on one side only -------------------------------------------------------------
+
+
+async def test_no_pin_against_a_tls_main_node_says_so_and_exits_2(
+        tls_node: MainNode, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    agent = make_agent(tls_node.address[1], tls_node.token, tmp_path / "w")
+    assert await asyncio.wait_for(agent.run(), 20) == 2
+    host_port = f"127.0.0.1:{tls_node.address[1]}"
+    assert messages(caplog, "ERROR") == [
+        f"The main node at {host_port} speaks TLS; pass --tls-fingerprint "
+        "<the fingerprint `retire-cluster main` printed>."]
+    assert messages(caplog, "WARNING") == []  # the one sentence, not a lost connection first
+    assert tls_node.registry.get("phone") is None
+
+
+async def test_a_pin_against_a_plain_main_node_says_so_and_exits_2(
+        node: MainNode, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    agent = make_agent(node.address[1], node.token, tmp_path / "w", tls_fingerprint=WRONG)
+    assert await asyncio.wait_for(agent.run(), 20) == 2
+    assert messages(caplog, "ERROR") == [
+        f"The main node at 127.0.0.1:{node.address[1]} does not speak TLS; drop --tls-fingerprint "
+        "or start the main node with --tls-cert and --tls-key."]
+    assert messages(caplog, "WARNING") == []
+    assert node.registry.get("phone") is None
+    assert not any(c.authenticated for c in node.server.connections)  # the token never went out in clear
+
+
+@pytest.mark.parametrize("pin", [None, WRONG], ids=["plain", "pinned"])
+async def test_a_server_that_closes_without_a_word_is_still_retried(
+        tmp_path: Path, pin: Optional[str], caplog: pytest.LogCaptureFixture) -> None:
+    """Neither TLS nor a main node: nothing is certain, so the worker keeps trying (as it did)."""
+    accepted = 0
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    agent = make_agent(port, "token", tmp_path / "w", tls_fingerprint=pin)
+    runner = asyncio.ensure_future(agent.run())
+    try:
+        await wait_until(lambda: accepted >= 6 or runner.done())  # three attempts, each with its probe
+        assert not runner.done()
+    finally:
+        agent.stop()
+        assert await asyncio.wait_for(runner, 20) == 0
+        server.close()
+        await server.wait_closed()
+    assert messages(caplog, "ERROR") == []
+
 
 # -- nothing left unretrieved on the exit-2 paths -------------------------------------------
 

@@ -19,6 +19,7 @@ import asyncio
 import datetime as dt
 import logging
 import random
+import ssl
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -28,7 +29,7 @@ from ..link import Link
 from ..protocol.codec import encode
 from ..protocol.errors import ProtocolError, error_from_code
 from ..protocol.messages import STOPPING_REASON, Message, ack, error_reply, new_message_id, utc_timestamp
-from ..tls import FingerprintMismatch, check_fingerprint, client_context
+from ..tls import FingerprintMismatch, check_fingerprint, client_context, speaks_plain, speaks_tls
 from .config import WorkerConfig, load_or_create_device_id
 from .executor import Executor, Outcome
 from .outbox import Outbox
@@ -196,11 +197,7 @@ class Agent:
         try:
             while not self._stopping.is_set():
                 try:
-                    _, link = await asyncio.get_running_loop().create_connection(
-                        lambda: Link(self._on_message, INBOUND_FRAME_LIMIT),
-                        self.config.main_host, self.config.main_port,
-                        ssl=client_context() if self.config.tls_fingerprint else None,
-                    )
+                    link = await self._connect()
                 except OSError as exc:
                     failures += 1
                     delay = self._backoff(failures)
@@ -208,44 +205,111 @@ class Agent:
                                 self.config.main_host, self.config.main_port, exc.strerror or exc, delay)
                     await self._sleep_unless_stopped(delay)
                     continue
-                try:
-                    if self.config.tls_fingerprint is not None:
-                        try:  # before a single byte (the token least of all) is sent
-                            check_fingerprint(link.get_extra_info("ssl_object"), self.config.tls_fingerprint)
-                        except FingerprintMismatch as exc:
-                            raise FatalError(f"Refusing the main node: {exc}.") from None
-                    await self._session(link)
-                    failures = 0
-                except FatalError as exc:
-                    log.error("%s", exc)
-                    return 2
-                except (ConnectionError, OSError, asyncio.TimeoutError, ProtocolError) as exc:
-                    # A connection that got as far as registering was a success: the backoff
-                    # starts over. (It never did, so a worker that had lost three connections
-                    # came back 16 s after a main-node restart, past a short offline_timeout.)
-                    failures = 1 if self.registered.is_set() else failures + 1
-                    log.warning("connection to main node lost (%s)", exc or type(exc).__name__)
-                finally:
-                    self.registered.clear()
-                    self.outbox.spill()  # unacknowledged results survive a restart from now on
-                    self._writer = None
-                    for fut in self._pending.values():
-                        if not fut.done():
-                            fut.set_exception(ConnectionError("connection closed"))
-                    self._pending.clear()
-                    link.close()
+                failures = await self._serve(link, failures)
                 if self._burst_done():
                     break
                 if not self._stopping.is_set():
                     delay = self._backoff(max(failures, 1))
                     log.info("reconnecting in %.1f s", delay)
                     await self._sleep_unless_stopped(delay)
+        except FatalError as exc:
+            log.error("%s", exc)
+            return 2
         finally:
             policy_task.cancel()
             await asyncio.gather(policy_task, return_exceptions=True)
             await self._cancel_all()
             self.outbox.spill()
         return 0
+
+    async def _connect(self) -> Link:
+        """Open a connection to the main node; with a pin, check the certificate before anything is sent.
+
+        Raises:
+            FatalError: another certificate than the pinned one, or a pin against a main node without TLS.
+            OSError: the main node cannot be reached now (the caller retries).
+        """
+        pinned = self.config.tls_fingerprint
+        try:
+            _, link = await asyncio.get_running_loop().create_connection(
+                lambda: Link(self._on_message, INBOUND_FRAME_LIMIT),
+                self.config.main_host, self.config.main_port,
+                ssl=client_context() if pinned else None,
+            )
+        except ssl.SSLError:
+            fatal = await self._not_tls()
+            if fatal is not None:
+                raise fatal from None
+            raise
+        if pinned is not None:
+            try:  # before a single byte (the token least of all) is sent
+                check_fingerprint(link.get_extra_info("ssl_object"), pinned)
+            except FingerprintMismatch as exc:
+                link.close()
+                raise FatalError(f"Refusing the main node: {exc}.") from None
+        return link
+
+    async def _serve(self, link: Link, failures: int) -> int:
+        """One connection, from register to its end. Returns the failures in a row since the last success.
+
+        Raises:
+            FatalError: retrying cannot help (see :func:`_fatal_refusal`, :meth:`_tls_needed`).
+        """
+        unanswered = False  # closed before the main node said a word: is it TLS?
+        try:
+            await self._session(link)
+            return 0
+        except (ConnectionError, OSError, asyncio.TimeoutError, ProtocolError) as exc:
+            # A connection that got as far as registering was a success: the backoff
+            # starts over. (It never did, so a worker that had lost three connections
+            # came back 16 s after a main-node restart, past a short offline_timeout.)
+            failures = 1 if self.registered.is_set() else failures + 1
+            if isinstance(exc, ConnectionError):
+                unanswered = link.messages == 0 and self.config.tls_fingerprint is None
+            if not unanswered:
+                log.warning("connection to main node lost (%s)", exc or type(exc).__name__)
+        finally:
+            self.registered.clear()
+            self.outbox.spill()  # unacknowledged results survive a restart from now on
+            self._writer = None
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError("connection closed"))
+            self._pending.clear()
+            link.close()
+        if unanswered:
+            fatal = await self._tls_needed()
+            if fatal is not None:
+                raise fatal
+            log.warning("connection to main node lost (the main node closed it before answering)")
+        return failures
+
+    async def _tls_needed(self) -> "Optional[FatalError]":
+        """After a plain connection the main node closed without a word: is it because it speaks TLS?
+
+        A TLS main node closes a plain connection at once, which looked like
+        any lost connection: the worker retried for ever. One TLS handshake
+        (nothing is sent over it) tells; anything less than a certificate
+        shown is not certain, and the worker retries as before.
+        """
+        host, port = self.config.main_host, self.config.main_port
+        if not await speaks_tls(host, port):
+            return None
+        return FatalError(f"The main node at {host}:{port} speaks TLS; pass --tls-fingerprint "
+                          "<the fingerprint `retire-cluster main` printed>.")
+
+    async def _not_tls(self) -> "Optional[FatalError]":
+        """After a failed TLS handshake (with --tls-fingerprint): is the main node plain TCP?
+
+        One plain frame without the token and asking for nothing tells: a
+        main node answers it. Anything else is not certain, and the worker
+        retries as before.
+        """
+        host, port = self.config.main_host, self.config.main_port
+        if not await speaks_plain(host, port):
+            return None
+        return FatalError(f"The main node at {host}:{port} does not speak TLS; drop --tls-fingerprint "
+                          "or start the main node with --tls-cert and --tls-key.")
 
     async def _sweep_scratch(self) -> None:
         """Remove what workers killed with -9 left in the scratch base (in a thread: it is disk work)."""
