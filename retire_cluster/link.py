@@ -18,7 +18,7 @@ from typing import Any, Callable, List, Optional
 from .protocol.codec import MessageStream
 from .protocol.messages import Message
 
-__all__ = ["Link"]
+__all__ = ["ClosedByMainNode", "Link"]
 
 log = logging.getLogger("retire_cluster.link")
 
@@ -29,6 +29,19 @@ class BadFrameFromPeer(ConnectionError):
     def __init__(self, error: Exception) -> None:
         super().__init__(f"the main node sent a bad frame: {error}")
         self.error = error
+
+
+class ClosedByMainNode(ConnectionError):
+    """The main node ended the connection, after saying why (an ``error`` it sent unasked).
+
+    ``code`` and ``reason`` are that error's ``data.code`` and ``data.error``:
+    ``unauthorized`` when the authentication deadline passed, ``conflict``
+    when another connection registered as the same device.
+    """
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"main node closed the connection: {reason}")
+        self.code, self.reason = code, reason
 
 
 class Link(asyncio.Protocol):
@@ -42,7 +55,8 @@ class Link(asyncio.Protocol):
             are logged and skipped (the worker).
 
     ``closed`` is a future that fails with the reason when the connection
-    ends (the main node closed it, it broke, or a frame could not be handled).
+    ends (the main node closed it, it broke, or a frame could not be handled):
+    :class:`ClosedByMainNode` when the main node said why before closing.
     Nobody has to await it: its exception counts as retrieved either way.
     ``messages`` counts the frames received (none: the main node never
     answered on this connection).
@@ -60,6 +74,8 @@ class Link(asyncio.Protocol):
         # certificate never reads from it) must not log "Future exception was never retrieved".
         self.closed.add_done_callback(_retrieve)
         self.messages = 0
+        #: the error the main node sent unasked (original_message_id null): why it is closing
+        self._farewell: Optional[Message] = None
 
     # -- protocol callbacks -----------------------------------------------
 
@@ -71,6 +87,8 @@ class Link(asyncio.Protocol):
             for event in self._stream.feed(data):
                 if isinstance(event, Message):
                     self.messages += 1
+                    if event.message_type == "error" and event.data.get("original_message_id") is None:
+                        self._farewell = event
                     self._on_message(event)
                 elif self._strict:
                     raise BadFrameFromPeer(event.error)
@@ -83,11 +101,11 @@ class Link(asyncio.Protocol):
             self.abort()
 
     def eof_received(self) -> bool:
-        self._end(ConnectionError("main node closed the connection"))
+        self._end(self._closed_by_peer())
         return False  # close our side too
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self._end(exc if exc is not None else ConnectionError("main node closed the connection"))
+        self._end(self._closed_by_peer() if exc is None or self._farewell is not None else exc)
         self._wake_drainers(ConnectionError("connection closed"))
 
     def pause_writing(self) -> None:
@@ -128,6 +146,12 @@ class Link(asyncio.Protocol):
             self._transport.abort()
 
     # -- internals ----------------------------------------------------------
+
+    def _closed_by_peer(self) -> ConnectionError:
+        farewell = self._farewell
+        if farewell is None:
+            return ConnectionError("main node closed the connection")
+        return ClosedByMainNode(str(farewell.data.get("code")), str(farewell.data.get("error")))
 
     def _end(self, exc: BaseException) -> None:
         if not self.closed.done():

@@ -2,6 +2,8 @@
 
 - a TLS mismatch it has confirmed: a TLS main node and no --tls-fingerprint,
   or a pin against a main node without TLS (before, it retried for ever);
+- a second worker registering with the same device id (before, the two
+  knocked each other off the main node for ever);
 - and on every such path the output is that one sentence: nothing is left
   for asyncio to complain about ("Future exception was never retrieved").
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 import pytest
-from conftest import cli_cmd, cli_env
+from conftest import Peer, cli_cmd, cli_env, register_data
 from test_agent import wait_until
 from test_tls import WRONG, cert, tls_node  # noqa: F401  (fixtures)
 
@@ -123,3 +125,52 @@ async def test_a_refused_registration_is_one_sentence_and_exit_2(node: MainNode,
     assert code == 2
     lines = error_lines(output)
     assert len(lines) == 1 and "The main node refused to register this worker" in lines[0], output
+
+
+# -- two workers, one device id ------------------------------------------------------------
+
+
+async def test_a_second_worker_with_the_same_device_id_stops_the_first_with_exit_2(
+        node: MainNode, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = make_agent(node.address[1], node.token, tmp_path / "w1", device_id="twin")
+    second = make_agent(node.address[1], node.token, tmp_path / "w2", device_id="twin")
+    first_run = asyncio.ensure_future(first.run())
+    second_run: Optional[asyncio.Future[int]] = None
+    try:
+        await wait_until(first.registered.is_set)
+        second_run = asyncio.ensure_future(second.run())
+        assert await asyncio.wait_for(first_run, 20) == 2
+        assert messages(caplog, "ERROR") == [
+            "Another worker registered as the same device id ('twin'); give each worker its own --device-id."]
+        await wait_until(second.registered.is_set)
+        device = node.registry.get("twin")
+        assert device is not None and device.conn is not None and second._writer is not None
+        assert device.conn.peer == f"127.0.0.1:{second._writer.get_extra_info('sockname')[1]}"
+        assert not second_run.done()
+    finally:
+        first.stop()
+        second.stop()
+        await asyncio.wait_for(first_run, 20)
+        if second_run is not None:
+            assert await asyncio.wait_for(second_run, 20) == 0
+
+
+async def test_a_reconnecting_worker_still_takes_over_its_old_connection(node: MainNode, tmp_path: Path) -> None:
+    """The phone on another Wi-Fi: its old connection (played here by a raw peer) is told why and closed."""
+    old = await Peer.connect(node, "phone")
+    assert (await old.request("register", register_data()))["message_type"] == "ack"
+    agent = make_agent(node.address[1], node.token, tmp_path / "w")
+    runner = asyncio.ensure_future(agent.run())
+    try:
+        farewell = await old.recv()
+        assert farewell["message_type"] == "error"
+        assert farewell["data"]["original_message_id"] is None and farewell["data"]["code"] == "conflict"
+        assert "registered as device 'phone'" in farewell["data"]["error"]
+        assert await old.closed_by_peer()
+        await wait_until(agent.registered.is_set)
+        device = node.registry.get("phone")
+        assert device is not None and device.conn is not None and device.conn.device_id == "phone"
+        assert not runner.done()
+    finally:
+        agent.stop()
+        assert await asyncio.wait_for(runner, 20) == 0

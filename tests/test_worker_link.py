@@ -9,7 +9,7 @@ from typing import Any, List
 
 import pytest
 
-from retire_cluster.link import Link
+from retire_cluster.link import ClosedByMainNode, Link
 from retire_cluster.protocol.errors import FrameTooLarge
 from retire_cluster.protocol.messages import Message
 
@@ -110,6 +110,31 @@ async def test_drain_waits_while_writing_is_paused() -> None:
     with pytest.raises(ConnectionError):
         await link.drain()
     assert link.get_extra_info("peername") == ("127.0.0.1", 8080)
+
+
+async def test_an_error_sent_unasked_before_closing_is_the_reason() -> None:
+    seen: List[Message] = []
+    link, _ = link_with(seen)
+    link.data_received(json.dumps({"message_type": "error", "message_id": "m-1", "sender_id": "main-node",
+                                   "data": {"original_message_id": None, "code": "conflict",
+                                            "error": "Another connection registered as device 'x'."}}).encode()
+                       + b"\n")
+    assert link.messages == 1 and seen[0].message_type == "error"
+    link.eof_received()
+    with pytest.raises(ClosedByMainNode, match="main node closed the connection: Another connection") as closed:
+        await link.closed
+    assert closed.value.code == "conflict"
+
+
+async def test_a_reply_is_not_a_reason_to_close() -> None:
+    link, _ = link_with([])
+    link.data_received(json.dumps({"message_type": "error", "message_id": "m-1", "sender_id": "main-node",
+                                   "data": {"original_message_id": "r1", "code": "conflict",
+                                            "error": "The task already ended."}}).encode() + b"\n")
+    link.connection_lost(None)
+    with pytest.raises(ConnectionError) as closed:
+        await link.closed
+    assert not isinstance(closed.value, ClosedByMainNode)
 
 
 async def test_an_end_nobody_waits_for_is_not_reported_as_never_retrieved() -> None:

@@ -19,6 +19,7 @@ from ..protocol.messages import (
     DeviceStatus,
     Message,
     TaskStatus,
+    error_reply,
     parse_priority,
 )
 from ..protocol.messages import DEFAULT_TASK_TIMEOUT_S as DEFAULT_TIMEOUT_S
@@ -85,9 +86,21 @@ class Handlers:
         if device is None:
             device = node.registry.add(Device(msg.sender_id, breaker=node.new_breaker()))
         if device.conn is not None and device.conn is not conn:
-            log.info("device %s re-registered from a new connection; closing the old one", device.device_id)
-            device.conn.device_id = None
-            device.conn.close()
+            old = device.conn
+            log.info("device %s re-registered from %s; closing its old connection from %s",
+                     device.device_id, conn.peer, old.peer)
+            old.device_id = None
+            # Said before closing: a worker that reconnected never reads it (it left that
+            # connection first), but a second live worker with the same id learns why, and stops
+            # instead of registering again and knocking this one off in turn.
+            old.send(error_reply(
+                None,
+                "conflict",
+                f"Another connection (from {conn.peer}) registered as device {device.device_id!r}; "
+                "this one is closed. Unless that was this device reconnecting, give each worker its own "
+                "--device-id.",
+            ))
+            old.close()
         conn.device_id = device.device_id
         device.conn = conn
         info = dict(data["device_info"])

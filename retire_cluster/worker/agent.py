@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Optional, Tuple
 
-from ..link import Link
+from ..link import ClosedByMainNode, Link
 from ..protocol.codec import encode
 from ..protocol.errors import ProtocolError, error_from_code
 from ..protocol.messages import STOPPING_REASON, Message, ack, error_reply, new_message_id, utc_timestamp
@@ -58,6 +58,20 @@ def _fatal_refusal(exc: ProtocolError) -> "Optional[FatalError]":
     if exc.code == "invalid_message":
         return FatalError(f"The main node refused to register this worker ({exc.message}); "
                           "check --device-id (or the device_id file in --data-dir), --role and --capability.")
+    return None
+
+
+def _replaced(exc: ConnectionError, device_id: str) -> "Optional[FatalError]":
+    """The main node closed this live connection because another one registered as the same device.
+
+    Only a connection still alive hears it: a worker that reconnects (a
+    phone that changed networks) has left its old connection before it
+    registers again, so this is a second worker with the same id. If both
+    kept reconnecting they would knock each other off for ever.
+    """
+    if isinstance(exc, ClosedByMainNode) and exc.code == "conflict":
+        return FatalError(f"Another worker registered as the same device id ({device_id!r}); "
+                          "give each worker its own --device-id.")
     return None
 
 
@@ -253,7 +267,8 @@ class Agent:
         """One connection, from register to its end. Returns the failures in a row since the last success.
 
         Raises:
-            FatalError: retrying cannot help (see :func:`_fatal_refusal`, :meth:`_tls_needed`).
+            FatalError: retrying cannot help (see :func:`_fatal_refusal`, :func:`_replaced`,
+                :meth:`_tls_needed`).
         """
         unanswered = False  # closed before the main node said a word: is it TLS?
         try:
@@ -265,6 +280,9 @@ class Agent:
             # came back 16 s after a main-node restart, past a short offline_timeout.)
             failures = 1 if self.registered.is_set() else failures + 1
             if isinstance(exc, ConnectionError):
+                fatal = _replaced(exc, self.device_id)
+                if fatal is not None:
+                    raise fatal from None
                 unanswered = link.messages == 0 and self.config.tls_fingerprint is None
             if not unanswered:
                 log.warning("connection to main node lost (%s)", exc or type(exc).__name__)
