@@ -169,6 +169,7 @@ async def test_what_the_worker_reports_for_a_bad_task_is_the_tasks_doing(
     outcome = await outcome_of(Executor(CODE, scratch_base=tmp_path), task_type, payload)
     assert outcome.status == "failed", outcome
     assert not blamed(outcome), outcome.result()
+    assert outcome.result()["fault"] == "task"
 
 
 async def test_what_the_worker_reports_when_it_cannot_run_a_task_is_the_devices_doing(
@@ -186,13 +187,22 @@ async def test_what_the_worker_reports_when_it_cannot_run_a_task_is_the_devices_
     no_process = await outcome_of(Executor(CODE, scratch_base=tmp_path), "python_eval", {"expression": "1"})
     for outcome in (no_scratch, not_enabled, no_process):
         assert outcome.status == "failed" and blamed(outcome), outcome.result()
+        assert outcome.result()["fault"] == "device"  # said outright, not read from the wording
 
 
 async def test_a_python_eval_sandbox_that_dies_without_an_answer_is_the_devices_doing(tmp_path: Path) -> None:
     outcome = await outcome_of(Executor(CODE, scratch_base=tmp_path), "python_eval",
                                {"expression": "__import__('os')._exit(3)"})
     assert outcome.status == "failed" and outcome.exit_code is None, outcome.result()
-    assert blamed(outcome)
+    assert blamed(outcome) and outcome.result()["fault"] == "device"
+
+
+async def test_a_python_eval_sandbox_killed_by_a_signal_is_the_tasks_doing(tmp_path: Path) -> None:
+    """A signal is how the task's own limits (memory, CPU) end it, or the expression's own doing."""
+    outcome = await outcome_of(Executor(CODE, scratch_base=tmp_path), "python_eval",
+                               {"expression": "__import__('os').kill(__import__('os').getpid(), 9)"})
+    assert outcome.status == "failed" and "SIGKILL" in (outcome.error or ""), outcome.result()
+    assert not blamed(outcome) and outcome.result()["fault"] == "task"
 
 
 @pytest.mark.parametrize(("status", "result", "counts"), [
@@ -206,6 +216,11 @@ async def test_a_python_eval_sandbox_that_dies_without_an_answer_is_the_devices_
     ("failed", {"exit_code": None, "error": "my plug-in says the payload has no url"}, False),
     ("failed", {}, False),
     ("failed", None, False),
+    # A worker that says whose fault it was is believed over the wording.
+    ("failed", {"exit_code": 1, "error": "exit code 1", "fault": "device"}, True),
+    ("failed", {"exit_code": None, "error": "cannot start the task process: x", "fault": "task"}, False),
+    ("failed", {"exit_code": None, "error": "my plug-in lost its GPU", "fault": "device"}, True),
+    ("failed", {"exit_code": None, "error": "worker error: KeyError: 'x'", "fault": "nonsense"}, True),
 ])
 def test_device_at_fault(status: str, result: Optional[Dict[str, Any]], counts: bool) -> None:
     assert device_at_fault(status, result) is counts

@@ -15,12 +15,14 @@ device's doing (:func:`device_at_fault`):
 - counts: the device was lost with the task (offline, or it re-registered
   without it); the main node expired the lease (no result by the task's
   ``timeout`` plus ``lease_grace_s``); a ``failed`` result that says the
-  worker could not run the task: no exit code, and an ``error`` that begins
+  worker could not run the task: ``"fault": "device"`` in its result (what
+  workers send since that field exists), or, from a worker without the
+  field, no exit code and an ``error`` that begins
   as one of :data:`DEVICE_ERRORS` or ends as :data:`DEVICE_ERROR_ENDS` (it
   offered a type it cannot run, could not start the process or make its
   scratch directory, the python_eval sandbox ended without an answer, the
   worker itself raised), or exit code 0 (the task succeeded, the worker failed);
-- does not count (the task's own doing): a ``failed`` result with a non-zero
+- does not count (the task's own doing): ``"fault": "task"``, a ``failed`` result with a non-zero
   exit code (a ``command`` that exited non-zero or was killed at a resource
   limit, a python_eval expression that raised, a plug-in's non-zero exit), a
   ``failed`` result without an exit code for any other reason (an invalid
@@ -43,6 +45,7 @@ __all__ = ["DEVICE_ERRORS", "DEVICE_ERROR_ENDS", "EWMA_ALPHA", "CircuitBreaker",
 
 #: How the worker's ``error`` begins when it could not run a task at all (an
 #: exit code is then null): retire_cluster/worker/executor.py and agent.py.
+#: Only for workers that do not send ``result.fault`` yet.
 #: tests/test_health_breaker.py runs the worker's executor to keep these in step.
 DEVICE_ERRORS = (
     "cannot start the task process",  # fork/exec of the sandbox failed (no memory, no processes left)
@@ -63,6 +66,9 @@ def device_at_fault(status: str, result: Mapping[str, Any] | None) -> bool:
         return False
     if not isinstance(result, Mapping):
         return False
+    fault = result.get("fault")
+    if fault == "device" or fault == "task":  # the worker says so (the executor's DeviceFault)
+        return bool(fault == "device")
     code = result.get("exit_code")
     if isinstance(code, int) and not isinstance(code, bool):
         return code == 0  # non-zero: the task's process or expression said it failed

@@ -573,7 +573,7 @@ class Agent:
             outcome = Outcome("cancelled", error="cancelled on the worker")
         except Exception as exc:  # a bug in a task type must not kill the worker
             log.exception("task %s crashed the executor", task_id)
-            outcome = Outcome("failed", error=f"worker error: {type(exc).__name__}: {exc}")
+            outcome = Outcome("failed", error=f"worker error: {type(exc).__name__}: {exc}", fault="device")
         finally:
             current = self.running.get(task_id)
             if current is not None and current.attempt == attempt:

@@ -38,7 +38,8 @@ from .sandbox import (
 )
 from .trampoline import Limits, command_argv, eval_argv
 
-__all__ = ["BUILTIN_TASK_TYPES", "ERROR_LIMIT_BYTES", "Executor", "Limits", "Outcome", "TaskFailed", "child_env"]
+__all__ = ["BUILTIN_TASK_TYPES", "ERROR_LIMIT_BYTES", "DeviceFault", "Executor", "Limits", "Outcome", "TaskFailed",
+           "child_env"]
 
 Progress = Callable[[float, str], None]
 Runner = Callable[[Dict[str, Any], float, Progress], Awaitable["Outcome"]]
@@ -55,6 +56,19 @@ CHILD_GRACE_S = DRAIN_S + REAP_S + 1.0
 class TaskFailed(Exception):
     """The task ran and failed; ``str(exc)`` is the error text for the result."""
 
+    #: ``result.fault``: None (the task's own doing: "task"), or "device" (see DeviceFault)
+    fault: Optional[str] = None
+
+
+class DeviceFault(TaskFailed):
+    """This device could not run the task at all (no process, no scratch space, no such type).
+
+    Its result says ``"fault": "device"``, so it counts against the device's
+    circuit breaker on the main node; a task's own failure does not.
+    """
+
+    fault = "device"
+
 
 @dataclass
 class Outcome:
@@ -69,6 +83,8 @@ class Outcome:
     truncated: bool = False
     execution_time_s: float = 0.0
     metrics: Dict[str, Any] = field(default_factory=dict)
+    #: "device" when this device could not run the task (its circuit breaker counts it)
+    fault: Optional[str] = None
 
     def result(self) -> Dict[str, Any]:
         """The ``task_result.data.result`` object."""
@@ -84,6 +100,10 @@ class Outcome:
             out["stdout"] = self.stdout
         if self.error is not None:
             out["error"] = self.error
+        if self.fault is not None:
+            out["fault"] = self.fault
+        elif self.status == "failed":
+            out["fault"] = "task"  # said outright, so the main node need not guess from the wording
         return out
 
 
@@ -187,7 +207,7 @@ class Executor:
         runner = self._types.get(task_type) if self.can_run(task_type) else None
         try:
             if runner is None:
-                raise TaskFailed(f"task type {task_type!r} is not enabled on this worker")
+                raise DeviceFault(f"task type {task_type!r} is not enabled on this worker")
             # A child process is stopped at timeout_s by run_child itself, keeping what it wrote;
             # this deadline is then only a backstop, after the time to kill and reap it.
             backstop = timeout_s + (CHILD_GRACE_S if task_type in ("python_eval", "command") else 0.0)
@@ -195,7 +215,7 @@ class Executor:
         except asyncio.TimeoutError:
             outcome = Outcome("timeout", error=f"stopped after the task timeout of {timeout_s:g} s")
         except TaskFailed as exc:
-            outcome = Outcome("failed", error=str(exc))
+            outcome = Outcome("failed", error=str(exc), fault=exc.fault)
         return self._ended(outcome, started)
 
     def instant(self, task: Dict[str, Any]) -> bool:
@@ -274,7 +294,7 @@ class Executor:
         try:
             return make_scratch_dir(self.scratch_base)
         except OSError as exc:
-            raise TaskFailed(f"cannot create a scratch directory under {self.scratch_base}: {exc}") from None
+            raise DeviceFault(f"cannot create a scratch directory under {self.scratch_base}: {exc}") from None
 
     async def _run_child(self, argv: "list[str]", scratch: Path, stdin: Optional[bytes], timeout_s: float,
                          reply_limit_bytes: Optional[int] = None) -> ChildResult:
@@ -283,7 +303,7 @@ class Executor:
                                    output_limit_bytes=self.output_limit_bytes,
                                    reply_limit_bytes=reply_limit_bytes, pids=self._pids, timeout_s=timeout_s)
         except OSError as exc:
-            raise TaskFailed(f"cannot start the task process: {exc}") from None
+            raise DeviceFault(f"cannot start the task process: {exc}") from None
 
     async def _command(self, payload: Dict[str, Any], timeout_s: float, progress: Progress) -> Outcome:
         argv = payload.get("argv")
@@ -333,7 +353,10 @@ class Executor:
         except ValueError:
             reply = None
         if not isinstance(reply, dict):
-            raise TaskFailed(
+            # Killed by a signal: the task's own limits (memory, CPU) or its own doing. Exited
+            # without an answer: this device's Python could not run the sandbox.
+            died = TaskFailed if child.returncode is not None and child.returncode < 0 else DeviceFault
+            raise died(
                 f"python_eval child ended with {describe_exit(child.returncode)} and no result"
                 + (f": {stderr.strip()[-500:]}" if stderr else "")
             )
