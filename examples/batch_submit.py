@@ -84,7 +84,11 @@ def main():
     tasks = [(n, json.loads(line)) for n, line in enumerate(args.file, start=1) if line.strip()]
     host, _, port = args.main.rpartition(":") if ":" in args.main else (args.main, "", "8080")
 
-    batch = Batch(host, int(port), args.token)
+    try:
+        batch = Batch(host, int(port), args.token)
+    except OSError as exc:
+        sys.exit(f"error: cannot connect to {host}:{port} ({exc.strerror or exc}); "
+                 "is `retire-cluster main` running there?")
     batch.run(tasks, max(args.window, 1))
     completed = 0
     for number, _ in tasks:

@@ -26,7 +26,11 @@ def main():
     args = parser.parse_args()
     host, _, port = args.main.rpartition(":") if ":" in args.main else (args.main, "", "8080")
 
-    sock = socket.create_connection((host, int(port)), timeout=30)
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=30)
+    except OSError as exc:
+        sys.exit(f"error: cannot connect to {host}:{port} ({exc.strerror or exc}); "
+                 "is `retire-cluster main` running there?")
     asked = {}
     for message_type in ("cluster_status", "list_devices"):
         frame = {"message_type": message_type, "message_id": uuid.uuid4().hex, "sender_id": "status-example",

@@ -25,13 +25,18 @@ def main():
     args = parser.parse_args()
     host, _, port = args.main.rpartition(":") if ":" in args.main else (args.main, "", "8080")
 
-    sock = socket.create_connection((host, int(port)))
+    try:
+        sock = socket.create_connection((host, int(port)))
+    except OSError as exc:
+        sys.exit(f"error: cannot connect to {host}:{port} ({exc.strerror or exc}); "
+                 "is `retire-cluster main` running there?")
     lines = sock.makefile("rb")
 
     def send(message_type, data):
         mid = uuid.uuid4().hex
-        frame = {"message_type": message_type, "message_id": mid, "sender_id": "example",
-                 "auth_token": args.token, "data": data}
+        frame = {"message_type": message_type, "message_id": mid, "sender_id": "example", "data": data}
+        if args.token:  # a main node with --insecure needs none
+            frame["auth_token"] = args.token
         sock.sendall(json.dumps(frame).encode() + b"\n")
         return mid
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any, List
 
 import pytest
-from conftest import REPO, MainProcess
+from conftest import REPO, MainProcess, cli_cmd, cli_env
 
 from retire_cluster.client import Client
 
@@ -180,3 +181,35 @@ def test_tiny_worker_heartbeats_and_refuses_types_it_does_not_run(main_process, 
         assert client.wait(client.submit("echo", {"message": "ok"}), timeout_s=60)["status"] == "completed"
         record: Any = client.status(pending)
     assert record["status"] == "pending" and record["attempts"] == []
+
+
+def test_submit_and_wait_without_a_token_against_an_insecure_main_node(main_process, tmp_path: Path) -> None:
+    main = main_process("--insecure")
+    worker = subprocess.Popen(cli_cmd("worker", "--main", main.address, "--data-dir", str(tmp_path / "w1"),
+                                      "--device-id", "w1"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+    try:
+        out = subprocess.run([sys.executable, "-I", str(REPO / "examples" / "submit_and_wait.py"), "--main",
+                              main.address, "echo", '{"message": "no token needed"}'],
+                             capture_output=True, text=True, timeout=60, env=cli_env())
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(15)
+    # It used to send "auth_token": null, refused as invalid_message.
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "no token needed\n"
+
+
+@pytest.mark.parametrize("name", ["submit_and_wait.py", "cluster_status.py", "batch_submit.py"])
+def test_examples_say_in_one_line_when_no_main_node_listens(name: str, tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"task_type": "echo"}\n')
+    args = {"submit_and_wait.py": ["echo"], "cluster_status.py": [], "batch_submit.py": [str(tasks)]}[name]
+    with socket.socket() as bound:  # bound, never listening: a connection to it is refused
+        bound.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{bound.getsockname()[1]}"
+        out = subprocess.run([sys.executable, "-I", str(REPO / "examples" / name), "--main", address,
+                              "--token=t", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr == f"error: cannot connect to {address} (Connection refused); " \
+                         "is `retire-cluster main` running there?\n"
