@@ -97,10 +97,12 @@ def _call(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except ProtocolError as exc:
-        hint = ""
-        if exc.code == "unauthorized":
-            hint = " (pass --token or set RETIRE_CLUSTER_TOKEN)"
-        _fail(f"{exc.message}{hint}")
+        if exc.code == "unauthorized":  # the main node's words name the wire field auth_token
+            ctx = click.get_current_context(silent=True)
+            given = ctx is not None and ctx.params.get("token")
+            _fail(f"the main node {'refused this token' if given else 'needs the cluster token'}; pass it with "
+                  "--token or RETIRE_CLUSTER_TOKEN (`retire-cluster token` on the main node prints it).")
+        _fail(exc.message)
     except ClientError as exc:
         _fail(str(exc))
     except TimeoutError as exc:
@@ -235,8 +237,8 @@ def _print_outcome(record: Dict[str, Any]) -> None:
     if record.get("status") == "completed":
         if printed:
             click.echo(printed, nl=False)
-        output = result.get("output")
-        click.echo("" if output is None else output)
+        output = "" if result.get("output") is None else str(result["output"])
+        click.echo(output, nl=not output.endswith("\n"))  # a command's stdout ends its own last line
         if result.get("truncated"):
             click.echo("(output truncated)", err=True)
         return
@@ -274,6 +276,9 @@ def devices_cmd(status: Optional[str], main_addr: str, token: Optional[str], as_
         devices = _call(lambda: client.devices(status))
     if as_json:
         _emit(devices)
+        return
+    if not devices and status:
+        click.echo(f"no {status} devices")
         return
     if not devices:
         click.echo("no devices yet; start `retire-cluster worker --main ... --token ...` on one.")

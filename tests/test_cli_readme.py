@@ -1,0 +1,57 @@
+"""What a newcomer following the README sees from the client commands: the words of a refused
+token, an empty filtered device list, and a command's output printed as it wrote it."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from click.testing import CliRunner
+from conftest import register_data
+
+from retire_cluster.cli import cli
+from retire_cluster.cli_client import _print_outcome
+
+
+def invoke(*args: str):
+    # RETIRE_CLUSTER_TOKEN / _MAIN unset: only what the test passes counts.
+    env = {"RETIRE_CLUSTER_TOKEN": None, "RETIRE_CLUSTER_MAIN": None}
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def test_a_missing_or_wrong_token_says_which_and_how_to_pass_it(main_process) -> None:
+    main = main_process()
+    missing = invoke("status", "--main", main.address)
+    assert missing.exit_code == 1
+    # Before: "Send the cluster token in auth_token; ... (pass --token or set RETIRE_CLUSTER_TOKEN)"
+    assert missing.stderr == ("Error: the main node needs the cluster token; pass it with --token or "
+                              "RETIRE_CLUSTER_TOKEN (`retire-cluster token` on the main node prints it).\n")
+    wrong = invoke("tasks", "--main", main.address, "--token", "not-the-token")
+    assert wrong.exit_code == 1
+    assert wrong.stderr.startswith("Error: the main node refused this token; pass it with --token")
+    assert invoke("status", "--main", main.address, "--token", main.token).exit_code == 0
+
+
+def test_devices_filtered_to_nothing_does_not_say_there_are_no_devices(main_process) -> None:
+    main = main_process()
+    with socket.create_connection(("127.0.0.1", main.port), timeout=30) as sock:
+        frame = {"message_type": "register", "message_id": "r1", "sender_id": "pi", "auth_token": main.token,
+                 "data": register_data()}
+        sock.sendall(json.dumps(frame).encode() + b"\n")
+        reply = json.loads(sock.makefile("rb").readline())
+        assert reply["message_type"] == "ack", reply  # "pi" is registered and online from here on
+        offline = invoke("devices", "--status", "offline", "--main", main.address, "--token", main.token)
+        online = invoke("devices", "--status", "online", "--main", main.address, "--token", main.token)
+    assert offline.exit_code == 0 and offline.stdout == "no offline devices\n"  # was "no devices yet; start ..."
+    assert online.exit_code == 0 and online.stdout.splitlines()[2].startswith("pi ")
+
+
+@pytest.mark.parametrize(("output", "printed"), [
+    ("total 0\n", "total 0\n"),  # a command's stdout: was "total 0\n\n"
+    ("4999950000", "4999950000\n"),  # a python_eval value
+    (None, "\n"),
+])
+def test_submit_wait_prints_the_output_as_the_task_wrote_it(output, printed, capsys: pytest.CaptureFixture) -> None:
+    _print_outcome({"task_id": "t", "status": "completed", "result": {"output": output, "exit_code": 0}})
+    assert capsys.readouterr().out == printed
