@@ -32,6 +32,11 @@ limit is a :class:`~retire_cluster.main.config.MainConfig` field):
 - Crashes: an exception escaping the node while it handles an event is logged
   with a reference and answered ``internal``; the connection and every other
   one carry on. One in the codec itself closes only that connection.
+- HTTP: a connection whose first bytes are an HTTP request line (``POST / HTTP/1.1``)
+  gets one HTTP 400 (its body the ``invalid_json`` error frame) and is closed, before
+  any line of it is read as a frame. A web page can make a browser send such a request
+  with any body (``fetch`` with ``text/plain``); without this, the JSON lines of that
+  body would be requests, which an ``--insecure`` node would act on.
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ log = logging.getLogger("retire_cluster.server")
 
 #: After close(): how long a peer has to read our last replies and hang up.
 LINGER_S = 2.0
+
+#: How an HTTP request starts (RFC 9110 methods, then a space): never a JSON frame.
+HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"CONNECT ", b"OPTIONS ", b"TRACE ",
+                b"PATCH ")
 
 
 class Connection(asyncio.Protocol):
@@ -92,6 +101,7 @@ class Connection(asyncio.Protocol):
         self._drain_timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._queued_while_paused = 0
+        self._fresh = True  # nothing received yet: see _refuse_http
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -110,6 +120,11 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._fresh:
+            self._fresh = False
+            if data.startswith(HTTP_METHODS):
+                self._refuse_http()
+                return
         if not self.authenticated:
             self._receive_preauth(data)
             return
@@ -161,6 +176,19 @@ class Connection(asyncio.Protocol):
             self._send_internal(None, ref)
             self.close()
             return []
+
+    def _refuse_http(self) -> None:
+        """An HTTP request (a browser, maybe sent by a hostile web page): one HTTP 400, then close."""
+        log.info("closing %s: it spoke HTTP to the TCP port", self.peer)
+        http = getattr(self.node, "http_address", None)
+        where = f" (port {http[1]})" if http is not None else ""
+        body = encode(error_reply(None, "invalid_json",
+                                  "This is the retire-cluster TCP port: it speaks newline-delimited JSON, not "
+                                  f"HTTP. The dashboard and HTTP API are on the HTTP port{where}."))  # fmt: skip
+        head = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n" % len(body))
+        self.send_bytes(head + body)
+        self.close()
 
     def _receive_preauth(self, data: bytes) -> None:
         """Feed one frame at a time until authenticated (the frame limit then grows)."""
