@@ -80,7 +80,8 @@ def build_main_config(config_file: Optional[str], options: Dict[str, Any]) -> An
 
 @cli.command("main")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), envvar="RETIRE_CLUSTER_CONFIG",
-              help="JSON file with settings (keys as the long options, with underscores).")
+              help="JSON file with settings (keys as the long options, with underscores) "
+                   "[env RETIRE_CLUSTER_CONFIG].")
 @click.option("--host", envvar="RETIRE_CLUSTER_HOST", help="Address to listen on.  [default: 0.0.0.0]")
 @click.option("--port", type=int, envvar="RETIRE_CLUSTER_PORT", help="TCP port.  [default: 8080]")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="RETIRE_CLUSTER_DATA_DIR",
@@ -98,7 +99,7 @@ def build_main_config(config_file: Optional[str], options: Dict[str, Any]) -> An
 @click.option("--synchronous", type=click.Choice(["full", "normal"]), envvar="RETIRE_CLUSTER_SYNCHRONOUS",
               help="SQLite durability: full survives power loss, normal only crashes.  [default: full]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              envvar="RETIRE_CLUSTER_LOG_LEVEL", help="[default: info]")
+              envvar="RETIRE_CLUSTER_LOG_LEVEL", help="How much to log (on stderr).  [default: info]")
 @click.option("--log-file", type=click.Path(dir_okay=False), envvar="RETIRE_CLUSTER_LOG_FILE",
               help="Also log to this file, rotated at 10 MiB (5 kept).")
 @click.option("--http-host", envvar="RETIRE_CLUSTER_HTTP_HOST",
@@ -112,7 +113,12 @@ def build_main_config(config_file: Optional[str], options: Dict[str, Any]) -> An
 @click.option("--tls-key", type=click.Path(dir_okay=False), envvar="RETIRE_CLUSTER_TLS_KEY",
               help="PEM private key of --tls-cert.")
 def main_cmd(config_file: Optional[str], **options: Any) -> None:
-    """Start the main node (registry, scheduler, monitor, store) on TCP, with the HTTP API and dashboard."""
+    """Start the main node (registry, scheduler, monitor, store) on TCP, with the HTTP API and dashboard.
+
+    Every option can also be set in the environment as RETIRE_CLUSTER_ and its name
+    (RETIRE_CLUSTER_PORT=9000, RETIRE_CLUSTER_NO_HTTP=1) or in the --config file; a flag wins over
+    the environment, which wins over the file.
+    """
     from .main.config import ConfigError
     from .main.node import MainNode, tls_context
     from .main.store import DatabaseInUse
@@ -193,7 +199,8 @@ def main_cmd(config_file: Optional[str], **options: Any) -> None:
 
 @cli.command("token")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="RETIRE_CLUSTER_DATA_DIR",
-              default="retire-cluster-data", show_default=True, help="The main node's data dir.")
+              default="retire-cluster-data",
+              help="The main node's data dir [env RETIRE_CLUSTER_DATA_DIR].  [default: ./retire-cluster-data]")
 def token_cmd(data_dir: str) -> None:
     """Print the cluster token of a main node's data dir."""
     path = Path(data_dir) / "token"
@@ -202,7 +209,8 @@ def token_cmd(data_dir: str) -> None:
     except OSError:
         token = ""
     if not token:
-        _fail(f"no token in {data_dir}; start `retire-cluster main --data-dir {data_dir}` once to create it.")
+        _fail(f"no token in {path}; run this on the main node, with its --data-dir (or start "
+              f"`retire-cluster main --data-dir {data_dir}` once to create one).")
     click.echo(token)
 
 
@@ -282,22 +290,24 @@ def _load_default_map(ctx: click.Context, param: click.Parameter, value: Optiona
 @cli.command("worker")
 @click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
               callback=_load_default_map, envvar="RETIRE_CLUSTER_WORKER_CONFIG",
-              help="JSON file of settings (keys as the long options); flags override it.")
+              help="JSON file of settings (keys as the long options); flags override it "
+                   "[env RETIRE_CLUSTER_WORKER_CONFIG].")
 @click.option("--main", "main_addr", envvar="RETIRE_CLUSTER_MAIN", required=True,
               help="Main node HOST[:PORT] [env RETIRE_CLUSTER_MAIN].")
 @click.option("--token", envvar="RETIRE_CLUSTER_TOKEN", help="Cluster token [env RETIRE_CLUSTER_TOKEN].")
 @click.option("--tls-fingerprint", envvar="RETIRE_CLUSTER_TLS_FINGERPRINT", metavar="SHA256",
               help="Speak TLS and accept only the main node certificate with this SHA-256 fingerprint "
-                   "(as `retire-cluster main` prints it).")
+                   "(as `retire-cluster main` prints it) [env RETIRE_CLUSTER_TLS_FINGERPRINT].")
 @click.option("--device-id", envvar="RETIRE_CLUSTER_DEVICE_ID",
-              help="Device id.  [default: hostname-based, saved in the data dir]")
+              help="Device id [env RETIRE_CLUSTER_DEVICE_ID].  [default: hostname-based, saved in the data dir]")
 @click.option("--role", default="worker", show_default=True, help="Role advertised (requirements match it).")
 @click.option("--allow", multiple=True, type=click.Choice(["python_eval", "command"]),
               help="Enable a task type that runs code on this device (repeatable).")
 @click.option("--max-tasks", type=int, help="Concurrent tasks.  [default: CPU cores]")
 @click.option("--capability", "capabilities", multiple=True, help="Extra capability to advertise (repeatable).")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="RETIRE_CLUSTER_WORKER_DIR",
-              help="Device id, undelivered results.  [default: ~/.retire-cluster/worker]")
+              help="Device id, undelivered results [env RETIRE_CLUSTER_WORKER_DIR].  "
+                   "[default: ~/.retire-cluster/worker]")
 @click.option("--heartbeat-interval", type=click.FloatRange(min=0, min_open=True),
               help="Override the main node's heartbeat interval (seconds).")
 @click.option("--only-when-charging", is_flag=True, help="Take tasks only while on a charger.")
@@ -319,7 +329,7 @@ def _load_default_map(ctx: click.Context, param: click.Parameter, value: Optiona
               help="Longest wait between reconnection attempts, in seconds.")
 @click.option("--burst", is_flag=True, help="Exit once idle after running at least one task.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
+              show_default=True, help="How much the worker logs (on stderr).")
 def worker_cmd(main_addr: str, token: Optional[str], tls_fingerprint: Optional[str], device_id: Optional[str],
                role: str,
                allow: Sequence[str], max_tasks: Optional[int], capabilities: Sequence[str],

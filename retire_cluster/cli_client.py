@@ -290,7 +290,8 @@ def devices_cmd(status: Optional[str], main_addr: str, token: Optional[str], as_
 @click.option("--status", type=click.Choice(TASK_STATES), help="Only tasks in this state.")
 @click.option("--device", help="Only tasks assigned to this device.")
 @click.option("--type", "task_type", help="Only tasks of this type.")
-@click.option("--limit", type=click.IntRange(1, 10000), default=100, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 10000), default=100, show_default=True,
+              help="Most tasks shown.")
 @client_options
 def tasks_cmd(status: Optional[str], device: Optional[str], task_type: Optional[str], limit: int,
               main_addr: str, token: Optional[str], as_json: bool) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import register_data
+from conftest import REPO, register_data
 
 from retire_cluster.cli import cli
 from retire_cluster.cli_client import _print_outcome
@@ -55,3 +56,27 @@ def test_devices_filtered_to_nothing_does_not_say_there_are_no_devices(main_proc
 def test_submit_wait_prints_the_output_as_the_task_wrote_it(output, printed, capsys: pytest.CaptureFixture) -> None:
     _print_outcome({"task_id": "t", "status": "completed", "result": {"output": output, "exit_code": 0}})
     assert capsys.readouterr().out == printed
+
+
+@pytest.mark.parametrize("command", ["main", "worker", "token", "submit"])
+def test_every_environment_variable_an_option_reads_is_in_the_readme_and_its_help(command: str) -> None:
+    import click
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    cmd = cli.commands[command]
+    ctx = click.Context(cmd, info_name=command)
+    helps = cmd.get_help(ctx).replace("\n", " ")
+    for param in cmd.params:
+        envvar = getattr(param, "envvar", None)
+        if not envvar:
+            continue
+        assert f"`{envvar}`" in readme, f"{command} --{param.name}: {envvar} is not in README.md"
+        if command != "main":  # main's help names the RETIRE_CLUSTER_ rule once, for every option
+            assert envvar in helps, f"{command} --{param.name}: {envvar} is not in its --help"
+
+
+def test_token_without_a_token_file_says_where_it_looked_and_where_to_run_it(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["token", "--data-dir", str(tmp_path / "nothing")],
+                                env={"RETIRE_CLUSTER_DATA_DIR": None})
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: no token in {tmp_path / 'nothing' / 'token'}; run this on the main node")
