@@ -12,13 +12,27 @@ Auth: every route needs ``Authorization: Bearer <cluster token>`` except
 ``GET /api/v1/health`` and the page itself (``/`` and ``/static/...``, which
 hold no cluster data: the page asks for the token and sends it with every
 request). Nothing is needed when the node runs ``--insecure``.
+
+Browsers: a web page of any other site can make a browser on the network send
+requests here (a form post, ``fetch`` with a ``text/plain`` body: no CORS
+preflight), and with DNS rebinding even read the answers. The dashboard keeps
+its token in the page (never a cookie), so such a request carries no token;
+what is left to guard is an ``--insecure`` node. Every route but the public
+ones refuses (``forbidden``) a request a browser marks as sent by a page of
+another site (``Sec-Fetch-Site``, or ``Origin`` on browsers without it), and an
+``--insecure`` node refuses a ``Host`` that is not an IP address, ``localhost``
+or this machine's own name (DNS rebinding). Every response says not to be
+framed (clickjacking), sniffed or given a referrer, and the page may load
+nothing but its own files.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
+import socket
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -29,6 +43,7 @@ from aiohttp import web
 
 from ..protocol.codec import dumps
 from ..protocol.errors import (
+    Forbidden,
     FrameTooLarge,
     InternalError,
     InvalidMessage,
@@ -72,6 +87,20 @@ HTTP_STATUS = {
 #: paths served without the token
 PUBLIC_PATHS = frozenset({"/", "/api/v1/health", "/favicon.ico"})
 
+#: Sec-Fetch-Site values of a request that a page of another site (or another port) made
+FOREIGN_SITES = frozenset({"cross-site", "same-site"})
+
+#: On every response: not in a frame of another page (clickjacking), no content sniffing, no
+#: Referer; the page loads its own script and style only (an injected one would not run).
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                               "form-action 'self'; frame-ancestors 'none'",
+}
+
 WEB_KEY: web.AppKey[WebApp] = web.AppKey("retire_cluster_web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -79,6 +108,35 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=dumps(obj), status=status, content_type="application/json", headers=headers)
+
+
+def foreign_page(request: web.Request) -> str | None:
+    """Why ``request`` looks sent by a browser for a page of another site, or None.
+
+    ``Sec-Fetch-Site`` is set by the browser itself (a page cannot change it);
+    browsers without it still send ``Origin`` on a cross-origin post. Programs
+    (curl, scripts) send neither.
+    """
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return f"Sec-Fetch-Site: {site}" if site.strip().lower() in FOREIGN_SITES else None
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return None
+    netloc = origin.partition("://")[2].rstrip("/").lower()
+    if origin.strip().lower() == "null" or netloc != request.headers.get("Host", "").strip().lower():
+        return f"Origin: {origin}"
+    return None
+
+
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without port, brackets or trailing dot, in lower case."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
 
 
 def error_response(exc: ProtocolError, status: int | None = None) -> web.Response:
@@ -142,6 +200,10 @@ class WebApp:
         max_pending: events that may wait for one slow stream reader before
             it is dropped (it reconnects and resumes from the ring).
         heartbeats_kept: recent heartbeats kept per device for ``/devices/{id}``.
+        max_connections: open HTTP connections in total; each source address may
+            have ``max_connections_per_address`` of them, as on the TCP port.
+            One more is answered 429 and closed. An idle connection, or one whose
+            request head is not complete, is closed after ``auth_timeout_s``.
     """
 
     def __init__(
@@ -153,6 +215,7 @@ class WebApp:
         max_streams: int = 100,
         max_pending: int = 1000,
         heartbeats_kept: int = 20,
+        max_connections: int = 1024,
     ) -> None:
         from .metrics import Metrics
 
@@ -160,6 +223,10 @@ class WebApp:
         self.keepalive_s = keepalive_s
         self.max_streams = max_streams
         self.max_pending = max_pending
+        self.max_connections = max_connections
+        #: open HTTP connections (aiohttp's handlers) -> their source address
+        self.connections: dict[Any, str] = {}
+        self._per_address: dict[str, int] = {}
         self.streams = {name: Stream(name, ring_size) for name in ("devices", "tasks", "logs")}
         self.metrics = Metrics(node, self)
         #: device id -> its recent heartbeats (newest last)
@@ -171,6 +238,8 @@ class WebApp:
         self._log_feed: LogFeed | None = None
         self.address: tuple[str, int] | None = None
         self.limiter = RateLimiter(node.config.client_rate_per_s, node.config.client_burst, node.clock)
+        #: Host names an --insecure node answers besides IP addresses and localhost (DNS rebinding)
+        self.own_names = _own_names(node.config.host, node.config.http_bind_host)
         self.app = self._build()
 
     # -- the application --------------------------------------------------
@@ -181,9 +250,11 @@ class WebApp:
         from .text import TextApi
 
         app = web.Application(
-            middlewares=[self._errors, self._rate, self._auth], client_max_size=self.node.config.max_frame_bytes
+            middlewares=[self._errors, self._rate, self._browser, self._auth],
+            client_max_size=self.node.config.max_frame_bytes,
         )
         app[WEB_KEY] = self
+        app.on_response_prepare.append(_security_headers)
         Api(self).add_routes(app.router)
         TextApi(self).add_routes(app.router)
         OpenApi(self).add_routes(app.router)
@@ -245,6 +316,35 @@ class WebApp:
         return await handler(request)
 
     @web.middleware
+    async def _browser(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Refuse what a page of another site made a browser send (CSRF), and DNS rebinding."""
+        if request.path in PUBLIC_PATHS or request.path.startswith("/static/"):
+            return await handler(request)
+        why = foreign_page(request)
+        if why is not None:
+            raise Forbidden(
+                f"Refused a request a browser sent for a page of another site ({why}); the dashboard's own "
+                "requests come from its page, and programs send no such header."
+            )
+        if self.node.token is None:
+            name = host_name(request.headers.get("Host", ""))
+            if name and not self._known_host(name):
+                raise Forbidden(
+                    f"Refused a request to the host name {name!r}: an --insecure main node answers only its "
+                    "IP address, localhost and its own host name, since any web page can point a name of "
+                    "its own at this address (DNS rebinding). Use the IP address, or run with a token."
+                )
+        return await handler(request)
+
+    def _known_host(self, name: str) -> bool:
+        try:
+            ipaddress.ip_address(name.partition("%")[0])
+            return True
+        except ValueError:
+            pass
+        return name == "localhost" or name.endswith(".localhost") or name in self.own_names
+
+    @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self.node.token is None or request.path in PUBLIC_PATHS or request.path.startswith("/static/"):
             return await handler(request)
@@ -286,10 +386,14 @@ class WebApp:
         self.node.add_listener(self.on_node_event)
         # handler_cancellation: a reader that hangs up ends its event stream at once
         # (and frees its place among max_streams), not at the next keep-alive write.
+        # keepalive_timeout: aiohttp closes a connection that sends no complete request head
+        # (slowloris) or stays idle for that long; its default is an hour.
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=2.0,
-                               handler_cancellation=True)
+                               handler_cancellation=True, keepalive_timeout=self.node.config.auth_timeout_s)
         await runner.setup()
         self._runner = runner
+        assert runner.server is not None
+        self._count_connections(runner.server)
         site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
         try:
             await site.start()
@@ -317,6 +421,46 @@ class WebApp:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+
+    def _count_connections(self, server: web.Server) -> None:
+        """Cap the HTTP connections in total and per source address, as the TCP port does.
+
+        Without it, one device could open connections until the main node runs
+        out of file descriptors, and workers could no longer connect to it.
+        """
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+            made(handler, transport)
+            peer = transport.get_extra_info("peername")
+            host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+            count = self._per_address.get(host, 0)
+            per_address = self.node.config.max_connections_per_address
+            if len(self.connections) >= self.max_connections:
+                why = f"The main node has {self.max_connections} HTTP connections open, its maximum; try again later."
+            elif count >= per_address:
+                why = f"{host} has {per_address} HTTP connections open, the maximum per address; close some first."
+            else:
+                self.connections[handler] = host
+                self._per_address[host] = count + 1
+                return
+            body = dumps(Overloaded(why).to_data())
+            transport.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\nRetry-After: 2\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            transport.close()
+
+        def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+            host = self.connections.pop(handler, None)
+            if host is not None:
+                left = self._per_address[host] - 1
+                if left:
+                    self._per_address[host] = left
+                else:
+                    del self._per_address[host]
+            lost(handler, exc)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
 
     # -- events from the node ---------------------------------------------
 
@@ -421,6 +565,22 @@ class WebApp:
         if sub.dropped:
             log.info("dropped a slow /stream/%s reader %s (it can resume with Last-Event-ID)", name, request.remote)
         return response
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for key, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(key, value)
+
+
+def _own_names(*hosts: str | None) -> frozenset[str]:
+    """This machine's host name (``nas``, ``nas.local``, ``nas.home.lan``) and the names it listens on."""
+    names = {host_name(h) for h in hosts if h}
+    own = host_name(socket.gethostname())
+    if own:
+        short = own.partition(".")[0]
+        names |= {own, short, f"{short}.local"}
+    names.discard("")
+    return frozenset(names)
 
 
 def _stream_filter(name: str, request: web.Request) -> Callable[[str | None], bool] | None:
