@@ -100,6 +100,10 @@ def tune_gc() -> None:
 _listener: Optional[logging.handlers.QueueListener] = None
 
 
+#: Libraries whose debug output is about their own internals, kept at INFO or above.
+_NOISY_LIBRARIES = ("aiosqlite", "asyncio")
+
+
 def setup_logging(level: str = "info", log_file: Optional[Path] = None) -> None:
     """Log to stderr, and to a rotating file (10 MiB x 5) when ``log_file`` is set.
 
@@ -108,7 +112,11 @@ def setup_logging(level: str = "info", log_file: Optional[Path] = None) -> None:
     """
     global _listener
     root = logging.getLogger()
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    chosen = getattr(logging, level.upper(), logging.INFO)
+    root.setLevel(chosen)
+    # --log-level debug is for our own loggers: aiosqlite would log every SQL statement.
+    for noisy in _NOISY_LIBRARIES:
+        logging.getLogger(noisy).setLevel(max(chosen, logging.INFO))
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in list(root.handlers):
         root.removeHandler(handler)

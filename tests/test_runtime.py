@@ -32,3 +32,24 @@ def test_run_returns_the_coroutines_result_on_either_loop() -> None:
 
     assert run(answer()) == 42
     assert run(answer(), fast_loop=False) == 42
+
+
+def test_debug_logging_is_ours_not_every_sql_statement() -> None:
+    """--log-level debug used to make aiosqlite log each statement it ran, flooding stderr and the log file."""
+    import logging
+
+    from retire_cluster.runtime import setup_logging, stop_logging
+
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers), logging.getLogger("aiosqlite").level)
+    try:
+        setup_logging("debug")
+        assert logging.getLogger("retire_cluster.main").isEnabledFor(logging.DEBUG)
+        assert not logging.getLogger("aiosqlite").isEnabledFor(logging.DEBUG)
+        setup_logging("warning")  # a quieter level stays quieter for them too
+        assert not logging.getLogger("aiosqlite").isEnabledFor(logging.INFO)
+    finally:
+        stop_logging()
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        logging.getLogger("aiosqlite").setLevel(saved[2])
