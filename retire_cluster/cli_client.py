@@ -33,6 +33,8 @@ from .tables import (
 )
 
 EXIT_ERROR = 1
+#: Ctrl-C while waiting (what a shell reports for SIGINT).
+EXIT_INTERRUPTED = 130
 #: `submit --wait` says where the task is when it has not ended after this many seconds.
 NOTICE_S = 5.0
 TASK_STATES = [s.value for s in TaskStatus]
@@ -194,17 +196,32 @@ def submit_cmd(task_type: str, payload: str, priority: Optional[str], timeout: O
         from .client.common import TERMINAL
 
         # One request: the reply is the end, unless the task is still going after NOTICE_S.
-        record = _call(lambda: client.run(task_type, body, wait_s=NOTICE_S, **options))
-        if record.get("status") not in TERMINAL:
-            task_id = str(record["task_id"])
-            _say_still_waiting(_call(lambda: client.status(task_id)))
-            record = _call(lambda: client.wait(task_id))
+        task_id = None
+        try:
+            record = _call(lambda: client.run(task_type, body, wait_s=NOTICE_S, **options))
+            if record.get("status") not in TERMINAL:
+                task_id = str(record["task_id"])
+                _say_still_waiting(_call(lambda: client.status(task_id)))
+                record = _call(lambda: client.wait(task_id))
+        except KeyboardInterrupt:
+            _stopped_waiting(f"task {task_id} goes on; `retire-cluster task {task_id}` shows it" if task_id else
+                             "the task was submitted and goes on; `retire-cluster tasks` lists it")
     if as_json:
         _emit(record)
     else:
         _print_outcome(record)
     if record.get("status") != "completed":
         sys.exit(EXIT_ERROR)
+
+
+def _stopped_waiting(what_goes_on: str) -> None:
+    """Ctrl-C while waiting: say that only the waiting stopped, and exit 130 (as a shell does)."""
+    click.echo(f"\nstopped waiting; {what_goes_on}.", err=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _tasks(n: int) -> str:
+    return f"{n} task" if n == 1 else f"{n} tasks"
 
 
 def _say_still_waiting(record: Dict[str, Any]) -> None:
@@ -381,7 +398,7 @@ def submit_batch_cmd(file: Any, concurrency: int, wait: bool, on_error: str, mai
     not_sent = len(specs) - len(outcome)
     report: Dict[str, Any] = {"submitted": [{"line": n, "task_id": t} for n, t in submitted],
                               "errors": errors, "not_sent": not_sent}
-    problems = f"; {len(errors)} lines refused or skipped" if errors else ""
+    problems = f"; {len(errors)} {'line' if len(errors) == 1 else 'lines'} refused or skipped" if errors else ""
     if not_sent:
         problems += f"; {not_sent} not sent after the error (--on-error abort)"
     if wait:
@@ -392,7 +409,7 @@ def submit_batch_cmd(file: Any, concurrency: int, wait: bool, on_error: str, mai
     else:
         for _, task_id in submitted:
             click.echo(task_id)
-    click.echo(f"submitted {len(submitted)} tasks{problems}", err=True)
+    click.echo(f"submitted {_tasks(len(submitted))}{problems}", err=True)
     sys.exit(EXIT_ERROR if errors or not_sent else 0)
 
 
@@ -415,7 +432,10 @@ def _wait_and_report(main_addr: str, token: Optional[str], submitted: List[Any],
         finally:
             await client.close()
 
-    records = _call(lambda: _run_async(gather()))
+    try:
+        records = _call(lambda: _run_async(gather()))
+    except KeyboardInterrupt:
+        _stopped_waiting(f"the {_tasks(len(submitted))} submitted go on; `retire-cluster tasks` lists them")
     rows, results, counts = summarise(submitted, records)
     done = int(counts.get("completed", 0))
     if as_json:
@@ -424,7 +444,7 @@ def _wait_and_report(main_addr: str, token: Optional[str], submitted: List[Any],
     elif rows:
         click.echo(format_table(["line", "task", "status", "output / error"], rows))
     others = "".join(f", {n} {s}" for s, n in sorted(counts.items()) if s != "completed")
-    click.echo(f"{len(submitted)} tasks: {done} completed{others}{problems}", err=True)
+    click.echo(f"{_tasks(len(submitted))}: {done} completed{others}{problems}", err=True)
     return done
 
 

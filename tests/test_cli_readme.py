@@ -80,3 +80,31 @@ def test_token_without_a_token_file_says_where_it_looked_and_where_to_run_it(tmp
                                 env={"RETIRE_CLUSTER_DATA_DIR": None})
     assert result.exit_code == 1
     assert result.stderr.startswith(f"Error: no token in {tmp_path / 'nothing' / 'token'}; run this on the main node")
+
+
+def test_ctrl_c_while_waiting_says_the_task_goes_on_and_exits_130(main_process, monkeypatch, tmp_path: Path) -> None:
+    """Before: click's 'Aborted!' and exit 1, as if the task had been stopped too."""
+    from retire_cluster.client.sync import Client
+
+    main = main_process()
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Client, "run", interrupted)
+    early = invoke("submit", "echo", "--payload", '{"message": "hi"}', "--wait", "--main", main.address,
+                   "--token", main.token)
+    assert early.exit_code == 130, early.output
+    assert early.stderr.strip() == "stopped waiting; the task was submitted and goes on; `retire-cluster tasks` lists it."
+    # After the 5 s notice the task id is known, and named.
+    monkeypatch.setattr(Client, "run", lambda self, *a, **k: {"task_id": "abc123", "status": "pending"})
+    monkeypatch.setattr(Client, "status", lambda self, task_id: {"task_id": task_id, "status": "pending"})
+    monkeypatch.setattr(Client, "wait", interrupted)
+    later = invoke("submit", "echo", "--wait", "--main", main.address, "--token", main.token)
+    assert later.exit_code == 130, later.output
+    assert later.stderr.strip().endswith("stopped waiting; task abc123 goes on; `retire-cluster task abc123` shows it.")
+    # submit-batch: one task is "1 task", not "1 tasks".
+    batch = tmp_path / "one.jsonl"
+    batch.write_text('{"task_type": "echo", "payload": {"message": "hi"}}\n')
+    one = invoke("submit-batch", str(batch), "--main", main.address, "--token", main.token)
+    assert one.exit_code == 0 and one.stderr.splitlines()[-1] == "submitted 1 task", one.stderr
