@@ -47,7 +47,7 @@ from .monitor import Monitor
 from .registry import Device, Registry
 from .scheduler import Scheduler
 from .server import Connection, Server
-from .store import Op, Store
+from .store import Op, Store, StoreUnavailable
 from .tasks import Attempt, Task
 
 __all__ = ["MainNode", "load_or_create_token", "tls_context"]
@@ -160,6 +160,8 @@ class MainNode(Dispatcher):
         self._end_waiters: dict[str, list[Callable[[], None]]] = {}
         self.wait_hold_s = WAIT_HOLD_S
         self._held: list[Task] = []  # submissions with wait, until the next scheduling pass
+        #: tasks whose latest state failed to commit (a full or broken disk): written again at each tick
+        self._unstored: dict[str, Task] = {}
         self._stopping = False
         self.stopped = asyncio.Event()
         #: callback(kind, obj) on every ("task", Task) publish and ("device", Device) change
@@ -292,6 +294,15 @@ class MainNode(Dispatcher):
         if now - self._heartbeats_written_at >= HEARTBEAT_WRITE_INTERVAL_S:
             self._heartbeats_written_at = now
             self._flush_heartbeats()
+        if self._unstored and self.store.is_open:
+            unstored, self._unstored = self._unstored, {}
+            log.warning("writing the state of %d task(s) again after a failed commit", len(unstored))
+            for task in unstored.values():
+                holder = self.registry.get(task.assigned_device or "")
+                if task.status is TaskStatus.ASSIGNED and holder is not None:
+                    self._write_assignment(task, holder)
+                else:
+                    self.write_task(task)
 
     # -- connections ------------------------------------------------------
 
@@ -360,8 +371,24 @@ class MainNode(Dispatcher):
         """
         version = self.bump(task)
         fut = self.store.write(Store.update_task(task), lazy=lazy)
-        fut.add_done_callback(lambda f: self.publish_committed(f, task, version))
+        fut.add_done_callback(lambda f: self._task_committed(f, task, version))
         return fut
+
+    def _task_committed(self, fut: asyncio.Future[None], task: Task, version: int) -> None:
+        """After a commit of ``task``'s state: publish it, or, when the disk refused it, write it again later.
+
+        Memory has moved on already (a result recorded, a task ended), and
+        nothing else would write that state again: without this the database
+        would keep the task assigned or running until a restart, which runs
+        it once more.
+        """
+        if not fut.cancelled() and isinstance(fut.exception(), StoreUnavailable):
+            if self.lookup(task.task_id) is task:  # not dropped as never stored (forget_uncommitted)
+                self._unstored[task.task_id] = task
+            return
+        if self._unstored and task.version == version and not fut.cancelled() and fut.exception() is None:
+            self._unstored.pop(task.task_id, None)  # its latest state is on disk now
+        self.publish_committed(fut, task, version)
 
     @staticmethod
     def bump(task: Task) -> int:
@@ -454,6 +481,12 @@ class MainNode(Dispatcher):
             self._send_assignments(early)
         fut.add_done_callback(lambda f: self._assignments_committed(f, sent, late))
 
+    def _write_assignment(self, task: Task, device: Device) -> None:
+        """An assignment whose commit failed, so it was never sent: write it again, then send it."""
+        item = (task, device, task.attempt, self.bump(task))
+        fut = self.store.write(Store.update_task(task))
+        fut.add_done_callback(lambda f: self._assignments_committed(f, [item], [item]))
+
     def _send_assignments(self, sent: list[tuple[Task, Device, int, int]]) -> None:
         """Send each device its new tasks (and write them out now, not at the end of the pass).
 
@@ -504,17 +537,27 @@ class MainNode(Dispatcher):
         late: list[tuple[Task, Device, int, int]],
     ) -> None:
         if fut.cancelled() or fut.exception() is not None:
-            log.error("assignments not committed; their leases will expire and requeue them")
+            if isinstance(fut.exception(), StoreUnavailable):
+                # Those not sent yet go out once written (tick); those sent come back with a result.
+                log.error("assignments not committed; written again and sent at the next tick")
+                for task, device, attempt, _version in late:
+                    if task.held_by(device.device_id, attempt):
+                        self._unstored[task.task_id] = task
+            else:
+                log.error("assignments not committed; their leases will expire and requeue them")
             return
         if late:
             self._send_assignments(late)
         for task, device, attempt, version in sent:
             if task.held_by(device.device_id, attempt):
+                if self._unstored and task.version == version:
+                    self._unstored.pop(task.task_id, None)
                 self.publish_committed(fut, task, version)
 
     def forget_uncommitted(self, task: Task) -> None:
         """The insert of a new task failed to commit: it must not run (its device is told to stop)."""
         log.error("task %s was not stored; dropping it", task.task_id)
+        self._unstored.pop(task.task_id, None)
         if task.idempotency_key is not None:
             self._idempotency.pop(task.idempotency_key, None)
         self.tasks.pop(task.task_id, None)

@@ -27,13 +27,14 @@ from typing import Any, Union
 import aiosqlite
 
 from ..protocol.codec import dumps
+from ..protocol.errors import RemoteProtocolError
 from ..protocol.messages import TERMINAL_STATUSES, DeviceStatus, TaskStatus
 from ..runtime import LockHeld, hold_lock
 from .health import DeviceStats
 from .registry import Device
 from .tasks import Attempt, Task
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "DatabaseInUse", "Store"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "DatabaseInUse", "Store", "StoreUnavailable"]
 
 log = logging.getLogger("retire_cluster.store")
 
@@ -227,6 +228,33 @@ def _apply_each(db: aiosqlite.Connection, ops: Sequence[Op], spans: list[tuple[i
 
 class DatabaseInUse(Exception):
     """Another process (another main node) has the database open."""
+
+
+class StoreUnavailable(RemoteProtocolError):
+    """A commit failed on the disk (full, read-only, I/O error): what it carried was not stored.
+
+    Every waiter of that commit hears this instead of the raw SQLite error, so
+    the reply (code ``internal``) says what happened and what to do, not only
+    a log reference. A RemoteProtocolError only so that the reply carries this
+    sentence; ``cause`` is the original error.
+    """
+
+    code = "internal"
+
+    def __init__(self, cause: BaseException) -> None:
+        reason = str(cause) or type(cause).__name__
+        super().__init__(
+            f"The main node could not write its database ({reason}), so this was not stored. "
+            "Free space on (or fix) the disk of its data dir, then send it again."
+        )
+        self.cause = cause
+
+
+def _unavailable(exc: BaseException) -> BaseException:
+    """A disk error as :class:`StoreUnavailable`; a data error (one write's values) or anything else as it is."""
+    if isinstance(exc, (sqlite3.Error, OSError)) and not isinstance(exc, _DATA_ERRORS):
+        return StoreUnavailable(exc)
+    return exc
 
 
 def _j(value: Any) -> str | None:
@@ -482,9 +510,10 @@ class Store:
                     if exc is None:
                         fut.set_result(None)
                     else:
-                        fut.set_exception(exc)
+                        fut.set_exception(_unavailable(exc))
         else:  # a disk error: every waiter must hear it
             log.error("commit of %d statements failed", count, exc_info=outcome)
+            outcome = _unavailable(outcome)
             for fut in waiters:
                 if not fut.done():
                     fut.set_exception(outcome)
