@@ -214,7 +214,7 @@ def test_submit_batch_skips_a_line_too_large_to_send(main_process, tmp_path: Pat
     result = against(main, "submit-batch", str(batch), "--concurrency", "1")
     assert result.exit_code == 1
     assert f"{batch} line 2: too large to send: The task_submit request is " in result.stderr
-    assert "submitted 2 tasks; 1 lines refused or skipped" in result.stderr
+    assert "submitted 2 tasks; 1 line refused or skipped" in result.stderr
     assert len(result.stdout.split()) == 2
 
 
