@@ -103,7 +103,7 @@ def refused_at_first(exc: Exception, tls: bool) -> ClientError:
     retried until its timeout and then said "no reply within 30 s".
     """
     hint = "" if tls else ("; if the main node speaks TLS (it printed a certificate fingerprint), "
-                           "pass --tls-fingerprint (tls_fingerprint= in Python)")
+                           "pass --tls-fingerprint (tls_fingerprint= in Python).")
     return ClientError(f"{exc}{hint}")
 
 
