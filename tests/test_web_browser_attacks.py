@@ -22,6 +22,7 @@ from conftest import Peer, make_config
 from webutil import Cluster, eventually, start_cluster
 
 from retire_cluster.main import MainNode
+from retire_cluster.web.events import Stream, Subscriber
 
 TASK_FRAME = {"message_type": "task_submit", "message_id": "evil-1", "sender_id": "web-page",
               "data": {"task": {"task_type": "echo", "payload": {"message": "from a web page"}}}}
@@ -236,3 +237,47 @@ async def test_http_connections_are_capped_in_total(tmp_path: Path) -> None:
 
 async def _now(value: Any) -> Any:
     return value
+
+
+# -- event streams: bounded in bytes, not only in events ------------------------------------------
+
+
+def test_the_event_ring_is_bounded_in_bytes() -> None:
+    """Each task event carries payload and result (up to ~1 MiB each): 1,000 of them kept gigabytes."""
+    stream = Stream("tasks", ring_size=1000, ring_bytes=10_000)
+    big = "x" * 3000
+    for n in range(10):
+        stream.emit("task", {"n": n, "payload": big}, "k")
+    kept = sum(len(frame) for _, _, frame in stream._ring)
+    assert kept <= 10_000 and len(stream._ring) == 3
+    assert stream.subscribe(Subscriber(), "6") is False  # evicted: the reader reloads (reset)
+    assert stream.subscribe(Subscriber(), "7") is True
+    # One event bigger than the whole budget is still kept (the newest always is).
+    stream.emit("task", {"payload": "y" * 20_000}, "k")
+    assert len(stream._ring) == 1 and stream.subscribe(Subscriber(), str(stream.last_id - 1)) is True
+
+
+def test_a_subscriber_is_dropped_by_bytes_waiting() -> None:
+    stream = Stream("tasks")
+    slow = Subscriber(max_pending=1000, max_pending_bytes=10_000)
+    stream.subscribe(slow, None)
+    stream.emit("task", {"payload": "y" * 20_000}, "k")  # alone, it may exceed the budget
+    assert not slow.closed and slow.pending_bytes > 10_000
+    slow.take()
+    for _ in range(3):
+        stream.emit("task", {"payload": "x" * 4000}, "k")
+    assert slow.dropped and slow.closed and slow.pending == []
+
+
+async def test_big_tasks_do_not_pile_up_in_the_main_node(tmp_path: Path) -> None:
+    c = await start_cluster(tmp_path, worker=False)
+    try:
+        web = c.node.web
+        for stream in web.streams.values():
+            stream.ring_bytes = 300_000
+        for _ in range(8):
+            await c.submit("echo", {"message": "x" * 100_000})
+        tasks = web.streams["tasks"]
+        assert tasks.last_id == 8 and sum(len(f) for _, _, f in tasks._ring) <= 300_000
+    finally:
+        await c.close()

@@ -54,7 +54,7 @@ from ..protocol.errors import (
 )
 from ..protocol.messages import Message, new_message_id, utc_timestamp
 from . import HTTPBindError
-from .events import LogFeed, Stream
+from .events import MAX_PENDING_BYTES, RING_BYTES, LogFeed, Stream
 
 if TYPE_CHECKING:
     from ..main.node import MainNode
@@ -196,9 +196,11 @@ class WebApp:
         node: the main node whose handlers and state this serves.
         keepalive_s: seconds between ``: keep-alive`` comments on idle streams.
         ring_size: events each stream keeps for ``Last-Event-ID`` resume.
+        ring_bytes: at most this many bytes of them (task events carry payloads and results).
         max_streams: open ``/stream/...`` responses in total; one more gets 429.
         max_pending: events that may wait for one slow stream reader before
             it is dropped (it reconnects and resumes from the ring).
+        max_pending_bytes: the same in bytes.
         heartbeats_kept: recent heartbeats kept per device for ``/devices/{id}``.
         max_connections: open HTTP connections in total; each source address may
             have ``max_connections_per_address`` of them, as on the TCP port.
@@ -212,8 +214,10 @@ class WebApp:
         *,
         keepalive_s: float = 15.0,
         ring_size: int = 1000,
+        ring_bytes: int = RING_BYTES,
         max_streams: int = 100,
         max_pending: int = 1000,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
         heartbeats_kept: int = 20,
         max_connections: int = 1024,
     ) -> None:
@@ -223,11 +227,12 @@ class WebApp:
         self.keepalive_s = keepalive_s
         self.max_streams = max_streams
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         self.max_connections = max_connections
         #: open HTTP connections (aiohttp's handlers) -> their source address
         self.connections: dict[Any, str] = {}
         self._per_address: dict[str, int] = {}
-        self.streams = {name: Stream(name, ring_size) for name in ("devices", "tasks", "logs")}
+        self.streams = {name: Stream(name, ring_size, ring_bytes) for name in ("devices", "tasks", "logs")}
         self.metrics = Metrics(node, self)
         #: device id -> its recent heartbeats (newest last)
         self.heartbeats: dict[str, deque[dict[str, Any]]] = {}
@@ -535,7 +540,7 @@ class WebApp:
             refused.headers["Retry-After"] = "2"
             return refused
         last_id = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
-        sub = Subscriber(accept, self.max_pending)
+        sub = Subscriber(accept, self.max_pending, self.max_pending_bytes)
         resumed = stream.subscribe(sub, last_id)
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip

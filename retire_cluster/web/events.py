@@ -15,8 +15,15 @@ after N still in the ring, then the live ones. When N is older than the ring
 instead: reload the full state, then carry on with the live events.
 
 Backpressure: a subscriber that does not read while more than ``max_pending``
-events pile up for it is dropped; browsers reconnect with ``Last-Event-ID``
-and catch up from the ring, so no memory grows without bound.
+events (or ``max_pending_bytes`` of them) pile up for it is dropped; browsers
+reconnect with ``Last-Event-ID`` and catch up from the ring, so no memory grows
+without bound.
+
+Bytes, not only counts: a task event carries the whole record, payload and
+result included, and either may be close to ``max_frame_bytes`` (1 MiB). So the
+ring also keeps at most ``ring_bytes`` (the oldest events go first), and a
+subscriber at most ``max_pending_bytes``; a count alone let 1,000 big tasks keep
+gigabytes in the main node for good.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ from ..protocol.messages import utc_timestamp
 __all__ = ["LogFeed", "Stream", "Subscriber", "format_event"]
 
 KEEPALIVE = b": keep-alive\n\n"
+#: Defaults: what one stream's ring, and what may wait for one subscriber, may hold in bytes.
+RING_BYTES = 16 * 1024 * 1024
+MAX_PENDING_BYTES = 4 * 1024 * 1024
 
 
 def format_event(event_id: int, event: str, data: Any) -> bytes:
@@ -47,12 +57,17 @@ class Subscriber:
     Args:
         accept: which events it wants, by key (None: all).
         max_pending: events that may wait before it is dropped as too slow.
+        max_pending_bytes: the same in bytes (one event bigger than that still goes,
+            when nothing else waits).
     """
 
-    def __init__(self, accept: Callable[[str | None], bool] | None = None, max_pending: int = 1000) -> None:
+    def __init__(self, accept: Callable[[str | None], bool] | None = None, max_pending: int = 1000,
+                 max_pending_bytes: int = MAX_PENDING_BYTES) -> None:
         self.accept = accept
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         self.pending: list[bytes] = []
+        self.pending_bytes = 0
         self.wake = asyncio.Event()
         #: set when the subscriber must end: too slow, or the node stops
         self.closed = False
@@ -61,32 +76,43 @@ class Subscriber:
     def offer(self, key: str | None, frame: bytes) -> None:
         if self.closed or (self.accept is not None and not self.accept(key)):
             return
-        if len(self.pending) >= self.max_pending:
+        if len(self.pending) >= self.max_pending or (
+                self.pending and self.pending_bytes + len(frame) > self.max_pending_bytes):
             self.dropped = True
             self.close()
             return
         self.pending.append(frame)
+        self.pending_bytes += len(frame)
         self.wake.set()
 
     def take(self) -> bytes:
         """Everything waiting, as one write."""
         data = b"".join(self.pending)
         self.pending.clear()
+        self.pending_bytes = 0
         self.wake.clear()
         return data
 
     def close(self) -> None:
         self.closed = True
+        self.pending.clear()  # nobody will write them: free them now
+        self.pending_bytes = 0
         self.wake.set()
 
 
 class Stream:
-    """One event stream (devices, tasks or logs): numbered events, a ring, subscribers."""
+    """One event stream (devices, tasks or logs): numbered events, a ring, subscribers.
 
-    def __init__(self, name: str, ring_size: int = 1000) -> None:
+    The ring keeps the newest ``ring_size`` events, and at most ``ring_bytes`` of
+    them (always the newest one).
+    """
+
+    def __init__(self, name: str, ring_size: int = 1000, ring_bytes: int = RING_BYTES) -> None:
         self.name = name
         self.last_id = 0
-        self._ring: deque[tuple[int, str | None, bytes]] = deque(maxlen=ring_size)
+        self.ring_size, self.ring_bytes = ring_size, ring_bytes
+        self._ring: deque[tuple[int, str | None, bytes]] = deque()
+        self._ring_used = 0
         self.subscribers: set[Subscriber] = set()
 
     def emit(self, event: str, data: Any, key: str | None = None) -> int:
@@ -96,7 +122,11 @@ class Stream:
         """
         self.last_id += 1
         frame = format_event(self.last_id, event, data)
-        self._ring.append((self.last_id, key, frame))
+        ring = self._ring
+        ring.append((self.last_id, key, frame))
+        self._ring_used += len(frame)
+        while len(ring) > 1 and (len(ring) > self.ring_size or self._ring_used > self.ring_bytes):
+            self._ring_used -= len(ring.popleft()[2])
         for sub in list(self.subscribers):
             sub.offer(key, frame)
         return self.last_id
@@ -109,6 +139,7 @@ class Stream:
         """
         if self._ring:
             self._ring.clear()
+            self._ring_used = 0
         self.last_id += 1
 
     def subscribe(self, sub: Subscriber, last_event_id: str | None) -> bool:
