@@ -265,6 +265,22 @@ class MainNode(Dispatcher):
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self.store.is_open:
+            # Requests already taken in hear their answers (once their commit ends), not a
+            # closed connection that leaves a client wondering whether its task was stored;
+            # nothing more is read meanwhile (close() reads again, to see the peer's EOF).
+            for conn in list(self.server.connections):
+                if conn.transport is not None and not conn.closed:
+                    try:
+                        conn.transport.pause_reading()
+                    except (NotImplementedError, RuntimeError):  # a transport that cannot pause reads on
+                        pass
+            try:
+                await self.store.flush()
+            except Exception:
+                pass  # logged by the store, and its waiters were told
+            for _ in range(3):  # the commit's callbacks, then the replies they make
+                await asyncio.sleep(0)
         await self.server.close()
         await self.store.close()
         self.stopped.set()
