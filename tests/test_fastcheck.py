@@ -134,12 +134,15 @@ SYNTHETIC = {
         "extra": {"type": "object", "additionalProperties": {"$ref": "#/$defs/word"}, "properties": {"n": {"type": "null"}}},
         "untyped": {"minLength": 2, "maxItems": 1, "minimum": -1, "required": ["x"], "items": {"type": "boolean"}},
         "all": {"allOf": [{"type": ["integer", "string"]}, {"not": {"const": 7}}, {"maximum": 100}]},
+        "sized": {"type": "object", "minProperties": 1, "maxProperties": 2, "propertyNames": {"maxLength": 1},
+                  "additionalProperties": {"type": ["number", "array"], "maxItems": 2}},
+        "named": {"propertyNames": {"pattern": "^[a-z]+$"}},
     },
 }
 _leaf = (st.none() | st.booleans() | st.integers(-3, 12) | st.sampled_from([1.0, 2.5, 3.5, 4.0, -0.5, 7.0, 1e300])
          | st.sampled_from(["", "a", "ab", "abcdef", "A", "x y", "hello"]))
 _values = st.recursive(_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(
-    st.sampled_from(["v", "kids", "x", "k", "a", "n", "w"]), c, max_size=3), max_leaves=10)
+    st.sampled_from(["v", "kids", "x", "k", "a", "n", "w", "ab", "Up"]), c, max_size=3), max_leaves=10)
 _trees = st.recursive(st.fixed_dictionaries({"v": st.integers(-1, 11)}),
                       lambda c: st.fixed_dictionaries({"v": st.integers(0, 9), "kids": st.lists(c, max_size=4)}),
                       max_leaves=8)
@@ -181,6 +184,9 @@ def test_recursive_reference_and_deep_nesting() -> None:
     {"not": [1]}, {"not": [1, 2]}, {"not": "ab"}, {"all": 7}, {"all": 7.0}, {"all": "7"}, {"all": 101}, {"all": 2.5},
     {"extra": {"n": None, "w": "ab"}}, {"extra": {"w": "toolong"}}, {"extra": {"n": "ab"}},
     {"untyped": "a"}, {"untyped": [True, False]}, {"untyped": {"y": 1}}, {"untyped": -2}, {"untyped": True},
+    {"sized": {}}, {"sized": {"a": 1}}, {"sized": {"a": 1, "b": [1]}}, {"sized": {"a": 1, "b": 2, "c": 3}},
+    {"sized": {"ab": 1}}, {"sized": {"a": [1, 2, 3]}}, {"sized": {"a": "x"}}, {"named": {"ok": 1}}, {"named": {"No": 1}},
+    {"named": "not an object"},
     {"tree": {"v": 9.0}}, {"tree": {"v": 10}}, {"tree": {"v": 1, "kids": [{"v": True}]}}, {"tree": {"v": 1, "x": 1}},
 ])
 def test_synthetic_schema_edge_values(value: dict) -> None:

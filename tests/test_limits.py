@@ -451,3 +451,21 @@ async def test_the_frame_too_large_reply_survives_a_huge_write(make_node) -> Non
     assert await peer.closed_by_peer()
     await peer.close()
     await wait_until(lambda: not node.server.connections)
+
+
+async def test_heartbeat_metrics_are_bounded(node) -> None:
+    """system_metrics is kept per device (and 20 times over by the dashboard): it was any object, 1 MiB a beat."""
+    from conftest import fake_worker
+
+    from retire_cluster.worker.profiler import Profiler
+
+    worker = await fake_worker(node, "pi")
+    ours = Profiler().system_metrics()
+    ours.update(battery_percent=87.0, charging=True, battery_temperature=31.5)
+    assert (await worker.request("heartbeat", {"system_metrics": ours}))["message_type"] == "ack"
+    for bad in ({f"k{i}": 1 for i in range(33)}, {"blob": "x" * 100_000}, {"k" * 65: 1},
+                {"nested": {"a": 1}}, {"load_average": list(range(17))}):
+        reply = await worker.request("heartbeat", {"system_metrics": bad})
+        assert reply["message_type"] == "error" and reply["data"]["code"] == "invalid_message", reply
+        assert "system_metrics" in reply["data"]["path"]
+    assert node.registry.get("pi").metrics == ours

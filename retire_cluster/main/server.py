@@ -434,7 +434,8 @@ class Server:
     async def start(self, host: str, port: int, ssl: Any = None) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         config = self.node.config
-        raise_open_files_limit(config.max_connections + 256)
+        # TCP connections, the HTTP side's (WebApp max_connections, 1024), the database, logs and spare.
+        raise_open_files_limit(config.max_connections + 1024 + 256)
         self._server = await loop.create_server(
             lambda: Connection(self.node),
             host,

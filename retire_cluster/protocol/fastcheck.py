@@ -35,7 +35,8 @@ _IGNORED = frozenset({"$schema", "$id", "title", "description", "$defs", "$comme
 
 #: The keywords the compiler implements (anything else raises UnsupportedSchema).
 _KNOWN = frozenset({
-    "type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
+    "type", "properties", "required", "additionalProperties", "minProperties", "maxProperties", "propertyNames",
+    "items", "minItems", "maxItems",
     "minLength", "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
     "enum", "const", "$ref", "allOf", "anyOf", "oneOf", "not",
 })
@@ -213,12 +214,21 @@ class _Writer:
         props: dict[str, Any] = schema.get("properties", {})
         needed = schema.get("required", ())
         extra = schema.get("additionalProperties", True)
-        if not props and not needed and extra is True:
+        lo, hi, names = schema.get("minProperties"), schema.get("maxProperties"), schema.get("propertyNames", True)
+        if not props and not needed and extra is True and lo is None and hi is None and names is True:
             return
         if not known_type:
             out.append(f"{'    ' * depth}if type({x}) is dict:")
             depth += 1
         pad = "    " * depth
+        if lo is not None:
+            out.append(f"{pad}if len({x}) < {int(lo)}: return False")
+        if hi is not None:
+            out.append(f"{pad}if len({x}) > {int(hi)}: return False")
+        if names is not True:
+            check_name = self.function(names, base, refs)
+            out.append(f"{pad}for _k in {x}:")
+            out.append(f"{pad}    if not {check_name}(_k): return False")
         if needed:
             out.append(f"{pad}if not {x}.keys() >= {self.const(frozenset(needed))}: return False")
         known = self.const(frozenset(props))
