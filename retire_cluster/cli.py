@@ -11,6 +11,7 @@ Termux); the main node's modules are imported inside the ``main`` command.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import socket
@@ -159,42 +160,57 @@ def main_cmd(config_file: Optional[str], **options: Any) -> None:
                 _fail(f"{exc.strerror}.")
             _fail(f"cannot listen on {config.host}:{config.port} ({exc.strerror or exc}); "
                   "is another main node running? Choose another --port.")
-        host, port = node.address
-        shown = _lan_address() if host in ("0.0.0.0", "::", "") else host
-        click.echo(f"retire-cluster main node {__version__} listening on {host}:{port}")
-        click.echo(f"data dir: {config.data_dir.resolve()}")
-        if node.http_address is not None:
-            http_host, http_port = node.http_address
-            http_shown = _lan_address() if http_host in ("0.0.0.0", "::", "") else http_host
-            http_shown = f"[{http_shown}]" if ":" in http_shown else http_shown
-            ask = "" if config.insecure else " (paste the token when the page asks)"
-            click.echo(f"dashboard and HTTP API: http://{http_shown}:{http_port}/{ask}")
-        pin = ""
-        if node.tls_fingerprint is not None:
-            from .tls import format_fingerprint
+        # From here on the node is up: whatever happens (a stdout that is a closed pipe or a full
+        # disk included), it is stopped, or its store's thread would keep the process alive.
+        try:
+            stop = asyncio.Event()  # first: a SIGTERM during the banner is a clean stop too
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            host, port = node.address
+            shown = _lan_address() if host in ("0.0.0.0", "::", "") else host
+            _say(f"retire-cluster main node {__version__} listening on {host}:{port}")
+            _say(f"data dir: {config.data_dir.resolve()}")
+            if node.http_address is not None:
+                http_host, http_port = node.http_address
+                http_shown = _lan_address() if http_host in ("0.0.0.0", "::", "") else http_host
+                http_shown = f"[{http_shown}]" if ":" in http_shown else http_shown
+                ask = "" if config.insecure else " (paste the token when the page asks)"
+                _say(f"dashboard and HTTP API: http://{http_shown}:{http_port}/{ask}")
+            pin = ""
+            if node.tls_fingerprint is not None:
+                from .tls import format_fingerprint
 
-            pin = f" --tls-fingerprint {format_fingerprint(node.tls_fingerprint)}"
-            click.echo(f"TLS certificate SHA-256 fingerprint: {format_fingerprint(node.tls_fingerprint)}")
-        if config.insecure:
-            click.echo("WARNING: --insecure: no token auth; anyone who can reach this port controls the "
-                       f"cluster.{'' if host_given else ' Listening on 127.0.0.1 only (give --host to change).'}")
-            click.echo(f"Join a device with:\n  retire-cluster worker --main {shown}:{port}{pin}")
-        else:
-            click.echo(f"Join a device with:\n  retire-cluster worker --main {shown}:{port} --token {node.token}{pin}")
-        sys.stdout.flush()
-        tune_gc()  # after recovery: the recovered state is frozen, not rescanned
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        click.echo("stopping: finishing writes...")
-        await node.stop()
+                pin = f" --tls-fingerprint {format_fingerprint(node.tls_fingerprint)}"
+                _say(f"TLS certificate SHA-256 fingerprint: {format_fingerprint(node.tls_fingerprint)}")
+            if config.insecure:
+                _say("WARNING: --insecure: no token auth; anyone who can reach this port controls the "
+                     f"cluster.{'' if host_given else ' Listening on 127.0.0.1 only (give --host to change).'}")
+                _say(f"Join a device with:\n  retire-cluster worker --main {shown}:{port}{pin}")
+            else:
+                _say(f"Join a device with:\n  retire-cluster worker --main {shown}:{port} --token {node.token}{pin}")
+            _say(None)
+            tune_gc()  # after recovery: the recovered state is frozen, not rescanned
+            await stop.wait()
+            _say("stopping: finishing writes...")
+        finally:
+            await node.stop()
 
     try:
         run(serve())
     finally:
         stop_logging()
+
+
+def _say(line: Optional[str]) -> None:
+    """Print a line of the main node's banner (None: flush): a closed or full stdout must not stop the node."""
+    try:
+        if line is None:
+            sys.stdout.flush()
+        else:
+            click.echo(line)
+    except OSError as exc:  # BrokenPipeError (`| head`), ENOSPC: the node serves on without it
+        logging.getLogger("retire_cluster.main").warning("cannot write to standard output (%s)", exc)
 
 
 @cli.command("token")

@@ -108,3 +108,30 @@ def test_ctrl_c_while_waiting_says_the_task_goes_on_and_exits_130(main_process, 
     batch.write_text('{"task_type": "echo", "payload": {"message": "hi"}}\n')
     one = invoke("submit-batch", str(batch), "--main", main.address, "--token", main.token)
     assert one.exit_code == 0 and one.stderr.splitlines()[-1] == "submitted 1 task", one.stderr
+
+
+def test_main_node_with_its_output_piped_to_a_reader_that_left_still_stops(tmp_path: Path) -> None:
+    """`retire-cluster main | head -1`: the stop line's write failed, node.stop() never ran, and the
+    store's thread kept the process (and its data-dir lock) alive after SIGTERM."""
+    import signal
+    import subprocess
+
+    from conftest import cli_cmd, cli_env
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(cli_cmd("main", "--host", "127.0.0.1", "--port", "0", "--no-http",
+                                        "--data-dir", str(tmp_path)),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=cli_env())
+
+    proc = start()
+    assert proc.stdout is not None
+    banner = [proc.stdout.readline() for _ in range(4)]  # up to the join line
+    assert banner[0].startswith(b"retire-cluster main node") and banner[3].startswith(b"  retire-cluster worker")
+    proc.stdout.close()  # as head does: every later write is a broken pipe
+    proc.send_signal(signal.SIGTERM)  # its handlers were set before the banner
+    assert proc.wait(timeout=30) == 0
+    again = start()  # the data dir's lock was released
+    assert again.stdout is not None and again.stdout.readline().startswith(b"retire-cluster main node")
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(timeout=60) == 0
+    again.stdout.close()
