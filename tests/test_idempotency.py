@@ -16,7 +16,6 @@ import pytest
 from conftest import FakeClock, Peer, make_config, settle
 
 from retire_cluster.main import MainNode
-from retire_cluster.main import node as node_module
 from retire_cluster.main.keyfilter import KeyFilter
 from retire_cluster.main.store import Store
 
@@ -44,7 +43,7 @@ def count_lookups(monkeypatch: pytest.MonkeyPatch) -> List[str]:
 async def test_keys_of_tasks_that_left_memory_are_dropped_and_still_found(
     node: MainNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(node_module, "RECENT_TASKS", 3)
+    node.recent_tasks = 3
     lookups = count_lookups(monkeypatch)
     client = await Peer.connect(node)
     ids = []

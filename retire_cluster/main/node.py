@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..protocol.codec import encode
+from ..protocol.codec import dumps, encode
 from ..protocol.errors import (
     Overloaded,
 )
@@ -55,7 +55,11 @@ __all__ = ["MainNode", "load_or_create_token", "tls_context"]
 log = logging.getLogger("retire_cluster.main")
 
 NODE_ID = "main-node"
+#: Finished tasks kept in memory (for task_status, waits, the dashboard): at most this many,
 RECENT_TASKS = 10_000
+#: ... holding at most about this many bytes of payload and result (outputs can be megabytes,
+#: and the main node may be a Raspberry Pi). Older ones are read from the store when asked for.
+RECENT_BYTES = 64 * 2**20
 #: Heartbeats change only last_seen and metrics: written behind, at most this often.
 HEARTBEAT_WRITE_INTERVAL_S = 10.0
 #: A submission whose client waits for the end (``task_submit`` with
@@ -137,6 +141,10 @@ class MainNode(Dispatcher):
         #: unfinished tasks, plus the most recently finished ones
         self.tasks: dict[str, Task] = {}
         self._recent: OrderedDict[str, Task] = OrderedDict()
+        #: about what each recent task's payload and result hold, and their sum (RECENT_BYTES)
+        self._recent_sizes: dict[str, int] = {}
+        self._recent_bytes = 0
+        self.recent_tasks, self.recent_bytes = RECENT_TASKS, RECENT_BYTES
         #: idempotency key -> task id, for the keyed tasks held in memory (unfinished or recent)
         self._idempotency: dict[str, str] = {}
         #: every idempotency key the store may hold ("maybe" sends a submission to the store)
@@ -577,7 +585,7 @@ class MainNode(Dispatcher):
         if task.idempotency_key is not None:
             self._idempotency.pop(task.idempotency_key, None)
         self.tasks.pop(task.task_id, None)
-        self._recent.pop(task.task_id, None)
+        self._forget_recent(task.task_id)
         self.monitor.release(task)
         self.bump(task)  # publications queued for it are skipped: nobody hears of it
         if task.status in ACTIVE_STATUSES:
@@ -669,15 +677,29 @@ class MainNode(Dispatcher):
         if error is not None:
             task.error = error
         self.tasks.pop(task.task_id, None)
-        self._recent[task.task_id] = task
-        if len(self._recent) > RECENT_TASKS:
-            _, old = self._recent.popitem(last=False)
-            # Its key is on disk (and in _old_keys): memory holds only the keys of tasks in memory.
-            if old.idempotency_key is not None and self._idempotency.get(old.idempotency_key) == old.task_id:
-                del self._idempotency[old.idempotency_key]
+        self._keep_recent(task)
         fut = self.write_task(task)
         self.schedule_soon()
         return fut
+
+    def _keep_recent(self, task: Task) -> None:
+        """Keep a finished task in memory, forgetting the oldest past recent_tasks or recent_bytes."""
+        self._forget_recent(task.task_id)
+        size = _held_bytes(task)
+        self._recent[task.task_id] = task
+        self._recent_sizes[task.task_id] = size
+        self._recent_bytes += size
+        while len(self._recent) > self.recent_tasks or (self._recent_bytes > self.recent_bytes
+                                                          and len(self._recent) > 1):
+            _, old = self._recent.popitem(last=False)
+            self._recent_bytes -= self._recent_sizes.pop(old.task_id, 0)
+            # Its key is on disk (and in _old_keys): memory holds only the keys of tasks in memory.
+            if old.idempotency_key is not None and self._idempotency.get(old.idempotency_key) == old.task_id:
+                del self._idempotency[old.idempotency_key]
+
+    def _forget_recent(self, task_id: str) -> None:
+        if self._recent.pop(task_id, None) is not None:
+            self._recent_bytes -= self._recent_sizes.pop(task_id, 0)
 
     def expire(self, task: Task, now: float) -> None:
         """The lease of ``task`` ran out: stop it on its device, then retry or end it."""
@@ -857,3 +879,14 @@ class _EndWaiter:
         self.due = True
         if self.stored.done():
             self.after_store(self.stored)
+
+
+def _held_bytes(task: Task) -> int:
+    """About how much of memory a finished task's payload and result take: their text."""
+    size = len(dumps(task.payload)) if task.payload else 0
+    result = task.result
+    if isinstance(result, dict):
+        for value in result.values():
+            if isinstance(value, str):
+                size += len(value)
+    return size + len(task.error or "")
