@@ -355,3 +355,35 @@ async def test_the_backoff_starts_over_after_a_connection_that_registered(tmp_pa
         agent.stop()
         await runner
         await node.stop()
+
+
+async def test_a_result_the_main_node_could_not_take_is_kept_and_sent_again(tmp_path: Path, port: int,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`internal` (its disk was full) is not a refusal: before, the worker dropped the result from its
+    outbox, so a main node that died before its disk recovered had the task run again."""
+    from retire_cluster.protocol.errors import InternalError
+    from retire_cluster.worker import agent as agent_module
+
+    monkeypatch.setattr(agent_module, "RESULT_RETRY_S", 0.05, raising=False)
+    node = await start_node(tmp_path, port)
+    original = node.handlers._table["task_result"]
+    refused = []
+
+    def disk_full_once(conn, msg):
+        if not refused:
+            refused.append(msg)
+            raise InternalError("The main node could not write its database (database or disk is full).")
+        return original(conn, msg)
+
+    monkeypatch.setitem(node.handlers._table, "task_result", disk_full_once)
+    agent = agent_for(port, node.token, tmp_path / "w")
+    runner = asyncio.ensure_future(agent.run())
+    try:
+        task_id = await submit(node, "echo", {"message": "hi"})
+        await wait_until(lambda: node.lookup(task_id) is not None and node.lookup(task_id).terminal)
+        assert refused and (await record(node, task_id))["result"]["output"] == "hi"
+        await wait_until(lambda: not agent.outbox)  # acknowledged the second time, then gone
+    finally:
+        agent.stop()
+        await runner
+        await node.stop()

@@ -44,6 +44,10 @@ log = logging.getLogger("retire_cluster.worker")
 #: Frames from the main node may be as large as what it accepts; leave room.
 INBOUND_FRAME_LIMIT = 4 * 1024 * 1024
 REQUEST_TIMEOUT_S = 30.0
+#: Answers to a task_result that mean "not taken, nothing done" (not "refused"): the result
+#: stays in the outbox and is sent again after RESULT_RETRY_S.
+RESULT_RETRY_CODES = frozenset({"internal", "overloaded"})
+RESULT_RETRY_S = 10.0
 
 
 #: At least the JSON length of a 64-bit integer, a float, true, false or null.
@@ -635,6 +639,12 @@ class Agent:
         try:
             self._answer(fut.result())
         except ProtocolError as exc:
+            if exc.code in RESULT_RETRY_CODES:
+                # Not refused, not taken (a full disk on the main node, say): send it again later.
+                log.warning("main node could not take the result of %s yet (%s); sending it again in %g s",
+                            key[0], exc, RESULT_RETRY_S)
+                asyncio.get_running_loop().call_later(RESULT_RETRY_S, self._send_result, key)
+                return
             log.warning("main node refused result of %s: %s", key[0], exc)
         self.outbox.remove(key)
 
