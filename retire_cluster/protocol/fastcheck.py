@@ -4,7 +4,7 @@ jsonschema costs 80-100 µs per frame, ten times everything else the main node
 does with a heartbeat. The schemas in ``schemas/`` use a small subset of JSON
 Schema 2020-12, so :func:`compile_schema` writes each one out as the source of
 one Python function (as fastjsonschema does for older drafts) that only answers
-valid / not valid: a heartbeat takes under a microsecond, where nested
+valid / not valid: a heartbeat takes about a microsecond, where nested
 closures took four. When a frame is not valid,
 :class:`~retire_cluster.protocol.validation.MessageValidator` asks jsonschema
 itself for the error message and path, so replies are exactly what the
