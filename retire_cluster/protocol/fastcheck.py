@@ -14,9 +14,9 @@ vector and on generated messages.
 
 The generated code checks a value with straight-line tests that ``return
 False`` at the first failure. Subschemas of ``properties``, ``items``,
-``allOf`` and non-recursive ``$ref`` are written inline; ``anyOf``, ``oneOf``,
-``not``, a schema for ``additionalProperties`` and recursive references become
-functions of their own. Constants (key sets, patterns, enum values) are
+``additionalProperties``, ``allOf`` and non-recursive ``$ref`` are written
+inline; ``anyOf``, ``oneOf``, ``not``, ``propertyNames`` and recursive
+references become functions of their own. Constants (key sets, patterns, enum values) are
 globals of the generated module, never text pasted into the source, except
 property names and plain strings written with ``repr``.
 """
@@ -61,25 +61,25 @@ def _json_equal(a: Any, b: Any) -> bool:
     return type(b) not in (list, dict) and bool(a == b)
 
 
+#: An expression template per JSON type: bool is not a number, 1.0 is an integer, and NaN and
+#: infinity are not numbers (JSON has none, but an in-process caller such as the dashboard's
+#: commands could pass one, and NaN passes every bound).
+_TYPE_TESTS = {
+    "object": "type({x}) is dict",
+    "array": "type({x}) is list",
+    "string": "type({x}) is str",
+    "integer": "(type({x}) is int or (type({x}) is float and {x}.is_integer()))",
+    "number": "(type({x}) is int or (type({x}) is float and _isfinite({x})))",
+    "boolean": "type({x}) is bool",
+    "null": "{x} is None",
+}
+
+
 def _type_test(kind: str, x: str) -> str:
-    """An expression true when ``x`` is of JSON type ``kind`` (bool is not a number; 1.0 is an integer)."""
-    if kind == "object":
-        return f"type({x}) is dict"
-    if kind == "array":
-        return f"type({x}) is list"
-    if kind == "string":
-        return f"type({x}) is str"
-    if kind == "integer":
-        return f"(type({x}) is int or (type({x}) is float and {x}.is_integer()))"
-    if kind == "number":
-        # JSON has no NaN or infinity; an in-process caller (the dashboard's commands,
-        # an HTTP query parameter) could still pass one, and NaN passes every bound.
-        return f"(type({x}) is int or (type({x}) is float and _isfinite({x})))"
-    if kind == "boolean":
-        return f"type({x}) is bool"
-    if kind == "null":
-        return f"{x} is None"
-    raise UnsupportedSchema(f"type {kind!r} is not a JSON type")
+    """An expression true when ``x`` is of JSON type ``kind``."""
+    if kind not in _TYPE_TESTS:
+        raise UnsupportedSchema(f"type {kind!r} is not a JSON type")
+    return _TYPE_TESTS[kind].format(x=x)
 
 
 class _Writer:
@@ -217,14 +217,8 @@ class _Writer:
         lo, hi, names = schema.get("minProperties"), schema.get("maxProperties"), schema.get("propertyNames", True)
         if not props and not needed and extra is True and lo is None and hi is None and names is True:
             return
-        if not known_type:
-            out.append(f"{'    ' * depth}if type({x}) is dict:")
-            depth += 1
-        pad = "    " * depth
-        if lo is not None:
-            out.append(f"{pad}if len({x}) < {int(lo)}: return False")
-        if hi is not None:
-            out.append(f"{pad}if len({x}) > {int(hi)}: return False")
+        pad = _sized(out, x, depth, None if known_type else "dict", lo, hi)
+        depth = len(pad) // 4
         if names is not True:
             check_name = self.function(names, base, refs)
             out.append(f"{pad}for _k in {x}:")
@@ -235,9 +229,11 @@ class _Writer:
         if extra is False:
             out.append(f"{pad}if not {known}.issuperset({x}): return False")
         elif extra is not True:
-            check = self.function(extra, base, refs)
-            out.append(f"{pad}for _k, _x in {x}.items():")
-            out.append(f"{pad}    if _k not in {known} and not {check}(_x): return False")
+            key, y = self.fresh("k"), self.fresh("v")
+            out.append(f"{pad}for {key}, {y} in {x}.items():")
+            if props:
+                out.append(f"{pad}    if {key} in {known}: continue")
+            self.emit_sub(extra, base, y, out, depth + 1, refs)
         for name, sub in props.items():
             if sub is True:
                 continue
@@ -250,14 +246,7 @@ class _Writer:
         lo, hi, pattern = schema.get("minLength"), schema.get("maxLength"), schema.get("pattern")
         if lo is None and hi is None and pattern is None:
             return
-        if not known_type:
-            out.append(f"{'    ' * depth}if type({x}) is str:")
-            depth += 1
-        pad = "    " * depth
-        if lo is not None:
-            out.append(f"{pad}if len({x}) < {int(lo)}: return False")
-        if hi is not None:
-            out.append(f"{pad}if len({x}) > {int(hi)}: return False")
+        pad = _sized(out, x, depth, None if known_type else "str", lo, hi)
         if pattern is not None:
             out.append(f"{pad}if {self.const(re.compile(pattern).search)}({x}) is None: return False")
 
@@ -266,18 +255,11 @@ class _Writer:
         lo, hi, items = schema.get("minItems"), schema.get("maxItems"), schema.get("items", True)
         if lo is None and hi is None and items is True:
             return
-        if not known_type:
-            out.append(f"{'    ' * depth}if type({x}) is list:")
-            depth += 1
-        pad = "    " * depth
-        if lo is not None:
-            out.append(f"{pad}if len({x}) < {int(lo)}: return False")
-        if hi is not None:
-            out.append(f"{pad}if len({x}) > {int(hi)}: return False")
+        pad = _sized(out, x, depth, None if known_type else "list", lo, hi)
         if items is not True:
             y = self.fresh("v")
             out.append(f"{pad}for {y} in {x}:")
-            self.emit_sub(items, base, y, out, depth + 1, refs)
+            self.emit_sub(items, base, y, out, len(pad) // 4 + 1, refs)
 
     def emit_bounds(self, schema: dict[str, Any], x: str, out: list[str], depth: int, known_type: bool) -> None:
         tests = []
@@ -294,6 +276,19 @@ class _Writer:
             out.append(f"{pad}if type({x}) is int or type({x}) is float:")
             pad += "    "
         out.append(f"{pad}if {' or '.join(tests)}: return False")
+
+
+def _sized(out: list[str], x: str, depth: int, guard: str | None, lo: Any, hi: Any) -> str:
+    """The type guard (when the type is not known already) and length bounds; returns the indent for what follows."""
+    if guard is not None:
+        out.append(f"{'    ' * depth}if type({x}) is {guard}:")
+        depth += 1
+    pad = "    " * depth
+    if lo is not None:
+        out.append(f"{pad}if len({x}) < {int(lo)}: return False")
+    if hi is not None:
+        out.append(f"{pad}if len({x}) > {int(hi)}: return False")
+    return pad
 
 
 def compile_schema(schema: dict[str, Any], documents: dict[str, dict[str, Any]]) -> Check:
