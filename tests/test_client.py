@@ -819,3 +819,42 @@ async def test_a_client_without_the_pin_against_a_tls_main_node_is_told_at_once(
             Client(addr(tls_node), tls_node.token, timeout_s=60).connect()
 
     await asyncio.to_thread(blocking)
+
+
+async def test_both_clients_pointed_at_the_dashboards_port_say_so_at_once() -> None:
+    """`retire-cluster status --main host:5000`: the first connection's authentication got an HTTP 400,
+    and the client reconnected with backoff until its timeout ("no reply to subscribe within 30 s")."""
+    import socket
+    import threading
+
+    from retire_cluster.client.sync import Client
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    answered = []
+
+    def serve() -> None:  # what aiohttp answers a JSON line, on every connection
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                answered.append(1)
+
+    threading.Thread(target=serve, daemon=True).start()
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with pytest.raises(ClientError, match="not its dashboard's"):
+            await asyncio.to_thread(lambda: Client(address, "token", timeout_s=20).cluster_status())
+        assert len(answered) == 1  # one connection: nothing worth retrying
+        client = AsyncClient(address, "token", timeout_s=20)
+        try:
+            with pytest.raises(ClientError, match="not its dashboard's"):
+                await client.cluster_status()
+        finally:
+            await client.close()
+        assert len(answered) == 2
+    finally:
+        listener.close()

@@ -47,6 +47,7 @@ from .common import (
     TERMINAL,
     ClientError,
     ConnectionLost,
+    NotAFrame,
     backoff_delays,
     bad_frame_error,
     check_fallback,
@@ -240,6 +241,8 @@ class AsyncClient:
             while True:
                 try:
                     return await self._open(deadline)
+                except NotAFrame:  # the dashboard's port, say: another try gets the same answer
+                    raise
                 except ClientError:
                     if not (self.reconnect and self.connections_opened) or self._closed:
                         raise

@@ -35,6 +35,7 @@ __all__ = [
     "ClientError",
     "ConnectionLost",
     "DEFAULT_MAX_REQUEST_BYTES",
+    "NotAFrame",
     "TaskFailed",
     "backoff_delays",
     "bad_frame_error",
@@ -107,6 +108,10 @@ def refused_at_first(exc: Exception, tls: bool) -> ClientError:
     return ClientError(f"{exc}{hint}")
 
 
+class NotAFrame(ClientError):
+    """The peer sent what the codec refused (not a main node, or a reply too large): retrying will not help."""
+
+
 def bad_frame_error(error: Exception, host: str, port: int, max_frame_bytes: int) -> ClientError:
     """What a frame from the main node that the codec refused means, as an error not worth retrying.
 
@@ -114,9 +119,9 @@ def bad_frame_error(error: Exception, host: str, port: int, max_frame_bytes: int
     timeout, and the caller saw only "no reply within 30 s".
     """
     if isinstance(error, FrameTooLarge):
-        return ClientError(f"a reply from the main node is larger than this client's max_frame_bytes "
+        return NotAFrame(f"a reply from the main node is larger than this client's max_frame_bytes "
                            f"({max_frame_bytes}); pass a larger max_frame_bytes=, or ask for less (a smaller limit=)")
-    return ClientError(f"{host}:{port} sent something that is not a retire-cluster frame ({error}); is it the "
+    return NotAFrame(f"{host}:{port} sent something that is not a retire-cluster frame ({error}); is it the "
                        "main node's TCP port (8080 by default), not its dashboard's?")
 
 

@@ -41,6 +41,7 @@ from .common import (
     TERMINAL,
     ClientError,
     ConnectionLost,
+    NotAFrame,
     backoff_delays,
     bad_frame_error,
     check_fallback,
@@ -218,6 +219,9 @@ class Client:
             try:
                 self._open(deadline)
                 return
+            except NotAFrame:  # the dashboard's port, say: another try gets the same answer
+                self._drop()
+                raise
             except ClientError:
                 self._drop()
                 remaining = deadline - time.monotonic()
