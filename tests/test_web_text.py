@@ -70,6 +70,17 @@ def test_separators_inside_values_never_split_a_line() -> None:
     assert list(csv.reader(io.StringIO(render_rows("csv", ["a"], rows).decode()))) == [["a"], ["x|y\nz"]]
 
 
+def test_csv_and_tsv_cells_a_spreadsheet_would_run_as_formulas_are_quoted() -> None:
+    """A device id or task type is chosen by whoever holds the token: "=HYPERLINK(...)" ran in a spreadsheet."""
+    rows = [{"id": '=HYPERLINK("http://x")', "type": "@SUM(1)", "n": -2.5, "ok": "-ish", "plain": "pi"}]
+    fields = ["id", "type", "n", "ok", "plain"]
+    assert list(csv.reader(io.StringIO(render_rows("csv", fields, rows).decode())))[1] == [
+        "'=HYPERLINK(\"http://x\")", "'@SUM(1)", "-2.5", "'-ish", "pi"]
+    assert render_rows("tsv", fields, rows).decode().splitlines()[1].split("\t") == [
+        "'=HYPERLINK(\"http://x\")", "'@SUM(1)", "-2.5", "'-ish", "pi"]
+    assert render_rows("pipe", ["id"], rows) == b'id\n=HYPERLINK("http://x")\n'  # for shell scripts: as is
+
+
 def samples(text: str) -> Dict[str, float]:
     """name{label="v",...} -> value, for every sample in an exposition."""
     out: Dict[str, float] = {}

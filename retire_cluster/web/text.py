@@ -67,6 +67,17 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+#: A text cell starting with one of these is a formula to a spreadsheet opening the CSV or TSV.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> str:
+    """A CSV/TSV cell: a string a spreadsheet would run as a formula (a device id or task type
+    chosen by a token holder: "=HYPERLINK(...)") gets a leading ', as OWASP advises; numbers stay."""
+    text = _text(value)
+    return "'" + text if isinstance(value, str) and text.startswith(_FORMULA_STARTS) else text
+
+
 def render_rows(fmt: str, fields: Sequence[str], rows: list[dict[str, Any]]) -> bytes:
     """The rows in one of :data:`FORMATS`."""
     if fmt == "json":
@@ -75,12 +86,13 @@ def render_rows(fmt: str, fields: Sequence[str], rows: list[dict[str, Any]]) -> 
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(fields)
-        writer.writerows([[_text(row[f]) for f in fields] for row in rows])
+        writer.writerows([[_cell(row[f]) for f in fields] for row in rows])
         return out.getvalue().encode()
     sep = "|" if fmt == "pipe" else "\t"
+    text = _text if fmt == "pipe" else _cell
 
     def clean(value: Any) -> str:
-        return _text(value).replace(sep, " ").replace("\r", " ").replace("\n", " ")
+        return text(value).replace(sep, " ").replace("\r", " ").replace("\n", " ")
 
     lines = [sep.join(fields)] + [sep.join(clean(row[f]) for f in fields) for row in rows]
     return ("\n".join(lines) + "\n").encode()
