@@ -229,3 +229,27 @@ async def test_the_replies_to_one_read_are_written_together_when_it_is_handled(n
     assert len(transport.writes) == 1
     await asyncio.sleep(0)
     assert transport.writes[-1] == b"push\n"
+
+
+async def test_a_stopping_node_reads_nothing_more_even_when_writing_resumes(node: MainNode) -> None:
+    """stop_reading holds against resume_writing, which used to turn reading back on during the stop."""
+    from retire_cluster.main.server import Connection
+
+    class Pausable(RecordingTransport):
+        reading = True
+
+        def pause_reading(self) -> None:
+            self.reading = False
+
+        def resume_reading(self) -> None:
+            self.reading = True
+
+    conn = Connection(node)
+    transport = Pausable()
+    conn.connection_made(transport)
+    node.server.connections.add(conn)
+    node.server.stop_reading()
+    assert not transport.reading
+    conn.pause_writing()
+    conn.resume_writing()
+    assert not transport.reading

@@ -54,6 +54,9 @@ class FakeConn:
     def close(self) -> None:
         self.closed = True
 
+    def stop_reading(self) -> None:  # the node is stopping: nothing is read from a fake anyway
+        pass
+
 
 class TaskMachine(RuleBasedStateMachine):
     def __init__(self) -> None:

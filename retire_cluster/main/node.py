@@ -277,22 +277,13 @@ class MainNode(Dispatcher):
             # Requests already taken in hear their answers (once their commit ends), not a
             # closed connection that leaves a client wondering whether its task was stored;
             # nothing more is read meanwhile (close() reads again, to see the peer's EOF).
+            self.server.stop_reading()
             try:
-                for conn in list(self.server.connections):
-                    transport = getattr(conn, "transport", None)
-                    if transport is not None and not conn.closed:
-                        try:
-                            transport.pause_reading()
-                        except (NotImplementedError, RuntimeError):  # a transport that cannot pause reads on
-                            pass
-                try:
-                    await self.store.flush()
-                except Exception:
-                    pass  # logged by the store, and its waiters were told
-                for _ in range(3):  # the commit's callbacks, then the replies they make
-                    await asyncio.sleep(0)
-            except Exception:  # a bug here must not keep the store (and the process) alive
-                log.exception("while answering what was taken in before the stop")
+                await self.store.flush()
+            except Exception:
+                pass  # logged by the store, and its waiters were told
+            for _ in range(3):  # the commit's callbacks, then the replies they make
+                await asyncio.sleep(0)
         try:
             await self.server.close()
         finally:

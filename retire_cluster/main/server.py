@@ -101,6 +101,7 @@ class Connection(asyncio.Protocol):
         self._drain_timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._queued_while_paused = 0
+        self._stopped_reading = False  # the node is stopping (stop_reading)
         self._fresh = True  # nothing received yet: see _refuse_http
 
     # -- asyncio.Protocol -------------------------------------------------
@@ -162,8 +163,17 @@ class Connection(asyncio.Protocol):
         if self._drain_timer is not None:
             self._drain_timer.cancel()
             self._drain_timer = None
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self._stopped_reading:
             self.transport.resume_reading()
+
+    def stop_reading(self) -> None:
+        """The node is stopping: read nothing more (what was taken in is still answered)."""
+        self._stopped_reading = True
+        if self.transport is not None and not self.closed:
+            try:
+                self.transport.pause_reading()
+            except (NotImplementedError, RuntimeError):  # a transport that cannot pause reads on
+                pass
 
     # -- receiving --------------------------------------------------------
 
@@ -485,6 +495,11 @@ class Server:
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
+
+    def stop_reading(self) -> None:
+        """Read from no connection any more (the node is stopping; see MainNode.stop)."""
+        for conn in list(self.connections):
+            conn.stop_reading()
 
     async def close(self) -> None:
         self.stop_accepting()
