@@ -118,6 +118,11 @@ class MainConfig:
         http_enabled: serve HTTP at all (``--no-http`` turns it off).
         device_weights: device id -> weight for the weighted round robin
             strategy; overrides the worker's own ``--weight``.
+        max_unfinished_tasks, max_unfinished_bytes: how many tasks may be
+            held unfinished (pending, assigned or running), and how many
+            bytes of payload (as JSON text) they may carry; a submission
+            beyond either is answered ``overloaded`` (clients retry it with
+            backoff). Tasks recovered at start are never refused.
     """
 
     host: str = "0.0.0.0"
@@ -151,6 +156,8 @@ class MainConfig:
     http_port: int = 5000
     http_enabled: bool = True
     device_weights: dict[str, float] = field(default_factory=dict)
+    max_unfinished_tasks: int = 200_000
+    max_unfinished_bytes: int = 128 * 1024 * 1024
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -198,6 +205,8 @@ class MainConfig:
             raise ConfigError("auth_timeout_s and drain_timeout_s must be more than 0 seconds.")
         if self.max_send_queue_bytes < 64 * 1024:
             raise ConfigError("max_send_queue_bytes must be at least 65536.")
+        if self.max_unfinished_tasks < 1 or self.max_unfinished_bytes < 1024 * 1024:
+            raise ConfigError("max_unfinished_tasks must be at least 1 and max_unfinished_bytes at least 1048576.")
         if self.client_rate_per_s <= 0 or self.client_burst < 1:
             raise ConfigError("client_rate_per_s must be more than 0 and client_burst at least 1.")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -335,6 +335,7 @@ class Handlers:
 
     def _new_task(self, spec: dict[str, Any], priority: int, key: str | None, wait_s: Any) -> asyncio.Future[Any]:
         node = self.node
+        node.refuse_when_full()
         now = node.clock()
         task = Task(
             task_id=node.new_task_id(),
@@ -353,10 +354,11 @@ class Handlers:
             node._idempotency[key] = task.task_id
             node._old_keys.add(key)
         version = node.bump(task)
+        insert = Store.insert_task(task)  # also notes task.payload_bytes, which hold() counts
         # Queue it first: the scheduling pass then runs before the commit
         # starts, so if a device is free the assignment joins the insert's
         # transaction, and is sent to the device while that commit runs.
-        node.tasks[task.task_id] = task
+        node.hold(task)
         node.scheduler.push(task, now)
         node.schedule_soon()
         task.insert_batch = node.store.next_batch
@@ -364,7 +366,7 @@ class Handlers:
         # insert may wait for the result's commit (MainNode.wait_hold_s at most).
         if wait_s is not None:
             node.hold_insert(task)
-        fut = node.store.write([Store.insert_task(task)], within=None if wait_s is None else node.wait_hold_s)
+        fut = node.store.write([insert], within=None if wait_s is None else node.wait_hold_s)
 
         def not_stored(f: asyncio.Future[None]) -> None:
             if not f.cancelled() and f.exception() is not None:

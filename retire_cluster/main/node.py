@@ -138,8 +138,10 @@ class MainNode(Dispatcher):
         self.handlers = Handlers(self)
         self.address: tuple[str, int] = (config.host, config.port)
         self.started_at = 0.0
-        #: unfinished tasks, plus the most recently finished ones
+        #: unfinished tasks (held with :meth:`hold`, let go with :meth:`let_go`); finished ones are in _recent
         self.tasks: dict[str, Task] = {}
+        #: the payload bytes (as stored) of the unfinished tasks: max_unfinished_bytes bounds it
+        self.unfinished_bytes = 0
         self._recent: OrderedDict[str, Task] = OrderedDict()
         #: about what each recent task's payload and result hold, and their sum (RECENT_BYTES)
         self._recent_sizes: dict[str, int] = {}
@@ -236,7 +238,7 @@ class MainNode(Dispatcher):
         tasks = await self.store.load_unfinished_tasks()
         self._seq = await self.store.max_seq()
         for task in tasks:
-            self.tasks[task.task_id] = task
+            self.hold(task)  # accepted before the stop: never refused, whatever the limits now
             if task.idempotency_key:
                 self._idempotency[task.idempotency_key] = task.task_id
             if task.status is TaskStatus.PENDING:
@@ -581,7 +583,7 @@ class MainNode(Dispatcher):
         self._unstored.pop(task.task_id, None)
         if task.idempotency_key is not None:
             self._idempotency.pop(task.idempotency_key, None)
-        self.tasks.pop(task.task_id, None)
+        self.let_go(task)
         self._forget_recent(task.task_id)
         self.monitor.release(task)
         self.bump(task)  # publications queued for it are skipped: nobody hears of it
@@ -673,11 +675,40 @@ class MainNode(Dispatcher):
             task.result = result
         if error is not None:
             task.error = error
-        self.tasks.pop(task.task_id, None)
+        self.let_go(task)
         self._keep_recent(task)
         fut = self.write_task(task)
         self.schedule_soon()
         return fut
+
+    def hold(self, task: Task) -> None:
+        """Hold ``task`` in memory as unfinished."""
+        if self.tasks.setdefault(task.task_id, task) is task:
+            self.unfinished_bytes += task.payload_bytes
+
+    def let_go(self, task: Task) -> None:
+        """``task`` ended, or was never stored: it is no longer held as unfinished."""
+        if self.tasks.pop(task.task_id, None) is not None:
+            self.unfinished_bytes -= task.payload_bytes
+
+    def refuse_when_full(self) -> None:
+        """Raise Overloaded when no new task may be held (max_unfinished_tasks, max_unfinished_bytes).
+
+        Checked before a submission makes a task, so that a client (or a
+        token holder) cannot grow the main node's memory without bound; the
+        clients send an ``overloaded`` request again with backoff.
+        """
+        config = self.config
+        if len(self.tasks) >= config.max_unfinished_tasks:
+            raise Overloaded(
+                f"The main node holds {len(self.tasks):,} unfinished tasks, its limit (max_unfinished_tasks); "
+                "submit again when some have finished, or cancel some."
+            )
+        if self.unfinished_bytes >= config.max_unfinished_bytes:
+            raise Overloaded(
+                f"The unfinished tasks carry {self.unfinished_bytes / 2**20:.0f} MiB of payload, the main node's "
+                "limit (max_unfinished_bytes); submit again when some have finished, or cancel some."
+            )
 
     def _keep_recent(self, task: Task) -> None:
         """Keep a finished task in memory, forgetting the oldest past recent_tasks or recent_bytes."""

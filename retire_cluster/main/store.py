@@ -564,10 +564,13 @@ class Store:
 
     @staticmethod
     def insert_task(task: Task) -> Op:
+        """The insert of a new task; notes the size of its payload as stored on ``task.payload_bytes``."""
+        payload = _j(task.payload)
+        task.payload_bytes = len(payload) if payload else 0
         return (
             _INSERT_TASK,
             (
-                task.task_id, task.seq, task.task_type, _j(task.payload), task.priority,
+                task.task_id, task.seq, task.task_type, payload, task.priority,
                 task.timeout_s, _j(task.requirements), task.max_retries,
                 int(task.retry_on_timeout), task.idempotency_key, task.status.value,
                 task.attempt, task.handbacks, task.assigned_device, _j(task.result), task.error,
@@ -757,6 +760,7 @@ def _task_from_row(r: Sequence[Any]) -> Task:
         seq=int(r[1]),
         task_type=r[2],
         payload=_unj(r[3]) or {},
+        payload_bytes=len(r[3]) if r[3] else 0,
         priority=int(r[4]),
         timeout_s=float(r[5]),
         requirements=_unj(r[6]) or {},

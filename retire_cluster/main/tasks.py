@@ -110,6 +110,9 @@ class Task:
     #: queued (memory only): an assignment joining that same batch may be
     #: sent before the commit (MainNode._send_assignments says why).
     insert_batch: int | None = field(default=None, compare=False)
+    #: The size of its payload as stored (JSON text, memory only): what the
+    #: main node's max_unfinished_bytes counts.
+    payload_bytes: int = field(default=0, compare=False)
 
     @property
     def terminal(self) -> bool:

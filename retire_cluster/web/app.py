@@ -139,8 +139,17 @@ def host_name(host_header: str) -> str:
     return host.rstrip(".")
 
 
+#: Retry-After of an ``overloaded`` answer that gives no wait of its own (the node holds too many
+#: unfinished tasks: some must end first); the rate limit sets its own.
+OVERLOADED_RETRY_AFTER_S = 5
+
+
 def error_response(exc: ProtocolError, status: int | None = None) -> web.Response:
-    headers = {"WWW-Authenticate": 'Bearer realm="retire-cluster"'} if exc.code == "unauthorized" else None
+    headers = None
+    if exc.code == "unauthorized":
+        headers = {"WWW-Authenticate": 'Bearer realm="retire-cluster"'}
+    elif exc.code == "overloaded":
+        headers = {"Retry-After": str(OVERLOADED_RETRY_AFTER_S)}
     return json_response(exc.to_data(), status or HTTP_STATUS.get(exc.code, 500), headers)
 
 

@@ -153,7 +153,7 @@ def _paths() -> dict[str, Any]:
                 params=[_param("wait", "query", "Answer when the task has ended, waiting at most this many "
                                "seconds (more than 0, at most 3600); the answer then carries its record.",
                                {"type": "number", "exclusiveMinimum": 0, "maximum": 3600})],
-                body=_ref("TaskSpec"), errors=(400, 413)),
+                body=_ref("TaskSpec"), errors=(400, 413, 429)),
         },
         "/api/v1/tasks/{task_id}": {
             "get": _op("One task: status, attempts, result, and while pending why it waits.",
@@ -210,7 +210,8 @@ def build_document(server_url: str | None = None) -> dict[str, Any]:
             (409, "conflict: the task already ended."),
             (413, "frame_too_large: the body is larger than max_frame_bytes."),
             (429, "overloaded: more requests from this address than client_rate_per_s / client_burst "
-                  "allow (Retry-After says when to retry), or too many open event streams."),
+                  "allow, too many open event streams, or (POST /api/v1/tasks) the main node holds "
+                  "max_unfinished_tasks or max_unfinished_bytes; Retry-After says when to retry."),
             (500, "internal: the main node's log has the details (the reference is in the sentence)."),
         )
     }
