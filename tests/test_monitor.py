@@ -72,3 +72,53 @@ async def test_the_node_releases_leases_as_tasks_end(node: MainNode, monkeypatch
         await report(worker, task)
     await settle(node)
     assert len(node.monitor) <= 1  # without release() every finished task's lease would still be there
+
+
+async def test_a_lease_does_not_expire_while_its_device_is_away(node: MainNode, clock: Any) -> None:
+    """A worker that lost its connection (or a main node that restarted) may hold the result, finished
+    in time: the lease waits for the device to come back within offline_timeout, then gives the result
+    lease_grace_s to arrive. Before, the task ended timeout and the result was ignored as stale."""
+    client = await Peer.connect(node)
+    kept = await submit(client, timeout=30)
+    silent = await submit(client, timeout=30)
+    worker = await fake_worker(node, "phone")
+    first, second = await take_assignment(worker), await take_assignment(worker)
+    assert {first["task_id"], second["task_id"]} == {kept, silent}
+    await worker.close()
+    await settle(node)
+    clock.advance(60)  # past timeout + lease grace, well within offline_timeout
+    node.tick(clock())
+    await settle(node)
+    assert node.lookup(kept).status is TaskStatus.RUNNING
+    assert node.lookup(silent).status is TaskStatus.RUNNING
+    held = [{"task_id": t["task_id"], "attempt": t["attempt"]} for t in (first, second)]
+    back = await fake_worker(node, "phone", running=held)
+    clock.advance(node.monitor.lease_grace_s)
+    node.tick(clock())  # came back since the last look: one more grace for its results
+    await settle(node)
+    task = first if first["task_id"] == kept else second
+    reply = await report(back, task, output="done in time")
+    assert reply["data"]["result"]["status"] == "completed"
+    clock.advance(node.monitor.lease_grace_s)
+    node.tick(clock())  # the other one's result never came: now the lease expires
+    await settle(node)
+    assert node.lookup(kept).status is TaskStatus.COMPLETED
+    assert node.lookup(silent).status is TaskStatus.TIMEOUT
+
+
+async def test_a_deferred_lease_ends_with_the_device_going_offline(node: MainNode, clock: Any) -> None:
+    client = await Peer.connect(node)
+    task_id = await submit(client, timeout=30)
+    worker = await fake_worker(node, "phone")
+    await take_assignment(worker)
+    await worker.close()
+    await settle(node)
+    clock.advance(60)
+    node.tick(clock())
+    assert node.lookup(task_id).status is TaskStatus.RUNNING
+    clock.advance(node.config.offline_timeout_s)
+    node.tick(clock())
+    await settle(node)
+    task = node.lookup(task_id)
+    assert task.status is TaskStatus.PENDING and task.attempts[-1].outcome == "worker_lost"
+    assert len(node.monitor._away) == 0
