@@ -245,3 +245,58 @@ def emit(name: str, table: list[tuple[str, Any]], extra: dict[str, Any]) -> None
     for key, value in table:
         print(f"  {key:<{width}}  {value}")
     print(json.dumps({"benchmark": name, "machine": machine_line(), **extra}))
+
+
+# -- vs_dask.py, vs_ray.py, vs_celery.py --------------------------------------
+
+#: Issue 7's round-trip target (ms), and the round trip (ms) of each reference on the machine where it was
+#: set: the target scaled to a run is that reference's p50 in the run x TARGET / its issue figure.
+ROUND_TRIP_TARGET_MS = 0.5
+ISSUE_ROUND_TRIP_MS = {"ray": 1.4, "celery": 1.7}
+
+
+def is_loopback(address: str) -> bool:
+    """Whether "[name ]ip:port" is on the loopback interface."""
+    ip = address.rsplit(" ", 1)[-1].rsplit(":", 1)[0]
+    return ip.startswith("127.") or ip == "::1" or ip.startswith("::ffff:127.")
+
+
+def comparison_args(doc: str, *hidden_flags: str) -> Any:
+    """The command line of the vs_*.py scripts: --quick, --tasks, --round-trips (and hidden flags)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2,000 tasks, 100 round trips")
+    ap.add_argument("--tasks", type=int, default=10_000)
+    ap.add_argument("--round-trips", type=int, default=200)
+    for flag in hidden_flags:
+        ap.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.quick:
+        args.tasks, args.round_trips = 2_000, 100
+    return args
+
+
+def emit_comparison(reference: str, label: str, theirs: dict[str, Any], ours: dict[str, Any], args: Any,
+                    rows: list[tuple[str, Any]], extra: dict[str, Any]) -> None:
+    """Both results, both ratios and issue 7's round-trip target scaled to this run: the table and JSON line."""
+    issue_ms = ISSUE_ROUND_TRIP_MS[reference]
+    ratio = round(ours["tasks_per_s"] / theirs["tasks_per_s"], 2)
+    rt_ratio = round(theirs["round_trip_p50_ms"] / ours["round_trip_p50_ms"], 2)
+    bound = round(theirs["round_trip_p50_ms"] * ROUND_TRIP_TARGET_MS / issue_ms, 3)
+    met = ours["round_trip_p50_ms"] <= bound
+    emit(f"vs_{reference}", [
+        (label, f"{theirs['tasks_per_s']:,} tasks/s  round trip p50 {theirs['round_trip_p50_ms']} ms  "
+                f"p99 {theirs['round_trip_p99_ms']} ms"),
+        ("retire-cluster", f"{ours['tasks_per_s']:,} tasks/s  round trip p50 {ours['round_trip_p50_ms']} ms  "
+                           f"p99 {ours['round_trip_p99_ms']} ms (AsyncClient.run() p50 "
+                           f"{ours['round_trip_client_p50_ms']} ms)"),
+        (f"tasks/s ratio (ours / {reference})", f"{ratio}x"),
+        (f"round trip ratio ({reference} / ours)", f"{rt_ratio}x"),
+        ("round-trip target, scaled", f"p50 <= {bound} ms ({reference} p50 x {ROUND_TRIP_TARGET_MS} / {issue_ms}): "
+                                      f"{'met' if met else 'not met'}"),
+        *rows,
+    ], {"tasks": args.tasks, "round_trips": args.round_trips, reference: theirs, "retire_cluster": ours,
+        "ratio": ratio, "round_trip_ratio": rt_ratio,
+        "round_trip_target": {"issue_ms": ROUND_TRIP_TARGET_MS, f"issue_{reference}_ms": issue_ms,
+                              "scaled_ms": bound, "met": met}, **extra})

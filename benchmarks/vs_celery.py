@@ -23,7 +23,6 @@ pip install -e '.[bench]'.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import signal
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from _harness import emit, env, percentile
+from _harness import comparison_args, emit_comparison, env, is_loopback, percentile
 
 try:
     from celery import Celery
@@ -44,8 +43,6 @@ try:
 except ImportError:  # pragma: no cover
     sys.exit("vs_celery.py needs Celery and redis-py, from the bench extra: pip install -e '.[bench]'")
 
-#: Issue 7: the round-trip target, and Celery's round trip on the machine where it was set (ms).
-TARGET_MS, ISSUE_CELERY_MS = 0.5, 1.7
 #: The worker reads the broker's address from this variable (it imports this module by name).
 REDIS_URL_ENV = "RC_BENCH_CELERY_REDIS"
 HERE = Path(__file__).resolve().parent
@@ -92,11 +89,6 @@ def sockets_of(procs: list[psutil.Process]) -> tuple[list[str], list[str]]:
                 elif conn.raddr:
                     peers.add(f"{proc.name()} {conn.raddr.ip}:{conn.raddr.port}")
     return sorted(listeners), sorted(peers)
-
-
-def is_loopback(entry: str) -> bool:
-    ip = entry.rsplit(" ", 1)[1].rsplit(":", 1)[0]
-    return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1") or ip.startswith("::ffff:127.")
 
 
 def celery_run(tasks: int, round_trips: int) -> dict[str, Any]:
@@ -170,13 +162,7 @@ def celery_run(tasks: int, round_trips: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2,000 tasks, 100 round trips")
-    ap.add_argument("--tasks", type=int, default=10_000)
-    ap.add_argument("--round-trips", type=int, default=200)
-    args = ap.parse_args()
-    if args.quick:
-        args.tasks, args.round_trips = 2_000, 100
+    args = comparison_args(__doc__)
     from tasks import measure
 
     celery_result = celery_run(args.tasks, args.round_trips)
@@ -184,26 +170,9 @@ def main() -> None:
     if not_loopback:
         raise RuntimeError(f"redis-server or the Celery worker used {not_loopback}, not only 127.0.0.1")
     ours = measure("normal", args.tasks, args.round_trips, 2_000)
-    ratio = round(ours["tasks_per_s"] / celery_result["tasks_per_s"], 2)
-    rt_ratio = round(celery_result["round_trip_p50_ms"] / ours["round_trip_p50_ms"], 2)
-    bound = round(celery_result["round_trip_p50_ms"] * TARGET_MS / ISSUE_CELERY_MS, 3)
-    met = ours["round_trip_p50_ms"] <= bound
-    emit("vs_celery", [
-        (f"celery {celery_result['version']} + redis {celery_result['redis_server'][2:]}",
-         f"{celery_result['tasks_per_s']:,} tasks/s  round trip p50 {celery_result['round_trip_p50_ms']} ms  "
-         f"p99 {celery_result['round_trip_p99_ms']} ms"),
-        ("retire-cluster", f"{ours['tasks_per_s']:,} tasks/s  round trip p50 {ours['round_trip_p50_ms']} ms  "
-                           f"p99 {ours['round_trip_p99_ms']} ms (AsyncClient.run() p50 "
-                           f"{ours['round_trip_client_p50_ms']} ms)"),
-        ("tasks/s ratio (ours / celery)", f"{ratio}x"),
-        ("round trip ratio (celery / ours)", f"{rt_ratio}x"),
-        ("round-trip target, scaled", f"p50 <= {bound} ms (celery p50 x {TARGET_MS} / {ISSUE_CELERY_MS}): "
-                                      f"{'met' if met else 'not met'}"),
-        ("redis and worker listeners", ", ".join(celery_result["listeners"])),
-    ], {"tasks": args.tasks, "round_trips": args.round_trips, "celery": celery_result, "retire_cluster": ours,
-        "ratio": ratio, "round_trip_ratio": rt_ratio,
-        "round_trip_target": {"issue_ms": TARGET_MS, "issue_celery_ms": ISSUE_CELERY_MS, "scaled_ms": bound,
-                              "met": met}})
+    emit_comparison("celery", f"celery {celery_result['version']} + redis {celery_result['redis_server'][2:]}",
+                    celery_result, ours, args,
+                    [("redis and worker listeners", ", ".join(celery_result["listeners"]))], {})
 
 
 if __name__ == "__main__":

@@ -12,10 +12,9 @@ workers, `echo`, synchronous=normal). Prints both and the ratio. Needs the
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from _harness import emit, percentile
+from _harness import comparison_args, emit, percentile
 
 
 def noop(x: int) -> int:
@@ -46,13 +45,7 @@ def dask_run(tasks: int, round_trips: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2,000 tasks, 100 round trips")
-    ap.add_argument("--tasks", type=int, default=10_000)
-    ap.add_argument("--round-trips", type=int, default=200)
-    args = ap.parse_args()
-    if args.quick:
-        args.tasks, args.round_trips = 2_000, 100
+    args = comparison_args(__doc__)
     from tasks import measure
 
     dask_result = dask_run(args.tasks, args.round_trips)

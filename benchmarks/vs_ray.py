@@ -30,7 +30,6 @@ RAY_USAGE_STATS_ENABLED=0 and RAY_AUTH_MODE=disabled. Needs `unshare` and
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -42,10 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _harness import emit, percentile
+from _harness import comparison_args, emit_comparison, is_loopback, percentile
 
-#: Issue 7: the round-trip target, and Ray's round trip on the machine where it was set (ms).
-TARGET_MS, ISSUE_RAY_MS = 0.5, 1.4
 #: The Ray part's whole run, startup and shutdown included, in seconds.
 RAY_PART_TIMEOUT_S = 1_800
 
@@ -63,11 +60,6 @@ def loopback_listeners() -> list[str]:
         if conn.status == psutil.CONN_LISTEN or (conn.status == psutil.CONN_NONE and not conn.raddr):
             found.add(f"{conn.laddr.ip}:{conn.laddr.port}")
     return sorted(found)
-
-
-def is_loopback(address: str) -> bool:
-    ip = address.rsplit(":", 1)[0]
-    return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1") or ip.startswith("::ffff:127.")
 
 
 def ray_part(tasks: int, round_trips: int) -> dict[str, Any]:
@@ -135,14 +127,7 @@ def ray_run(tasks: int, round_trips: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2,000 tasks, 100 round trips")
-    ap.add_argument("--tasks", type=int, default=10_000)
-    ap.add_argument("--round-trips", type=int, default=200)
-    ap.add_argument("--ray-part", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.quick:
-        args.tasks, args.round_trips = 2_000, 100
+    args = comparison_args(__doc__, "--ray-part")
     if args.ray_part:
         print(json.dumps({"ray_part": ray_part(args.tasks, args.round_trips)}), flush=True)
         return
@@ -153,25 +138,8 @@ def main() -> None:
     if not_loopback:
         raise RuntimeError(f"Ray listened on {not_loopback} (in its namespace), not only on loopback")
     ours = measure("normal", args.tasks, args.round_trips, 2_000)
-    ratio = round(ours["tasks_per_s"] / ray_result["tasks_per_s"], 2)
-    rt_ratio = round(ray_result["round_trip_p50_ms"] / ours["round_trip_p50_ms"], 2)
-    bound = round(ray_result["round_trip_p50_ms"] * TARGET_MS / ISSUE_RAY_MS, 3)
-    met = ours["round_trip_p50_ms"] <= bound
-    emit("vs_ray", [
-        (f"ray {ray_result['version']}", f"{ray_result['tasks_per_s']:,} tasks/s  round trip p50 "
-                                         f"{ray_result['round_trip_p50_ms']} ms  "
-                                         f"p99 {ray_result['round_trip_p99_ms']} ms"),
-        ("retire-cluster", f"{ours['tasks_per_s']:,} tasks/s  round trip p50 {ours['round_trip_p50_ms']} ms  "
-                           f"p99 {ours['round_trip_p99_ms']} ms (AsyncClient.run() p50 "
-                           f"{ours['round_trip_client_p50_ms']} ms)"),
-        ("tasks/s ratio (ours / ray)", f"{ratio}x"),
-        ("round trip ratio (ray / ours)", f"{rt_ratio}x"),
-        ("round-trip target, scaled", f"p50 <= {bound} ms (ray p50 x {TARGET_MS} / {ISSUE_RAY_MS}): "
-                                      f"{'met' if met else 'not met'}"),
-        ("ray's listeners (its namespace)", ", ".join(ray_result["listeners"])),
-    ], {"tasks": args.tasks, "round_trips": args.round_trips, "ray": ray_result, "retire_cluster": ours,
-        "ratio": ratio, "round_trip_ratio": rt_ratio,
-        "round_trip_target": {"issue_ms": TARGET_MS, "issue_ray_ms": ISSUE_RAY_MS, "scaled_ms": bound, "met": met}})
+    emit_comparison("ray", f"ray {ray_result['version']}", ray_result, ours, args,
+                    [("ray's listeners (its namespace)", ", ".join(ray_result["listeners"]))], {})
 
 
 if __name__ == "__main__":
