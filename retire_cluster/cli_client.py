@@ -163,12 +163,15 @@ def _priority(value: Optional[str]) -> Any:
 @click.option("--requires", multiple=True, metavar="KEY=VALUE",
               help=f"Requirement (repeatable): {', '.join(sorted(REQUIREMENT_KEYS))}.")
 @click.option("--max-retries", type=click.IntRange(0, 100), help="Retries after a lost device.  [default: 3]")
+@click.option("--retry-on-timeout", is_flag=True,
+              help="Also retry (up to --max-retries) when an attempt runs past --timeout.")
 @click.option("--idempotency-key", help="Submitting twice with the same key returns the first task.")
 @click.option("--wait", is_flag=True, help="Wait for the result and print it.")
 @client_options
 def submit_cmd(task_type: str, payload: str, priority: Optional[str], timeout: Optional[float],
-               requires: Sequence[str], max_retries: Optional[int], idempotency_key: Optional[str],
-               wait: bool, main_addr: str, token: Optional[str], as_json: bool) -> None:
+               requires: Sequence[str], max_retries: Optional[int], retry_on_timeout: bool,
+               idempotency_key: Optional[str], wait: bool, main_addr: str, token: Optional[str],
+               as_json: bool) -> None:
     """Submit a task of TASK_TYPE (echo, sleep, python_eval, command, ...)."""
     try:
         body = json.loads(payload)
@@ -181,7 +184,8 @@ def submit_cmd(task_type: str, payload: str, priority: Optional[str], timeout: O
         raise click.BadParameter("must be a number of seconds more than 0.", param_hint="--timeout")
     options = {
         "priority": _priority(priority), "timeout": timeout, "requirements": parse_requirements(requires),
-        "max_retries": max_retries, "idempotency_key": idempotency_key,
+        "max_retries": max_retries, "retry_on_timeout": retry_on_timeout or None,
+        "idempotency_key": idempotency_key,
     }  # fmt: skip
     if not options["requirements"]:
         options["requirements"] = None

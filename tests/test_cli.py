@@ -499,3 +499,16 @@ def test_what_a_task_printed_is_shown_with_its_result(capsys: pytest.CaptureFixt
             "result": {"stdout": "partial\n", "stderr": "oops\n"}}
     _print_outcome(hung)
     assert capsys.readouterr().err == "task t timeout: stopped after the task timeout of 1 s\npartial\noops\n"
+
+
+def test_submit_retry_on_timeout(main_process, worker_process) -> None:
+    """`submit` can ask for what the protocol, the clients and submit-batch offer: retries after a timeout."""
+    main = main_process("--no-http")
+    worker_process(main, "--max-tasks", "1")
+    wait_for_devices(main, 1)
+    result = against(main, "submit", "sleep", "--payload", '{"seconds": 30}', "--timeout", "0.5",
+                     "--max-retries", "1", "--retry-on-timeout", "--wait", "--json")
+    assert result.exit_code == 1, result.output
+    record = json.loads(result.stdout)
+    assert record["status"] == "timeout"
+    assert [a["outcome"] for a in record["attempts"]] == ["timeout", "timeout"]
