@@ -387,3 +387,35 @@ async def test_a_result_the_main_node_could_not_take_is_kept_and_sent_again(tmp_
         agent.stop()
         await runner
         await node.stop()
+
+
+async def test_a_cancelled_tasks_slot_takes_the_next_task_sent_with_the_cancel(tmp_path: Path) -> None:
+    """The main node frees the slot of a task it cancels and may send the next task in the same write.
+
+    Before, the worker still counted the stopping task (its process is reaped a pass or more later),
+    refused the next one as "all task slots are busy", and that refusal paused the device until its
+    next heartbeat: a minute by default.
+    """
+    import json
+
+    from retire_cluster.protocol.messages import Message
+
+    agent = Agent(WorkerConfig(device_id="x", data_dir=tmp_path, max_tasks=1))
+    writer = RecordingWriter()
+    agent._writer = writer  # type: ignore[assignment]
+    agent.registered.set()
+    agent._on_message(Message("task_assign", "m-1", "main-node", {"task": {
+        "task_id": "t-1", "attempt": 1, "task_type": "sleep", "payload": {"seconds": 30}, "timeout": 60}}))
+    for _ in range(5):
+        await asyncio.sleep(0)  # it runs
+    agent._on_message(Message("task_cancel", "m-2", "main-node", {"task_id": "t-1", "attempt": 1,
+                                                                    "reason": "cancelled"}))
+    agent._on_message(Message("task_assign", "m-3", "main-node", {"task": {
+        "task_id": "t-2", "attempt": 1, "task_type": "sleep", "payload": {"seconds": 0}, "timeout": 10}}))
+    await wait_until(lambda: not agent.running)
+    frames = [json.loads(line) for data in writer.writes for line in data.splitlines()]
+    replies = {f["data"]["original_message_id"]: f["message_type"] for f in frames
+               if f["message_type"] in ("ack", "error")}
+    assert replies == {"m-1": "ack", "m-3": "ack"}
+    results = {f["data"]["task_id"]: f["data"]["status"] for f in frames if f["message_type"] == "task_result"}
+    assert results == {"t-1": "cancelled", "t-2": "completed"}

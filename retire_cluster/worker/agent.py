@@ -124,10 +124,17 @@ class FatalError(Exception):
 class Running:
     task: Dict[str, Any]
     job: "asyncio.Task[Any]"
+    #: told to stop (cancelled, taken back, evicted): its slot is free for the next task
+    stopping: bool = False
 
     @property
     def attempt(self) -> int:
         return int(self.task["attempt"])
+
+    def stop(self) -> None:
+        """Cancel the job; its process is killed at once, and its slot counts as free from now."""
+        self.stopping = True
+        self.job.cancel()
 
 
 class Agent:
@@ -189,7 +196,7 @@ class Agent:
             if not decision.accepting and self.config.policy.evict and self.running:
                 log.info("evicting %d running task(s)", len(self.running))
                 for held in list(self.running.values()):
-                    held.job.cancel()
+                    held.stop()
         return decision
 
     async def _policy_loop(self) -> None:
@@ -520,12 +527,12 @@ class Agent:
             self._send(error_reply(msg.message_id, "overloaded", f"not accepting tasks: {self.decision.reason}",
                                    sender_id=self.device_id))
             return
-        if len(self.running) >= self.config.slots:
+        if self.busy_slots() >= self.config.slots:
             self._send(error_reply(msg.message_id, "overloaded", "all task slots are busy.",
                                    sender_id=self.device_id))
             return
         if held is not None:  # an older attempt of the same task: it was taken from us
-            held.job.cancel()
+            held.stop()
         if self.executor.instant(task):  # echo: ack and result leave in this pass, no Task for it
             self._send(ack(msg.message_id, {"task_id": task_id}, sender_id=self.device_id))
             self._finished(task, self.executor.run_instant(task))
@@ -534,6 +541,17 @@ class Agent:
         self.running[task_id] = Running(task, job)
         job.add_done_callback(partial(self._never_started, task))
         self._send(ack(msg.message_id, {"task_id": task_id}, sender_id=self.device_id))
+
+    def busy_slots(self) -> int:
+        """Slots taken: running tasks, not counting those told to stop.
+
+        The main node frees a cancelled task's slot at once and may send the
+        next task in the same write as the cancel; a stopping task's process
+        is killed at once, but its job ends a loop pass or more later (after
+        the process is reaped). Counting it refused that next task, and the
+        refusal paused this device until its next heartbeat (a minute by default).
+        """
+        return sum(1 for held in self.running.values() if not held.stopping)
 
     def _never_started(self, task: Dict[str, Any], job: "asyncio.Future[None]") -> None:
         """A job cancelled before its first step (a cancel in the same read as the assignment).
@@ -556,7 +574,7 @@ class Agent:
         held = self.running.get(task_id)
         if held is not None and (attempt is None or int(attempt) == held.attempt):
             log.info("cancelling task %s (%s)", task_id, msg.data.get("reason", "cancelled"))
-            held.job.cancel()
+            held.stop()
 
     # -- running tasks ----------------------------------------------------
 
