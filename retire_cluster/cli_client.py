@@ -136,7 +136,8 @@ def parse_requirements(items: Sequence[str]) -> Dict[str, Any]:
             else:
                 out[key] = value
         except ValueError:
-            raise click.BadParameter(f"{key} needs a number, got {value!r}.", param_hint="--requires") from None
+            kind = "a whole number" if key == "min_cpu_cores" else "a number"
+            raise click.BadParameter(f"{key} needs {kind}, got {value!r}.", param_hint="--requires") from None
     return out
 
 
