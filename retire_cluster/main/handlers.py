@@ -289,13 +289,18 @@ class Handlers:
         wait_s = msg.data.get("wait")
         if key is not None:
             if key in node._idempotency:
-                return self._existing(node._idempotency[key], wait_s)
+                return self._existing(node._idempotency[key], wait_s, owner=conn)
             if key in node._old_keys or key in node._key_lookups:
-                return self._submit_seen_key(msg, priority, key, wait_s)
-        return self._new_task(spec, priority, key, wait_s)
+                return self._submit_seen_key(msg, priority, key, wait_s, conn)
+        return self._new_task(spec, priority, key, wait_s, conn)
 
-    async def _existing(self, task_id: str, wait_s: Any, stored: Task | None = None) -> dict[str, Any]:
-        """The answer to a repeated submission: the task its key already names (``stored``: as read)."""
+    async def _existing(
+        self, task_id: str, wait_s: Any, stored: Task | None = None, *, owner: Any = None
+    ) -> dict[str, Any]:
+        """The answer to a repeated submission: the task its key already names (``stored``: as read).
+
+        ``owner``: the connection that waits (see MainNode.wait_for_end).
+        """
         node = self.node
         await node.store.flush()  # its insert is committed
         result: dict[str, Any] = {"task_id": task_id, "existing": True}
@@ -305,10 +310,13 @@ class Handlers:
                 stored = stored or await node.store.get_task(task_id)
                 result["task"] = stored.to_record() if stored is not None else None
             else:  # a fresh flush: an end already decided in memory is on disk before it is told
-                result["task"] = (await node.wait_for_end(held, float(wait_s), node.store.write([])))["task"]
+                ended = await node.wait_for_end(held, float(wait_s), node.store.write([]), owner)
+                result["task"] = ended["task"]
         return result
 
-    async def _submit_seen_key(self, msg: Message, priority: int, key: str, wait_s: Any) -> dict[str, Any]:
+    async def _submit_seen_key(
+        self, msg: Message, priority: int, key: str, wait_s: Any, owner: Any = None
+    ) -> dict[str, Any]:
         """A key that may name a task no longer in memory: the store's unique index decides.
 
         One lookup per key at a time: a submission with the same key that
@@ -318,22 +326,24 @@ class Handlers:
         while key in node._key_lookups:
             await node._key_lookups[key]
         if key in node._idempotency:
-            return await self._existing(node._idempotency[key], wait_s)
+            return await self._existing(node._idempotency[key], wait_s, owner=owner)
         lookup: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         node._key_lookups[key] = lookup
         try:
             stored = await node.store.find_idempotent(key)
             # Not there: a new key after all (the filter's "maybe"), in memory before the lookup ends.
-            new = None if stored is not None else self._new_task(msg.data["task"], priority, key, wait_s)
+            new = None if stored is not None else self._new_task(msg.data["task"], priority, key, wait_s, owner)
         finally:
             del node._key_lookups[key]
             lookup.set_result(None)
         if new is not None:
             return dict(await new)
         assert stored is not None
-        return await self._existing(stored.task_id, wait_s, stored)
+        return await self._existing(stored.task_id, wait_s, stored, owner=owner)
 
-    def _new_task(self, spec: dict[str, Any], priority: int, key: str | None, wait_s: Any) -> asyncio.Future[Any]:
+    def _new_task(
+        self, spec: dict[str, Any], priority: int, key: str | None, wait_s: Any, owner: Any = None
+    ) -> asyncio.Future[Any]:
         node = self.node
         node.refuse_when_full()
         now = node.clock()
@@ -379,7 +389,7 @@ class Handlers:
         fut.add_done_callback(not_stored)
         if wait_s is None:
             return node.then(fut, committed)
-        return node.wait_for_end(task, float(wait_s), node.then(fut, committed))
+        return node.wait_for_end(task, float(wait_s), node.then(fut, committed), owner)
 
     async def task_status(self, conn: Connection, msg: Message) -> dict[str, Any]:
         task = await self.node.fetch(msg.data["task_id"])

@@ -337,6 +337,7 @@ class MainNode(Dispatcher):
 
     def connection_lost(self, conn: Connection) -> None:
         self.server.release(conn)
+        self.abandon_waits(conn)
         self._subs_all.discard(conn)
         for task_id in conn.subscribed:
             subs = self._subs.get(task_id)
@@ -826,7 +827,9 @@ class MainNode(Dispatcher):
             except Exception:  # a listener's bug must not stop the node
                 log.exception("listener %r failed on a %s change", callback, kind)
 
-    def wait_for_end(self, task: Task, seconds: float, stored: asyncio.Future[Any]) -> asyncio.Future[dict[str, Any]]:
+    def wait_for_end(
+        self, task: Task, seconds: float, stored: asyncio.Future[Any], owner: Any = None
+    ) -> asyncio.Future[dict[str, Any]]:
         """A future of ``{"task_id", "task"}`` once ``task``'s end is committed, or after ``seconds``.
 
         ``stored`` is a commit that carries the task's insert, and its end
@@ -835,9 +838,23 @@ class MainNode(Dispatcher):
         ``seconds`` may be of a task still running.
         The answer is the reply itself (no further future in between), so it
         goes out before the device's own ack in the same pass.
+        ``owner`` (a Connection or HttpPeer, with an ``end_waits`` set) is who
+        waits: :meth:`abandon_waits` drops its waits once it has gone.
         """
-        waiter = _EndWaiter(self, task, stored, seconds)
+        waiter = _EndWaiter(self, task, stored, seconds, owner)
         return waiter.out
+
+    @staticmethod
+    def abandon_waits(owner: Any) -> None:
+        """``owner`` went away: cancel its waits for task ends (the tasks go on).
+
+        Otherwise each one, with its request and connection, would stay until
+        its task ended or its wait (up to an hour) ran out: a client that
+        sends a waited submission (or repeats one with its idempotency key)
+        and hangs up, again and again, would grow the main node meanwhile.
+        """
+        for waiter in list(getattr(owner, "end_waits", ())):
+            waiter.abandon()
 
     def publish(self, task: Task) -> None:
         """Push ``task_update`` to the connections subscribed to this task."""
@@ -868,7 +885,9 @@ class MainNode(Dispatcher):
 class _EndWaiter:
     """One ``task_submit`` with ``wait``: answered at the task's committed end, or when the wait runs out."""
 
-    def __init__(self, node: MainNode, task: Task, stored: asyncio.Future[Any], seconds: float) -> None:
+    def __init__(
+        self, node: MainNode, task: Task, stored: asyncio.Future[Any], seconds: float, owner: Any = None
+    ) -> None:
         self.node, self.task, self.stored = node, task, stored
         loop = node._loop or asyncio.get_running_loop()
         self.out: asyncio.Future[dict[str, Any]] = loop.create_future()
@@ -876,10 +895,21 @@ class _EndWaiter:
         self.timer = loop.call_later(seconds, self.ran_out)
         if not self.due:
             node._end_waiters.setdefault(task.task_id, []).append(self.answer)
+        #: the owner's set of waits (MainNode.abandon_waits), None without an owner
+        self.owned: set[_EndWaiter] | None = getattr(owner, "end_waits", None)
+        if self.owned is not None:
+            self.owned.add(self)
         stored.add_done_callback(self.after_store)
+
+    def abandon(self) -> None:
+        """Nobody waits any more (the client hung up): let go of everything, answer nothing."""
+        self.forget()
+        self.out.cancel()
 
     def forget(self) -> None:
         self.timer.cancel()
+        if self.owned is not None:
+            self.owned.discard(self)
         waiters = self.node._end_waiters.get(self.task.task_id)
         if waiters is not None and self.answer in waiters:
             waiters.remove(self.answer)

@@ -88,6 +88,8 @@ class Connection(asyncio.Protocol):
         self.subscribed: set[str] = set()
         #: task_assign message ids sent on this connection -> (task_id, attempt)
         self.pending_assigns: dict[str, tuple[str, int]] = {}
+        #: its task_submit requests waiting for their task's end (MainNode.wait_for_end)
+        self.end_waits: set[Any] = set()
         #: The reply to this connection's register has been sent: pushes may follow it.
         self.welcomed = False
         self._out: list[bytes] = []

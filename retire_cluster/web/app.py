@@ -193,6 +193,8 @@ class HttpPeer:
         self.peer = peer
         self.subscribed: set[str] = set()
         self.subscribed_all = False
+        #: its task_submit waiting for the task's end (MainNode.wait_for_end)
+        self.end_waits: set[Any] = set()
 
     def __repr__(self) -> str:
         return f"<HttpPeer {self.peer}>"
@@ -383,11 +385,17 @@ class WebApp:
         msg = Message(message_type, new_message_id(), "http-api", data,
                       timestamp=utc_timestamp(self.node.clock()))  # fmt: skip
         self.node.validator.validate(msg)
-        result = self.node.handlers.handle(HttpPeer(peer), msg)  # type: ignore[arg-type]
+        http_peer = HttpPeer(peer)
+        result = self.node.handlers.handle(http_peer, msg)  # type: ignore[arg-type]
         if isinstance(result, Awaitable):
             # The HTTP client may go away (aiohttp then cancels this handler): the
-            # node's own futures must not be cancelled with it, only the reply dropped.
-            result = await asyncio.shield(result)
+            # node's own futures must not be cancelled with it, only the reply dropped,
+            # and a wait for a task's end (``?wait=``) with it.
+            try:
+                result = await asyncio.shield(result)
+            except asyncio.CancelledError:
+                self.node.abandon_waits(http_peer)
+                raise
         return result
 
     # -- lifecycle --------------------------------------------------------
