@@ -121,3 +121,27 @@ async def test_a_worker_still_runs_what_an_abandoned_wait_submitted(node: MainNo
     await settle(node)
     assert node.lookup(task_id).status.value == "completed"  # type: ignore[union-attr]
     assert not node._end_waiters
+
+
+async def test_cancelled_tasks_leave_the_queue_behind_a_task_that_waits(node: MainNode) -> None:
+    """Submitting and cancelling tasks of a kind no device runs does not grow the queue.
+
+    The queue drops cancelled tasks lazily, when they reach its head; behind
+    a task that stays pending (no device runs it) they never did, and each
+    Task, payload and all, stayed for good (``execute(..., fallback="local")``
+    cancels such tasks every time).
+    """
+    client = await Peer.connect(node)
+    await client.ok("task_submit", {"task": unrunnable()})  # the head: waits for ever
+    await settle(node)
+    scheduler = node.scheduler
+    for round_ in range(5):
+        for _ in range(200):
+            task_id = (await client.ok("task_submit", {"task": unrunnable()}))["task_id"]
+            await client.ok("task_cancel", {"task_id": task_id})
+        queued = sum(len(cls.tasks) for cls in scheduler._classes.values())
+        assert queued <= 2 + 2 * 64, (round_, queued)
+        assert len(scheduler) == queued
+    assert len(node.tasks) == 1
+    stuck = (await client.ok("cluster_status"))["stuck"]
+    assert [s["tasks"] for s in stuck] == [1]

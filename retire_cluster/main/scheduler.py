@@ -19,7 +19,9 @@ Both kinds of heap are lazy. Cancelling a pending task only changes its
 status; a device that changed (slots, load, breaker, connection) is re-keyed
 by pushing a fresh entry stamped with a new version, and entries with an old
 version or for an unavailable device are dropped when they surface. Heaps
-are rebuilt when stale entries outnumber live ones.
+are rebuilt when stale entries outnumber live ones: a cancelled task behind a
+head that stays pending (a class no device runs) never surfaces, and without
+that its Task, payload and all, would stay in the queue for good.
 
 The class's matching devices are computed once when the class appears
 (O(devices)) and kept up to date as devices change (O(classes) per change).
@@ -59,19 +61,24 @@ def class_key(task: Task) -> ClassKey:
 
 #: How many classes with no pending task stay indexed (each costs a check per device change).
 MAX_EMPTY_CLASSES = 64
+#: Entries of tasks no longer pending (cancelled) tolerated in a class's queue beyond twice
+#: the pending ones before it is rebuilt without them.
+TASKS_SLACK = 64
 #: How long a class's explanation of a wait is reused: it costs O(devices), and a client
 #: waiting on 10,000 pending tasks asks for each task's status.
 EXPLAIN_TTL_S = 1.0
 
 
 class _Class:
-    __slots__ = ("devices", "eligible", "key", "requirements", "task_type", "tasks", "why")
+    __slots__ = ("compact_at", "devices", "eligible", "key", "requirements", "task_type", "tasks", "why")
 
     def __init__(self, key: ClassKey, task_type: str, requirements: dict[str, Any]) -> None:
         self.key = key
         self.task_type = task_type
         self.requirements = requirements
         self.tasks: list[tuple[int, int, Task]] = []
+        #: rebuild ``tasks`` without the tasks no longer pending once it is longer than this
+        self.compact_at = TASKS_SLACK
         self.eligible: set[str] = set()
         self.devices: list[tuple[Any, int, str]] = []  # (strategy key, version, device id)
         #: (when, whether any device matched, explain's sentence), reused for EXPLAIN_TTL_S.
@@ -171,6 +178,16 @@ class Scheduler:
         self._active[key] = cls
         heapq.heappush(cls.tasks, (-task.priority, task.seq, task))
         self._pending += 1
+        if len(cls.tasks) > cls.compact_at:
+            self._compact(cls)
+
+    def _compact(self, cls: _Class) -> None:
+        """Drop the tasks no longer pending from a class's queue (amortised O(1) per push)."""
+        live = [entry for entry in cls.tasks if entry[2].status is TaskStatus.PENDING]
+        self._pending -= len(cls.tasks) - len(live)
+        heapq.heapify(live)
+        cls.tasks = live
+        cls.compact_at = 2 * len(live) + TASKS_SLACK
 
     def extend(self, tasks: Iterable[Task], now: float = 0.0) -> None:
         for task in tasks:
