@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from conftest import Peer, fake_worker, settle
+from test_commit_order import HeldCommits
 from webutil import eventually, start_cluster
 
 from retire_cluster.main import MainNode
@@ -145,3 +146,56 @@ async def test_cancelled_tasks_leave_the_queue_behind_a_task_that_waits(node: Ma
     assert len(node.tasks) == 1
     stuck = (await client.ok("cluster_status"))["stuck"]
     assert [s["tasks"] for s in stuck] == [1]
+
+
+async def test_subscriptions_to_ended_or_unknown_tasks_are_not_kept(node: MainNode) -> None:
+    """A long-lived client that waits for tasks already ended does not grow its subscriptions.
+
+    A subscription ended only with its task's end (or the connection): one
+    made after that end, or to a task that is not in memory, stayed as long
+    as the connection, one more with each wait (``Client.wait`` subscribes,
+    then reads the status).
+    """
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    await client.ok("subscribe", {"task_ids": ["no-such-task"]})
+    for round_ in range(3):
+        ids = []
+        for i in range(5):
+            ids.append((await client.ok("task_submit", {"task": {"task_type": "echo",
+                                                                 "payload": {"message": f"{round_}-{i}"}}}))["task_id"])
+            assign = await worker.next_push("task_assign")
+            task = assign["data"]["task"]
+            await worker.ok("task_result", {"task_id": task["task_id"], "attempt": task["attempt"],
+                                            "status": "completed", "result": {"output": "x", "exit_code": 0}})
+        await settle(node)
+        assert await client.ok("subscribe", {"task_ids": ids + [f"ghost-{round_}"]}) == {"subscribed": 6}
+        for task_id in ids:
+            assert (await client.ok("task_status", {"task_id": task_id}))["task"]["status"] == "completed"
+        await settle(node)
+        await asyncio.sleep(0)
+        assert not node._subs, node._subs
+        conn = next(c for c in node.server.connections if c.device_id is None)
+        assert not conn.subscribed
+
+
+async def test_a_subscription_made_while_the_end_commits_still_hears_it(node: MainNode, monkeypatch: Any) -> None:
+    """Subscribing to a task whose end is not yet committed still gets that end pushed."""
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    task_id = (await client.ok("task_submit", {"task": {"task_type": "echo", "payload": {"message": "x"}}}))["task_id"]
+    assign = await worker.next_push("task_assign")
+    await settle(node)
+    held = HeldCommits(monkeypatch)
+    mid = await worker.send("task_result", {"task_id": task_id, "attempt": assign["data"]["task"]["attempt"],
+                                            "status": "completed", "result": {"output": "x", "exit_code": 0}})
+    await held.started.wait()
+    assert node.lookup(task_id).terminal  # type: ignore[union-attr]  # in memory, not yet on disk
+    await client.ok("subscribe", {"task_ids": [task_id]})
+    held.release()
+    assert (await worker.reply_to(mid))["message_type"] == "ack"
+    update = await client.next_push("task_update")
+    assert update["data"]["task"]["task_id"] == task_id and update["data"]["task"]["status"] == "completed"
+    await settle(node)
+    await asyncio.sleep(0)
+    assert not node._subs

@@ -803,13 +803,46 @@ class MainNode(Dispatcher):
     # -- subscriptions ----------------------------------------------------
 
     def subscribe(self, conn: Connection, task_ids: list[str] | None) -> None:
+        """Push ``task_update`` to ``conn`` for these tasks (every task when None).
+
+        A subscription ends with its task's end (or the connection). One to a
+        task that will never change again is not kept, or a client that waits
+        for tasks already ended would grow its connection's subscriptions for
+        as long as it stays connected: a task not in memory ended long ago (or
+        never existed), and one that ended moments ago is dropped once its end
+        is committed and so published.
+        """
         if task_ids is None:
             conn.subscribed_all = True
             self._subs_all.add(conn)
             return
+        ended: list[str] = []
         for task_id in task_ids:
+            task = self.lookup(task_id)
+            if task is None:
+                continue  # unfinished tasks are all in memory: this one will never change
             conn.subscribed.add(task_id)
             self._subs.setdefault(task_id, set()).add(conn)
+            if task.terminal:
+                ended.append(task_id)
+        if ended and self.store.is_open:
+            # Its end may be committing still: its publication (which ends the subscription) comes first.
+            loop = self._loop or asyncio.get_running_loop()
+            self.store.write([]).add_done_callback(
+                lambda _f: loop.call_soon(self._unsubscribe_ended, conn, ended)
+            )
+
+    def _unsubscribe_ended(self, conn: Connection, task_ids: list[str]) -> None:
+        for task_id in task_ids:
+            task = self.lookup(task_id)
+            if task is not None and (not task.terminal or task_id in self._unstored):
+                continue  # still to be published (its end is written again at the next tick)
+            conn.subscribed.discard(task_id)
+            subs = self._subs.get(task_id)
+            if subs is not None:
+                subs.discard(conn)
+                if not subs:
+                    del self._subs[task_id]
 
     def add_listener(self, callback: Callable[[str, Any], None]) -> None:
         """Call ``callback("task", task)`` at every publish() and ``callback("device", device)``
