@@ -509,6 +509,77 @@ def test_scratch_dirs_of_workers_that_are_gone_are_swept(tmp_path: Path) -> None
     assert mine.name.startswith(f"task-{os.getpid()}-")
     old_style = tmp_path / "task-qwerty"  # no pid in the name: not ours to judge
     old_style.mkdir()
-    assert sweep_scratch_dirs(tmp_path) == 1
+    assert sweep_scratch_dirs(tmp_path) == (1, 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "task-qwerty"])
-    assert sweep_scratch_dirs(tmp_path / "missing") == 0
+    assert sweep_scratch_dirs(tmp_path / "missing") == (0, 0)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may wait for an init that does not reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="finds processes through /proc (Linux)")
+def test_processes_a_killed_workers_task_left_running_are_killed_by_the_sweep(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG kills the task's own process with the worker, not what it started in the background.
+
+    Before, `sh -c 'sleep 100 & sleep 101'` left both sleeps running for good after a kill -9 of the worker.
+    """
+    import subprocess
+    import sys
+    import time
+
+    from retire_cluster.worker.sandbox import child_env, sweep_scratch_dirs
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    left = tmp_path / f"task-{int(gone.stdout)}-abc123"
+    left.mkdir()
+    task = subprocess.Popen(["sh", "-c", "sleep 300 & echo $!; cd /; sleep 301 & echo $!; wait"], cwd=left,
+                            env=child_env(left), stdout=subprocess.PIPE, text=True, start_new_session=True)
+    bystander = subprocess.Popen(["sleep", "302"], cwd=tmp_path)  # not in the scratch dir: not the task's
+    try:
+        pids = [int(task.stdout.readline()) for _ in range(2)]  # type: ignore[union-attr]
+        assert all(_running(pid) for pid in pids)
+        removed, killed = sweep_scratch_dirs(tmp_path)
+        assert (removed, killed) == (1, 3)  # sh, the sleep in the dir, the one that left it (HOME says whose)
+        assert task.wait(timeout=30) == -9
+        deadline = time.monotonic() + 30
+        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_running(pid) for pid in pids)
+        assert bystander.poll() is None and not left.exists()
+    finally:
+        for proc in (task, bystander):
+            proc.kill()
+            proc.wait()
+        task.stdout.close()  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states in /proc (Linux)")
+def test_a_killed_worker_not_yet_reaped_counts_as_gone(tmp_path: Path) -> None:
+    """A worker killed with -9 stays a zombie until its parent (often init) reaps it; its leftovers are swept.
+
+    Before, the next worker took the zombie for a live worker and left its scratch directory, and the
+    processes working in it, alone.
+    """
+    import subprocess
+    import time
+
+    from retire_cluster.worker.sandbox import sweep_scratch_dirs
+
+    dead = subprocess.Popen(["true"])  # not waited for: a zombie until the end of the test
+    deadline = time.monotonic() + 30
+    while _running(dead.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        assert Path(f"/proc/{dead.pid}").exists() and not _running(dead.pid)  # a zombie, not gone
+        (tmp_path / f"task-{dead.pid}-abc123").mkdir()
+        assert sweep_scratch_dirs(tmp_path) == (1, 0)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        dead.wait()

@@ -343,10 +343,13 @@ class Agent:
     async def _sweep_scratch(self) -> None:
         """Remove what workers killed with -9 left in the scratch base (in a thread: it is disk work)."""
         try:
-            removed = await asyncio.to_thread(sweep_scratch_dirs, self.executor.scratch_base)
+            removed, killed = await asyncio.to_thread(sweep_scratch_dirs, self.executor.scratch_base)
         except Exception:  # a leftover directory must not stop the worker
             log.exception("cleaning up old scratch directories failed")
             return
+        if killed:
+            log.warning("killed %d process%s that tasks of a killed worker left running",
+                        killed, "" if killed == 1 else "es")
         if removed:
             log.info("removed %d scratch director%s left by stopped workers", removed, "y" if removed == 1 else "ies")
 

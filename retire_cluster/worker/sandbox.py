@@ -42,6 +42,7 @@ __all__ = [
     "child_env",
     "default_scratch_base",
     "describe_exit",
+    "kill_leftovers",
     "make_scratch_dir",
     "prepare_scratch_base",
     "sweep_scratch_dirs",
@@ -95,27 +96,70 @@ def prepare_scratch_base(base: Path) -> None:
         raise OSError(f"{base} is not a directory owned by this user; remove it or choose another base")
 
 
-def sweep_scratch_dirs(base: Path) -> int:
-    """Remove the scratch directories of workers that are gone (``kill -9`` leaves them); returns how many.
+def sweep_scratch_dirs(base: Path) -> Tuple[int, int]:
+    """Clean up after workers that are gone (``kill -9``); returns (directories removed, processes killed).
 
-    A directory's name carries the pid of the worker that made it
+    A scratch directory's name carries the pid of the worker that made it
     (``task-<pid>-...``); those of a live process are kept, and so are names
-    without a pid.
+    without a pid. Before a directory is removed, the processes its task
+    left running are killed (:func:`kill_leftovers`): the task's own process
+    dies with the worker (PR_SET_PDEATHSIG), but what it started in the
+    background does not.
     """
-    removed = 0
+    removed = killed = 0
     try:
         entries = list(os.scandir(base))
     except OSError:
-        return 0
+        return 0, 0
     for entry in entries:
         parts = entry.name.split("-", 2)
         if len(parts) < 3 or parts[0] != "task" or not parts[1].isdigit() or not entry.is_dir(follow_symlinks=False):
             continue
         if _alive(int(parts[1])):
             continue
+        killed += kill_leftovers(Path(entry.path))
         shutil.rmtree(entry.path, ignore_errors=True)
         removed += 1
-    return removed
+    return removed, killed
+
+
+def kill_leftovers(scratch_dir: Path) -> int:
+    """SIGKILL this user's processes still working in ``scratch_dir``; returns how many (Linux only).
+
+    A task's processes run with the scratch directory as cwd, HOME and
+    TMPDIR, and what they start inherits them: a process whose cwd is in it,
+    or whose HOME or TMPDIR is it, was started by that task. The directory is
+    private (0700) to this user, and another user's processes cannot be read.
+    """
+    if not os.path.isdir("/proc/self"):
+        return 0
+    target = os.path.realpath(scratch_dir)
+    marks = (b"HOME=" + os.fsencode(target), b"TMPDIR=" + os.fsencode(target))
+    killed = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        if _works_in(entry.path, target, marks):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+            except OSError:  # gone meanwhile, or not ours
+                pass
+    return killed
+
+
+def _works_in(proc_dir: str, target: str, marks: Tuple[bytes, bytes]) -> bool:
+    try:
+        cwd = os.readlink(os.path.join(proc_dir, "cwd"))
+    except OSError:  # another user's process, or gone
+        return False
+    if cwd == target or cwd.startswith(target + os.sep):
+        return True
+    try:
+        with open(os.path.join(proc_dir, "environ"), "rb") as fh:
+            return any(item in marks for item in fh.read().split(b"\0"))
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:
@@ -127,7 +171,16 @@ def _alive(pid: int) -> bool:
         return False
     except (PermissionError, OSError):
         return True  # someone else's process, or we cannot tell: keep its directories
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A process that has exited but was not reaped yet (its parent, often init, has not waited for it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):  # no /proc (not Linux), or gone meanwhile
+        return False
 
 
 async def remove_scratch_dir(path: Path) -> None:

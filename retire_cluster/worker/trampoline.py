@@ -7,7 +7,9 @@ asyncio's getaddrinfo uses a thread pool). So the child is a fresh Python
 ``execvp``s the command (``command``) or evaluates the expression
 (``python_eval``, answering on a reply channel, never on stdout). On Linux it
 also asks to be SIGKILLed when the worker dies (PR_SET_PDEATHSIG), so a
-``kill -9`` of the worker does not leave task processes running.
+``kill -9`` of the worker does not leave the task's process running; what
+that process started in the background is killed by the next worker to
+start on the device (sandbox.sweep_scratch_dirs).
 
 The limits (:class:`Limits`) are set as both soft and hard values, so the
 task cannot raise them again; RLIMIT_CPU gets one more second of hard limit
