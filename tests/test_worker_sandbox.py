@@ -338,6 +338,22 @@ async def test_detached_grandchild_is_killed_after_success(tmp_path: Path) -> No
 
 
 @needs_proc
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs setsid (util-linux)")
+async def test_a_grandchild_that_left_the_process_group_is_killed_too(tmp_path: Path) -> None:
+    """`setsid` takes a process out of the task's group, so the group kill misses it; its scratch dir does not."""
+    pid_path = tmp_path / "grandchild"
+    # The task ends only once the grandchild is out of the group (it writes its pid after setsid).
+    detach = f"setsid sh -c 'echo $$ > {pid_path}; exec sleep 3600' >/dev/null 2>&1 </dev/null &"
+    outcome = await command(make(tmp_path), ["sh", "-c", f"{detach} while [ ! -s {pid_path} ]; do sleep 0.01; done"])
+    pid = int(pid_path.read_text().strip())
+    try:
+        assert outcome.status == "completed"
+        assert await wait_until(lambda: pid_gone(pid)), "a process that left the group outlived the task"
+    finally:
+        kill_leftovers((pid,))
+
+
+@needs_proc
 async def test_command_timeout_kills_grandchildren(tmp_path: Path) -> None:
     pid_path = tmp_path / "grandchild"
     outcome = await command(make(tmp_path), ["sh", "-c", f"sleep 3600 & echo $! > {pid_path}; wait"], timeout=1)

@@ -7,7 +7,9 @@ owner did not write, so each runs as a child process that:
   the task code;
 - is in its own session (``start_new_session``), so killing its process group
   kills what it started too. The group is killed on every exit path: timeout,
-  cancel, and also after a normal exit, so nothing outlives the task;
+  cancel, and also after a normal exit, so nothing outlives the task; on
+  Linux, neither does what left the group (``setsid``) but still works in
+  the task's scratch directory (:func:`kill_leftovers`);
 - gets a scratch directory as cwd, HOME and TMPDIR, and an environment with
   no secrets in it (never the cluster token);
 - has its stdout and stderr read as they come, keeping at most
@@ -184,8 +186,17 @@ def _zombie(pid: int) -> bool:
 
 
 async def remove_scratch_dir(path: Path) -> None:
-    """Remove a scratch directory in a thread: a big tree must not stall the event loop."""
-    await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
+    """Kill what still works in a task's scratch directory, then remove it, in a thread (disk and /proc work).
+
+    The task's process group is dead by now; this finds what left the group
+    (``setsid``, a daemon) but still has the directory as cwd, HOME or TMPDIR.
+    """
+    await asyncio.to_thread(_clear_scratch_dir, path)
+
+
+def _clear_scratch_dir(path: Path) -> None:
+    kill_leftovers(path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def child_env(scratch_dir: Optional[Path] = None) -> Dict[str, str]:
