@@ -24,6 +24,7 @@ from retire_cluster.client import (
     ConnectionLost,
     InvalidMessage,
     NotFound,
+    Overloaded,
     TaskFailed,
     Unauthorized,
 )
@@ -280,6 +281,50 @@ async def test_overloaded_requests_are_sent_again_after_a_pause() -> None:
     finally:
         await client.close()
         await flaky.stop()
+
+
+async def test_a_request_overloaded_until_the_timeout_raises_the_main_nodes_sentence_not_a_timeout() -> None:
+    """Before, the last pause ran into the deadline and the user read "no reply to task_submit within 30 s;
+    the main node may be overloaded", although it had answered, each time, why it refused."""
+    flaky = Flaky(drops=0, overloads=10_000)
+    address = await flaky.start()
+    client = AsyncClient(address, None, timeout_s=1, backoff_initial_s=0.05)
+    try:
+        with pytest.raises(Overloaded, match="More than 5000 requests per second"):
+            await client.submit("echo")
+        assert len(flaky.received) > 1  # it did send it again meanwhile
+    finally:
+        await client.close()
+    # A pause longer than the time left: the refusal at once, not a timeout after the pause.
+    client = AsyncClient(address, None, timeout_s=0.3, backoff_initial_s=2.0)
+    try:
+        with pytest.raises(Overloaded, match="More than 5000 requests per second"):
+            await client.submit("echo")
+    finally:
+        await client.close()
+        await flaky.stop()
+
+
+def test_the_blocking_client_also_raises_the_overloaded_sentence_at_its_timeout() -> None:
+    async def scenario() -> None:
+        flaky = Flaky(drops=0, overloads=10_000)
+        address = await flaky.start()
+
+        def blocking() -> None:
+            with Client(address, None, timeout_s=1, backoff_initial_s=0.05) as client:
+                with pytest.raises(Overloaded, match="More than 5000 requests per second"):
+                    client.submit("echo")
+            with Client(address, None, timeout_s=0.3, backoff_initial_s=2.0) as client:
+                with pytest.raises(Overloaded, match="More than 5000 requests per second"):
+                    client.submit("echo")
+
+        try:
+            await asyncio.to_thread(blocking)
+            assert len(flaky.received) > 1
+        finally:
+            await flaky.stop()
+
+    asyncio.run(scenario())
 
 
 def test_the_blocking_client_also_retries_reads_but_not_submits() -> None:

@@ -467,8 +467,11 @@ class AsyncClient:
                         f"{exc}; {message_type} was sent but not answered, check whether it took effect"
                     ) from None
             except Overloaded:  # refused before it was acted on: any request may be sent again
-                if loop.time() >= deadline:
-                    raise
+                pause = next(delays)
+                if loop.time() + pause >= deadline:
+                    raise  # no time for another try: its sentence says why, not a timeout
+                await asyncio.sleep(pause)
+                continue
             await asyncio.sleep(min(next(delays), max(deadline - loop.time(), 0)))
 
     # -- API --------------------------------------------------------------

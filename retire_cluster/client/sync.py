@@ -409,8 +409,11 @@ class Client:
                         f"{exc}; {message_type} was sent but not answered, check whether it took effect"
                     ) from None
             except Overloaded:  # refused before it was acted on: any request may be sent again
-                if time.monotonic() >= deadline:
-                    raise
+                pause = next(delays)
+                if time.monotonic() + pause >= deadline:
+                    raise  # no time for another try: its sentence says why, not a timeout
+                time.sleep(pause)
+                continue
             time.sleep(min(next(delays), max(deadline - time.monotonic(), 0)))
 
     def _pull_update(self, wanted: Optional[Set[str]], deadline: Optional[float]) -> Optional[Dict[str, Any]]:
