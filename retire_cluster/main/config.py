@@ -118,6 +118,9 @@ class MainConfig:
         http_enabled: serve HTTP at all (``--no-http`` turns it off).
         device_weights: device id -> weight for the weighted round robin
             strategy; overrides the worker's own ``--weight``.
+        forget_offline_after_s: a device offline for this long is forgotten:
+            no longer listed, its row and statistics deleted (it registers
+            afresh if it comes back). 0 keeps offline devices for good.
         max_unfinished_tasks, max_unfinished_bytes: how many tasks may be
             held unfinished (pending, assigned or running), and how many
             bytes of payload (as JSON text) they may carry; a submission
@@ -157,6 +160,7 @@ class MainConfig:
     http_enabled: bool = True
     device_weights: dict[str, float] = field(default_factory=dict)
     max_unfinished_tasks: int = 200_000
+    forget_offline_after_s: float = 7 * 86400.0
     max_unfinished_bytes: int = 128 * 1024 * 1024
 
     def __post_init__(self) -> None:
@@ -205,6 +209,8 @@ class MainConfig:
             raise ConfigError("auth_timeout_s and drain_timeout_s must be more than 0 seconds.")
         if self.max_send_queue_bytes < 64 * 1024:
             raise ConfigError("max_send_queue_bytes must be at least 65536.")
+        if self.forget_offline_after_s < 0:
+            raise ConfigError("forget_offline_after_s must be 0 (never) or more seconds.")
         if self.max_unfinished_tasks < 1 or self.max_unfinished_bytes < 1024 * 1024:
             raise ConfigError("max_unfinished_tasks must be at least 1 and max_unfinished_bytes at least 1048576.")
         if self.client_rate_per_s <= 0 or self.client_burst < 1:

@@ -174,7 +174,7 @@ class MainNode(Dispatcher):
         self._unstored: dict[str, Task] = {}
         self._stopping = False
         self.stopped = asyncio.Event()
-        #: callback(kind, obj) on every ("task", Task) publish and ("device", Device) change
+        #: callback(kind, obj) on every ("task", Task) publish, ("device", Device) change and ("forget", Device)
         self._listeners: list[Callable[[str, Any], None]] = []
         #: the HTTP side (retire_cluster.web.WebApp) and its bound address, when http_enabled
         self.web: Any = None
@@ -310,10 +310,13 @@ class MainNode(Dispatcher):
             # Handling an offline device above may have moved the task on already.
             if task.held_by(task.assigned_device or "", attempt):
                 self.expire(task, now)
+        forget_after = self.config.forget_offline_after_s
         for device in self.registry:
             reopen = device.breaker.reopens_at()
             if reopen is not None and reopen <= now:
                 self.device_changed(device)  # half-open: one trial task may go
+            if forget_after and device.status is DeviceStatus.OFFLINE and now - device.last_seen > forget_after:
+                self.forget_device(device, now)
         if now - self._heartbeats_written_at >= HEARTBEAT_WRITE_INTERVAL_S:
             self._heartbeats_written_at = now
             self._flush_heartbeats()
@@ -783,6 +786,23 @@ class MainNode(Dispatcher):
             self.requeue(task, "worker_lost", now)
         self._dirty_devices.discard(device.device_id)
         self.write([Store.touch_device(device)])
+
+    def forget_device(self, device: Device, now: float) -> None:
+        """``device`` has been offline for forget_offline_after_s: forget it (memory and store).
+
+        A house retires its old devices for good; without this each one stayed
+        listed, indexed and stored forever. One that comes back registers afresh.
+        """
+        log.info("forgetting device %s: offline for %.0f days", device.device_id,
+                 (now - device.last_seen) / 86400)
+        device_id = device.device_id
+        self.registry.remove(device_id)
+        self.scheduler.forget_device(device_id)
+        self._changed_devices.discard(device_id)
+        self._dirty_devices.discard(device_id)
+        if self._listeners:
+            self._notify("forget", device)
+        self.write([Store.delete_device(device_id)])
 
     def touch(self, device: Device) -> None:
         """Remember to write this device's heartbeat at the next tick."""

@@ -122,6 +122,9 @@ class Registry:
     def get(self, device_id: str) -> Device | None:
         return self._devices.get(device_id)
 
+    def remove(self, device_id: str) -> None:
+        self._devices.pop(device_id, None)
+
     def add(self, device: Device) -> Device:
         self._devices[device.device_id] = device
         return device

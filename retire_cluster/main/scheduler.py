@@ -137,6 +137,15 @@ class Scheduler:
             cls.eligible.discard(device_id)
         self.strategy.forget(device_id)
 
+    def forget_device(self, device_id: str) -> None:
+        """A device gone for good: nothing of it is kept (its heap entries and version too)."""
+        self.remove_device(device_id)
+        del self._versions[device_id]
+        for cls in self._classes.values():
+            if any(entry[2] == device_id for entry in cls.devices):
+                cls.devices = [entry for entry in cls.devices if entry[2] != device_id]
+                heapq.heapify(cls.devices)
+
     def _rebuild(self, cls: _Class, now: float) -> None:
         entries = []
         for device_id in cls.eligible:

@@ -129,6 +129,7 @@ _UPSERT_DEVICE = (
     "weight=excluded.weight, stats=excluded.stats"
 )
 _TOUCH_DEVICE = "UPDATE devices SET status=?, last_seen=?, metrics=?, stats=? WHERE device_id=?"
+_DELETE_DEVICE = "DELETE FROM devices WHERE device_id=?"
 
 
 #: A lazy write (a state nothing acts on, such as assigned -> running) joins
@@ -160,6 +161,7 @@ def _grouped(ops: Sequence[Op]) -> list[tuple[str, list[Sequence[Any]]]]:
     attempts: dict[tuple[Any, Any], Sequence[Any]] = {}
     upserts: dict[Any, Sequence[Any]] = {}
     touches: dict[Any, Sequence[Any]] = {}
+    deletes: dict[Any, Sequence[Any]] = {}
     others: list[tuple[str, list[Sequence[Any]]]] = []
     for sql, params in ops:
         if sql == _UPDATE_TASK:
@@ -178,13 +180,18 @@ def _grouped(ops: Sequence[Op]) -> list[tuple[str, list[Sequence[Any]]]]:
         elif sql == _UPSERT_DEVICE:
             upserts[params[0]] = params
             touches.pop(params[0], None)
+            deletes.pop(params[0], None)  # it came back: forgotten, then registered again
+        elif sql == _DELETE_DEVICE:
+            deletes[params[0]] = params
+            upserts.pop(params[0], None)
+            touches.pop(params[0], None)
         elif others and others[-1][0] == sql:
             others[-1][1].append(params)
         else:
             others.append((sql, [params]))
     groups: list[tuple[str, list[Sequence[Any]]]] = []
     for sql, rows in ((_INSERT_TASK, inserts), (_UPDATE_TASK, updates), (_UPSERT_ATTEMPT, attempts),
-                      (_UPSERT_DEVICE, upserts), (_TOUCH_DEVICE, touches)):  # fmt: skip
+                      (_UPSERT_DEVICE, upserts), (_TOUCH_DEVICE, touches), (_DELETE_DEVICE, deletes)):  # fmt: skip
         if rows:
             groups.append((sql, list(rows.values())))
     return groups + others
@@ -614,6 +621,10 @@ class Store:
                 device.weight, _j(device.stats.to_json()),
             ),
         )  # fmt: skip
+
+    @staticmethod
+    def delete_device(device_id: str) -> Op:
+        return (_DELETE_DEVICE, (device_id,))
 
     @staticmethod
     def touch_device(device: Device) -> Op:

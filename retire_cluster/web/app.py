@@ -487,9 +487,12 @@ class WebApp:
     # -- events from the node ---------------------------------------------
 
     def on_node_event(self, kind: str, obj: Any) -> None:
-        """The node's listener: ``("task", Task)`` from publish(), ``("device", Device)``."""
+        """The node's listener: ``("task", Task)`` from publish(), ``("device", Device)``, ``("forget", Device)``."""
         if kind == "task":
             self._task_changed(obj)
+        elif kind == "forget":
+            self.heartbeats.pop(obj.device_id, None)
+            self._dirty_devices.discard(obj.device_id)
         elif kind == "device":
             # Heartbeats arrive in bursts: one event per device per loop pass.
             self._dirty_devices.add(obj.device_id)
