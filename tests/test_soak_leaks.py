@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 from typing import Any, Dict
 
+import pytest
 from conftest import Peer, fake_worker, settle
 from test_commit_order import HeldCommits
 from webutil import eventually, start_cluster
@@ -199,3 +200,24 @@ async def test_a_subscription_made_while_the_end_commits_still_hears_it(node: Ma
     await settle(node)
     await asyncio.sleep(0)
     assert not node._subs
+
+
+async def test_assignments_a_peer_never_answers_are_remembered_only_up_to_a_bound(
+        node: MainNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A third-party worker that never acks its task_assign grew Connection.pending_assigns for as long as it
+    stayed connected; now the oldest are forgotten, and its results are still taken."""
+    from retire_cluster.main import node as node_module
+
+    monkeypatch.setattr(node_module, "PENDING_ASSIGNS_MAX", 3)
+    mute = await fake_worker(node, "mute", cores=8)
+    client = await Peer.connect(node, "client")
+    for _ in range(5):
+        await client.ok("task_submit", {"task": {"task_type": "echo", "payload": {"message": "m"}}})
+    pushes = [await mute.next_push("task_assign") for _ in range(5)]
+    conn = node.registry.get("mute").conn
+    assert len(conn.pending_assigns) == 3
+    assert {ref[0] for ref in conn.pending_assigns.values()} == {p["data"]["task"]["task_id"] for p in pushes[2:]}
+    first = pushes[0]["data"]["task"]  # forgotten as pending, but still its own: the result is recorded
+    reply = await mute.request("task_result", {"task_id": first["task_id"], "attempt": first["attempt"],
+                                               "status": "completed", "result": {"output": "m"}})
+    assert reply["message_type"] == "ack" and reply["data"]["result"]["status"] == "completed"

@@ -69,6 +69,10 @@ HEARTBEAT_WRITE_INTERVAL_S = 10.0
 WAIT_HOLD_S = 0.02
 #: Task ids drawn from the OS at once (each is 64 random bits).
 ID_POOL = 512
+#: task_assign messages awaiting the device's ack/error, per connection. Our worker answers every one;
+#: a peer that does not would otherwise grow this for as long as it stays connected. A reply to one
+#: forgotten changes nothing that its result will not (assigned -> completed is a legal move).
+PENDING_ASSIGNS_MAX = 4096
 
 
 def load_or_create_token(config: MainConfig) -> str:
@@ -542,7 +546,10 @@ class MainNode(Dispatcher):
             if conn is None or conn.closed:
                 continue  # the lease expires and requeues it
             mid = new_message_id()
-            conn.pending_assigns[mid] = (task.task_id, attempt)
+            pending = conn.pending_assigns
+            if len(pending) >= PENDING_ASSIGNS_MAX:  # a peer that never answers: forget its oldest
+                del pending[next(iter(pending))]
+            pending[mid] = (task.task_id, attempt)
             conn.send(
                 Message(
                     "task_assign",
