@@ -283,16 +283,22 @@ async def test_overloaded_requests_are_sent_again_after_a_pause() -> None:
         await flaky.stop()
 
 
-async def test_a_request_overloaded_until_the_timeout_raises_the_main_nodes_sentence_not_a_timeout() -> None:
+async def test_a_request_overloaded_until_the_timeout_raises_the_main_nodes_sentence_not_a_timeout(
+        caplog: pytest.LogCaptureFixture) -> None:
     """Before, the last pause ran into the deadline and the user read "no reply to task_submit within 30 s;
     the main node may be overloaded", although it had answered, each time, why it refused."""
     flaky = Flaky(drops=0, overloads=10_000)
     address = await flaky.start()
     client = AsyncClient(address, None, timeout_s=1, backoff_initial_s=0.05)
     try:
-        with pytest.raises(Overloaded, match="More than 5000 requests per second"):
-            await client.submit("echo")
+        with caplog.at_level("WARNING", logger="retire_cluster.client"):
+            with pytest.raises(Overloaded, match="More than 5000 requests per second"):
+                await client.submit("echo")
         assert len(flaky.received) > 1  # it did send it again meanwhile
+        # Said once (not at every try), so that a CLI user does not wait in silence:
+        notes = [r.getMessage() for r in caplog.records if "busy" in r.getMessage()]
+        assert notes == ["the main node is busy; sending task_submit again for up to 1 s "
+                         "(More than 5000 requests per second on this connection.)"]
     finally:
         await client.close()
     # A pause longer than the time left: the refusal at once, not a timeout after the pause.

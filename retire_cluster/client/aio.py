@@ -45,6 +45,7 @@ from .common import (
     DEFAULT_MAX_REQUEST_BYTES,
     MAX_WAIT_S,
     TERMINAL,
+    BusyNote,
     ClientError,
     ConnectionLost,
     NotAFrame,
@@ -181,6 +182,7 @@ class AsyncClient:
         self._conn: Optional[_Connection] = None
         self._lock: Optional[asyncio.Lock] = None  # made in the loop (3.9 binds it at creation)
         self._closed = False
+        self._busy = BusyNote()
         self._subscribed_all = False
         self._subscribed: Set[str] = set()
         self._task_queues: Dict[str, Set[asyncio.Queue[Any]]] = {}
@@ -466,10 +468,11 @@ class AsyncClient:
                     raise ConnectionLost(
                         f"{exc}; {message_type} was sent but not answered, check whether it took effect"
                     ) from None
-            except Overloaded:  # refused before it was acted on: any request may be sent again
-                pause = next(delays)
-                if loop.time() + pause >= deadline:
+            except Overloaded as exc:  # refused before it was acted on: any request may be sent again
+                pause, now = next(delays), loop.time()
+                if now + pause >= deadline:
                     raise  # no time for another try: its sentence says why, not a timeout
+                self._busy.say(message_type, exc.message, deadline - now, now)
                 await asyncio.sleep(pause)
                 continue
             await asyncio.sleep(min(next(delays), max(deadline - loop.time(), 0)))

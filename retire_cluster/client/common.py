@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import math
 import random
 from typing import Any, Callable, Coroutine, Dict, Iterable, Iterator, List, Optional, TypeVar
@@ -240,6 +241,29 @@ def reply_result(reply: Message) -> Dict[str, Any]:
                               path=path if isinstance(path, str) else None)
     result = reply.data.get("result")
     return result if isinstance(result, dict) else {}
+
+
+#: At most one "the main node is busy" note per client in this many seconds (a batch has many requests).
+BUSY_NOTE_EVERY_S = 10.0
+
+
+class BusyNote:
+    """Says that the main node refused a request as overloaded and that it is being sent again.
+
+    A warning on the ``retire_cluster.client`` logger, at most every
+    :data:`BUSY_NOTE_EVERY_S` per client: without it a CLI user waited up to
+    its whole timeout in silence (Python prints such a warning on stderr when
+    the application set up no logging).
+    """
+
+    def __init__(self) -> None:
+        self._said_at = -math.inf
+
+    def say(self, message_type: str, reason: str, remaining_s: float, now: float) -> None:
+        if now - self._said_at >= BUSY_NOTE_EVERY_S:
+            self._said_at = now
+            logging.getLogger("retire_cluster.client").warning(
+                "the main node is busy; sending %s again for up to %.0f s (%s)", message_type, remaining_s, reason)
 
 
 def backoff_delays(initial_s: float, maximum_s: float) -> Iterator[float]:

@@ -39,6 +39,7 @@ from .common import (
     DEFAULT_MAX_REQUEST_BYTES,
     MAX_WAIT_S,
     TERMINAL,
+    BusyNote,
     ClientError,
     ConnectionLost,
     NotAFrame,
@@ -161,6 +162,7 @@ class Client:
         self._subscribed: Set[str] = set()
         self._watching: Dict[str, int] = {}
         self._closed = False
+        self._busy = BusyNote()
         # Held by the thread whose call is in progress (reentrant: a method may call another).
         self._calling = threading.RLock()
 
@@ -408,10 +410,11 @@ class Client:
                     raise ConnectionLost(
                         f"{exc}; {message_type} was sent but not answered, check whether it took effect"
                     ) from None
-            except Overloaded:  # refused before it was acted on: any request may be sent again
-                pause = next(delays)
-                if time.monotonic() + pause >= deadline:
+            except Overloaded as exc:  # refused before it was acted on: any request may be sent again
+                pause, now = next(delays), time.monotonic()
+                if now + pause >= deadline:
                     raise  # no time for another try: its sentence says why, not a timeout
+                self._busy.say(message_type, exc.message, deadline - now, now)
                 time.sleep(pause)
                 continue
             time.sleep(min(next(delays), max(deadline - time.monotonic(), 0)))
