@@ -311,11 +311,8 @@ async def test_an_instant_task_is_answered_in_the_pass_that_assigned_it(tmp_path
     assert not agent._pending
 
 
-async def test_a_task_cancelled_in_the_read_that_assigned_it_frees_its_slot_and_is_reported(
-        tmp_path: Path) -> None:
-    """The job is cancelled before its first step: its coroutine (and its cleanup) never runs."""
-    import json
-
+def one_slot_agent_given_a_sleep(tmp_path: Path) -> "tuple[Agent, RecordingWriter]":
+    """A registered 1-slot agent writing to a RecordingWriter, just assigned a 30 s sleep (t-1, attempt 1)."""
     from retire_cluster.protocol.messages import Message
 
     agent = Agent(WorkerConfig(device_id="x", data_dir=tmp_path, max_tasks=1))
@@ -324,6 +321,17 @@ async def test_a_task_cancelled_in_the_read_that_assigned_it_frees_its_slot_and_
     agent.registered.set()
     agent._on_message(Message("task_assign", "m-1", "main-node", {"task": {
         "task_id": "t-1", "attempt": 1, "task_type": "sleep", "payload": {"seconds": 30}, "timeout": 60}}))
+    return agent, writer
+
+
+async def test_a_task_cancelled_in_the_read_that_assigned_it_frees_its_slot_and_is_reported(
+        tmp_path: Path) -> None:
+    """The job is cancelled before its first step: its coroutine (and its cleanup) never runs."""
+    import json
+
+    from retire_cluster.protocol.messages import Message
+
+    agent, writer = one_slot_agent_given_a_sleep(tmp_path)
     agent._on_message(Message("task_cancel", "m-2", "main-node", {"task_id": "t-1", "attempt": 1,
                                                                     "reason": "not_stored"}))
     await wait_until(lambda: not agent.running)  # the one slot is free again
@@ -400,12 +408,7 @@ async def test_a_cancelled_tasks_slot_takes_the_next_task_sent_with_the_cancel(t
 
     from retire_cluster.protocol.messages import Message
 
-    agent = Agent(WorkerConfig(device_id="x", data_dir=tmp_path, max_tasks=1))
-    writer = RecordingWriter()
-    agent._writer = writer  # type: ignore[assignment]
-    agent.registered.set()
-    agent._on_message(Message("task_assign", "m-1", "main-node", {"task": {
-        "task_id": "t-1", "attempt": 1, "task_type": "sleep", "payload": {"seconds": 30}, "timeout": 60}}))
+    agent, writer = one_slot_agent_given_a_sleep(tmp_path)
     for _ in range(5):
         await asyncio.sleep(0)  # it runs
     agent._on_message(Message("task_cancel", "m-2", "main-node", {"task_id": "t-1", "attempt": 1,

@@ -20,6 +20,16 @@ from retire_cluster.main.config import ConfigError
 DAY = 86400.0
 
 
+async def away_for(node: MainNode, clock: FakeClock, worker: Peer, seconds: float) -> None:
+    """``worker`` hangs up, goes offline, then stays away ``seconds`` more (a tick at each step)."""
+    await worker.close()
+    clock.advance(node.config.offline_timeout_s + 1)
+    node.tick(clock())
+    clock.advance(seconds)
+    node.tick(clock())
+    await settle(node)
+
+
 async def device_ids(client: Peer) -> list[str]:
     return sorted(d["device_id"] for d in (await client.ok("list_devices", {}))["devices"])
 
@@ -83,13 +93,7 @@ async def test_zero_keeps_offline_devices_for_good(tmp_path: Path, clock: FakeCl
     node = MainNode(make_config(tmp_path, forget_offline_after_s=0), clock=clock, run_monitor=False)
     await node.start()
     try:
-        gone = await fake_worker(node, "pi")
-        await gone.close()
-        clock.advance(node.config.offline_timeout_s + 1)
-        node.tick(clock())
-        clock.advance(365 * DAY)
-        node.tick(clock())
-        await settle(node)
+        await away_for(node, clock, await fake_worker(node, "pi"), 365 * DAY)
         assert node.registry.get("pi") is not None
         assert [d.device_id for d in await node.store.load_devices()] == ["pi"]
     finally:
@@ -121,12 +125,7 @@ async def test_the_web_side_forgets_it_too(tmp_path: Path, clock: FakeClock) -> 
         await gone.ok("heartbeat", {})
         await settle(node)
         assert "tablet" in node.web.heartbeats
-        await gone.close()
-        clock.advance(node.config.offline_timeout_s + 1)
-        node.tick(clock())
-        clock.advance(7 * DAY)
-        node.tick(clock())
-        await settle(node)
+        await away_for(node, clock, gone, 7 * DAY)
         assert "tablet" not in node.web.heartbeats
         status, body = await _get(node, "/api/v1/devices")
         assert status == 200 and body["devices"] == []
