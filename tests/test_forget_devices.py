@@ -118,26 +118,29 @@ def test_a_delete_and_a_registration_in_one_commit_keep_the_last() -> None:
 
 
 async def test_the_web_side_forgets_it_too(tmp_path: Path, clock: FakeClock) -> None:
+    """Its heartbeats are dropped, the HTTP API no longer lists it, and the devices stream says `forget`
+    (the dashboard's grid drops its card)."""
+    import aiohttp
+    from webutil import SSE, Cluster, open_stream
+
     node = MainNode(make_config(tmp_path, http_enabled=True, http_port=0), clock=clock, run_monitor=False)
     await node.start()
+    web = Cluster(node, aiohttp.ClientSession())
     try:
         gone = await fake_worker(node, "tablet")
         await gone.ok("heartbeat", {})
         await settle(node)
         assert "tablet" in node.web.heartbeats
+        resp = await open_stream(web, "/stream/devices")
+        sse = SSE(resp)
+        assert (await sse.next())["event"] == "snapshot"
         await away_for(node, clock, gone, 7 * DAY)
         assert "tablet" not in node.web.heartbeats
-        status, body = await _get(node, "/api/v1/devices")
-        assert status == 200 and body["devices"] == []
+        assert (await web.ok("GET", "/api/v1/devices"))["devices"] == []
+        event = await sse.next()
+        while event["event"] == "device":  # going offline (it may be forgotten before that is sent)
+            event = await sse.next()
+        assert (event["event"], event["data"]) == ("forget", {"device_id": "tablet"})
+        resp.close()
     finally:
-        await node.stop()
-
-
-async def _get(node: MainNode, path: str) -> tuple[int, dict]:
-    import aiohttp
-
-    host, port = node.http_address
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://{host}:{port}{path}",
-                               headers={"Authorization": f"Bearer {node.token}"}) as resp:
-            return resp.status, await resp.json()
+        await web.close()

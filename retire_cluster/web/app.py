@@ -490,9 +490,10 @@ class WebApp:
         """The node's listener: ``("task", Task)`` from publish(), ``("device", Device)``, ``("forget", Device)``."""
         if kind == "task":
             self._task_changed(obj)
-        elif kind == "forget":
+        elif kind == "forget":  # offline for forget_offline_after_s: gone from every view
             self.heartbeats.pop(obj.device_id, None)
             self._dirty_devices.discard(obj.device_id)
+            self.streams["devices"].emit("forget", {"device_id": obj.device_id}, obj.device_id)
         elif kind == "device":
             # Heartbeats arrive in bursts: one event per device per loop pass.
             self._dirty_devices.add(obj.device_id)

@@ -183,7 +183,8 @@ def _paths() -> dict[str, Any]:
         "/metrics": {"get": _op("Prometheus exposition.", {"200": _text("text/plain", "Metrics.")}, errors=())},
         "/text/metrics": {"get": _op("The same as /metrics.", {"200": _text("text/plain", "Metrics.")},
                                      errors=())},
-        "/stream/devices": _sse("device changes", "`snapshot` (all devices, first), `device`",
+        "/stream/devices": _sse("device changes", "`snapshot` (all devices, first), `device`, `forget` "
+                                "({device_id}: offline for forget_offline_after_s, no longer listed)",
                                 _param("device_id", "query", "Only these devices (repeatable).", _MANY)),
         "/stream/tasks": _sse("task changes, as TCP subscribers get them", "`task` (the whole record)",
                               _param("task_id", "query", "Only these tasks (repeatable).", _MANY)),

@@ -279,6 +279,8 @@
       data.devices.forEach(function (d) { state.devices[d.device_id] = d; });
     } else if (event === "device") {
       state.devices[data.device_id] = data;
+    } else if (event === "forget") {
+      delete state.devices[data.device_id];
     } else if (event === "reset") {
       refreshDevices();
       return;
