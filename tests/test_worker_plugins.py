@@ -171,6 +171,15 @@ async def test_broken_plugin_is_skipped_and_the_others_load(site: Path, tmp_path
     assert executor.task_types == ["echo", "good", "sleep"]
     assert "broken" in caplog.text and "could not be loaded" in caplog.text
     assert "missing" in caplog.text
+    # One sentence each that says what to do; no traceback buries the worker's start-up lines.
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2
+    for record in errors:
+        assert record.exc_info is None and "\n" not in record.getMessage()
+        assert "skipped (the other task types still run)" in record.getMessage()
+        if sys.version_info >= (3, 10):  # EntryPoint.dist
+            assert record.getMessage().endswith("fix it or run `pip uninstall rc_plugins_test`.")
+    assert "ModuleNotFoundError: No module named 'rc_this_does_not_exist'" in errors[0].getMessage()
     calls: ProgressCalls = []
     outcome = await run(executor, "good", {}, calls, timeout=12)
     assert (outcome.status, outcome.output) == ("completed", "scratch works in 12 s")

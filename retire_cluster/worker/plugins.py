@@ -18,7 +18,8 @@ message)``, ``timeout_s`` and ``scratch_dir`` (removed after the task).
 Installed plug-ins are enabled: installing one on a device is its owner's
 decision. They run inside the worker process, on its event loop, so they are
 trusted code that must not block; the task timeout cancels ``run``. A
-plug-in whose import fails is logged and skipped, and one whose name is
+plug-in whose import fails is logged in one line (the traceback with
+--log-level debug) and skipped, and one whose name is
 taken by a built-in type (or an earlier plug-in) is refused: neither can
 stop the worker.
 
@@ -87,6 +88,26 @@ def _instantiate(loaded: Any) -> Any:
     return loaded() if isinstance(loaded, type) else loaded
 
 
+def _distribution(ep: importlib.metadata.EntryPoint) -> Optional[str]:
+    """The name of the installed package that declares ``ep`` (None before Python 3.10)."""
+    dist = getattr(ep, "dist", None)
+    try:
+        name = dist.metadata["Name"] if dist is not None else None
+    except Exception:  # metadata unreadable: the sentence does without the name
+        return None
+    return str(name) if name else None
+
+
+def _load_failure(ep: importlib.metadata.EntryPoint, exc: BaseException) -> str:
+    """The one sentence logged for a plug-in that could not be loaded: what, why, what to do."""
+    text = str(exc).strip()
+    why = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    dist = _distribution(ep)
+    remedy = f"fix it or run `pip uninstall {dist}`" if dist else "fix or uninstall the package that provides it"
+    return (f"plug-in task type {ep.name!r} ({ep.value}) could not be loaded ({why}); "
+            f"skipped (the other task types still run); {remedy}.")
+
+
 def load_plugins(reserved: Iterable[str],
                  eps: Optional[Iterable[importlib.metadata.EntryPoint]] = None) -> Dict[str, Any]:
     """Load the installed plug-ins; returns {task type: plug-in object}.
@@ -103,8 +124,11 @@ def load_plugins(reserved: Iterable[str],
     for ep in entry_points() if eps is None else eps:
         try:
             plugin = _instantiate(ep.load())
-        except (Exception, SystemExit):  # a broken plug-in must not stop the worker
-            log.exception("plug-in task type %r (%s) could not be loaded; skipped", ep.name, ep.value)
+        except (Exception, SystemExit) as exc:  # a broken plug-in must not stop the worker
+            # One sentence for the owner (a traceback per plug-in buried the worker's own
+            # start-up lines); the traceback is there with --log-level debug.
+            log.error("%s", _load_failure(ep, exc))
+            log.debug("why plug-in %r could not be loaded", ep.name, exc_info=True)
             continue
         name = getattr(plugin, "name", None)
         if not isinstance(name, str) or not name:
