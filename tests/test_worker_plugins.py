@@ -325,3 +325,59 @@ async def test_plugin_timeout_cancels_run(tmp_path: Path) -> None:
     outcome = await scripted(tmp_path, value="never", delay_s=60, timeout=1)
     assert outcome.status == "timeout"
     assert not list((tmp_path / "scratch").iterdir())
+
+
+@pytest.mark.parametrize("error, words", [
+    (SystemExit(3), "plug-in 'scripted' raised SystemExit: 3"),
+    (KeyboardInterrupt(), "plug-in 'scripted' raised KeyboardInterrupt"),
+    (asyncio.CancelledError(), "plug-in 'scripted' raised CancelledError while the task was not cancelled"),
+])
+async def test_plugin_raising_a_base_exception_fails_its_task_only(tmp_path: Path, error: BaseException,
+                                                                   words: str) -> None:
+    """Found by hand: a plug-in's sys.exit() stopped the whole worker (a Task re-raises SystemExit
+    out of the event loop), and a CancelledError of its own ended the task "cancelled", which the
+    main node takes for a hand-back and assigned again at once, thousands of times a minute."""
+    outcome = await scripted(tmp_path, error=error)
+    assert (outcome.status, outcome.error) == ("failed", words)
+    assert not list((tmp_path / "scratch").iterdir())
+
+
+class SyncRaises:
+    name = "sync_raises"
+
+    def run(self, payload: Dict[str, Any], context: TaskContext) -> Any:
+        raise SystemExit("bye")
+
+
+async def test_sync_plugin_raising_system_exit_fails_its_task_only(tmp_path: Path) -> None:
+    executor = make(tmp_path, plugins={"sync_raises": SyncRaises()})
+    outcome = await run(executor, "sync_raises", {})
+    assert (outcome.status, outcome.error) == ("failed", "plug-in 'sync_raises' raised SystemExit: bye")
+
+
+async def test_cancelling_a_plugin_task_cancels_run_and_waits_for_its_cleanup(tmp_path: Path) -> None:
+    events: List[str] = []
+    started = asyncio.Event()
+
+    class Slow:
+        name = "slow"
+
+        async def run(self, payload: Dict[str, Any], context: TaskContext) -> str:
+            try:
+                events.append("started")
+                started.set()
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0)
+                events.append("cleaned up")
+                raise
+            return "never"
+
+    executor = make(tmp_path, plugins={"slow": Slow()})
+    job = asyncio.ensure_future(run(executor, "slow", {}))
+    await started.wait()
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert events == ["started", "cleaned up"]
+    assert not list((tmp_path / "scratch").iterdir())

@@ -133,6 +133,56 @@ def _non_empty(text: str) -> Optional[str]:
     return text or None
 
 
+async def _guarded(awaitable: Awaitable[Any]) -> "tuple[Any, Optional[BaseException]]":
+    """Await a plug-in's ``run``; what it raises, SystemExit included, comes back as a value.
+
+    (A Task whose coroutine raises SystemExit or KeyboardInterrupt re-raises it
+    out of the event loop: one plug-in calling sys.exit() stopped the worker.)
+    """
+    try:
+        return await awaitable, None
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:  # a plug-in's SystemExit is its task's failure, not the worker's end
+        return None, exc
+
+
+async def _await_plugin(name: str, awaitable: Awaitable[Any]) -> Any:
+    """The value of a plug-in's ``run``, awaited in a Task of its own.
+
+    So a CancelledError is told apart: the task's cancellation (a cancel, the
+    timeout, eviction, the worker stopping) cancels the inner Task and is
+    raised on; one the plug-in raised by itself while nobody cancelled it
+    (a sub-task of its own cancelled and awaited) is the task's failure. Both
+    used to end the task "cancelled", which the main node takes for a hand-back
+    (no retry used) and assigned again at once: to this device, for ever.
+
+    Raises:
+        TaskFailed: the plug-in raised (its message), or cancelled itself.
+        asyncio.CancelledError: the task was cancelled (the plug-in has been cancelled and awaited).
+    """
+    inner = asyncio.ensure_future(_guarded(awaitable))
+    try:
+        await asyncio.wait({inner})
+    except asyncio.CancelledError:
+        inner.cancel()
+        await asyncio.wait({inner})  # as a plain await did: the plug-in's own clean-up runs first
+        raise
+    if inner.cancelled():
+        raise TaskFailed(f"plug-in {name!r} raised CancelledError while the task was not cancelled")
+    value, error = inner.result()
+    if error is not None:
+        raise _plugin_failed(name, error)
+    return value
+
+
+def _plugin_failed(name: str, exc: BaseException) -> TaskFailed:
+    """The task's failure for what a plug-in raised: its message (its type when it has none)."""
+    if isinstance(exc, (SystemExit, KeyboardInterrupt)):  # "3" alone would say nothing
+        return TaskFailed(f"plug-in {name!r} raised {type(exc).__name__}" + (f": {exc}" if str(exc) else ""))
+    return TaskFailed(str(exc) or type(exc).__name__)
+
+
 class Executor:
     """Runs tasks of the types this worker offers.
 
@@ -275,12 +325,12 @@ class Executor:
             try:
                 value = plugin.run(payload, TaskContext(report, timeout_s, scratch))
                 if inspect.isawaitable(value):
-                    value = await value
+                    value = await _await_plugin(name, value)
                 checked = plugin_result(value, name)
-            except TaskFailed:
+            except (TaskFailed, asyncio.CancelledError):  # (a CancelledError here is ours: see _await_plugin)
                 raise
-            except Exception as exc:  # the plug-in's error is the task's error
-                raise TaskFailed(str(exc) or type(exc).__name__) from None
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # the plug-in's error is the task's error
+                raise _plugin_failed(name, exc) from None
         finally:
             await remove_scratch_dir(scratch)
         failed = checked.exit_code != 0

@@ -12,7 +12,8 @@ object with a ``name`` (the task type, a str) and::
 
 A str is the output; a dict may carry ``output``, ``exit_code`` (non-zero
 means failed, as for ``command``), ``stderr`` and ``metrics``; an exception
-means failed with its message. ``context`` gives ``progress(percent,
+means failed with its message (SystemExit too, and a CancelledError it raises
+while the task was not cancelled: neither stops the worker). ``context`` gives ``progress(percent,
 message)``, ``timeout_s`` and ``scratch_dir`` (removed after the task).
 
 Installed plug-ins are enabled: installing one on a device is its owner's
