@@ -86,7 +86,7 @@ def build_main_config(config_file: Optional[str], options: Dict[str, Any]) -> An
 @click.option("--host", envvar="RETIRE_CLUSTER_HOST", help="Address to listen on.  [default: 0.0.0.0]")
 @click.option("--port", type=int, envvar="RETIRE_CLUSTER_PORT", help="TCP port.  [default: 8080]")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="RETIRE_CLUSTER_DATA_DIR",
-              help="Database, token and logs.  [default: ./retire-cluster-data]")
+              help="Database and token.  [default: ./retire-cluster-data]")
 @click.option("--heartbeat-interval", type=float, envvar="RETIRE_CLUSTER_HEARTBEAT_INTERVAL",
               help="Seconds between worker heartbeats.  [default: 60]")
 @click.option("--offline-timeout", type=float, envvar="RETIRE_CLUSTER_OFFLINE_TIMEOUT",

@@ -70,7 +70,7 @@ class MainConfig:
     Attributes:
         host: address to listen on; ``0.0.0.0`` for every interface.
         port: TCP port; 0 picks a free one (tests).
-        data_dir: holds the database, the token and logs.
+        data_dir: holds the database and the token.
         heartbeat_interval_s: what workers are told to use.
         offline_timeout_s: a device silent for this long is offline and loses
             its tasks to the queue.
