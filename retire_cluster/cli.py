@@ -366,7 +366,7 @@ def worker_cmd(main_addr: str, token: Optional[str], tls_fingerprint: Optional[s
         policy = PolicyConfig(
             only_when_charging=only_when_charging, min_battery_pct=min_battery,
             max_battery_temp_c=max_battery_temp, max_owner_cpu_pct=max_owner_cpu,
-            hours=parse_hours(hours) if hours else None, evict=evict,
+            hours=parse_hours(hours) if hours is not None else None, evict=evict,
         )  # fmt: skip
         config = WorkerConfig(
             main_host=host, main_port=port, token=token, device_id=device_id, role=role,

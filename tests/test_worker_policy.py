@@ -57,6 +57,26 @@ def test_hours_window_wraps_midnight() -> None:
     for bad in ("9-5", "22:00", "10:00-10:00", "25:00-01:00"):
         with pytest.raises(ValueError, match="--hours"):
             parse_hours(bad)
+    assert parse_hours("23:59-00:00") == (dt.time(23, 59), dt.time(0))
+    assert parse_hours(" 9:00 - 17:30 ") == (dt.time(9), dt.time(17, 30))  # as an owner types it
+
+
+@pytest.mark.parametrize("bad", [
+    "", "   ", "22-07", "2200-0700", "22:00:30-07:00", "22:00+01:00-07:00", "T22:00-07:00", "22:60-07:00",
+    "24:00-07:00", "22:00-07:00-08:00", "\u0662\u0662:00-07:00",
+])
+def test_hours_refuses_what_is_not_hh_mm_on_every_python(bad: str) -> None:
+    """time.fromisoformat took some of these on 3.11 only; an offset crashed the worker on the first
+    check (an aware time against the naive clock) and "" meant no window at all."""
+    with pytest.raises(ValueError, match=r"^--hours .*: use HH:MM-HH:MM in 24-hour local time, e.g. 22:00-07:00\.$"):
+        parse_hours(bad)
+
+
+@pytest.mark.parametrize("hours", ["", "22:00+01:00-07:00"])
+def test_worker_refuses_an_empty_or_offset_hours_with_exit_2(hours: str) -> None:
+    result = CliRunner().invoke(cli, ["worker", "--main", "127.0.0.1:18949", "--hours", hours])
+    assert result.exit_code == 2
+    assert result.output.strip().endswith("use HH:MM-HH:MM in 24-hour local time, e.g. 22:00-07:00.")
 
 
 def test_sysfs_battery_readings(tmp_path: Path) -> None:

@@ -15,24 +15,32 @@ Python 3.9 syntax and the standard library only.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 __all__ = ["Decision", "OwnerPolicy", "PolicyConfig", "Readings", "parse_hours"]
 
 
+#: ``H:MM-H:MM`` or ``HH:MM-HH:MM``, 24-hour local time, spaces around the dash allowed.
+_HOURS = re.compile(r"\s*([0-9]{1,2}):([0-9]{2})\s*-\s*([0-9]{1,2}):([0-9]{2})\s*")
+
+
 def parse_hours(text: str) -> Tuple[dt.time, dt.time]:
     """``22:00-07:00`` to (start, end); the window may wrap past midnight.
+
+    Parsed here, not by ``time.fromisoformat``: that took ``22-07``,
+    ``2200-0700`` (3.11+ only) and seconds, and a UTC offset (``22:00+01:00``)
+    gave an aware time that crashed the first comparison with the clock.
 
     Raises:
         ValueError: with a sentence saying the expected form.
     """
-    try:
-        start_text, end_text = text.split("-")
-        start = dt.time.fromisoformat(start_text.strip())
-        end = dt.time.fromisoformat(end_text.strip())
-    except ValueError:
-        raise ValueError(f"--hours {text!r}: use HH:MM-HH:MM, e.g. 22:00-07:00.") from None
+    match = _HOURS.fullmatch(text)
+    hh1, mm1, hh2, mm2 = (int(g) for g in match.groups()) if match else (99, 0, 99, 0)
+    if max(hh1, hh2) > 23 or max(mm1, mm2) > 59:
+        raise ValueError(f"--hours {text!r}: use HH:MM-HH:MM in 24-hour local time, e.g. 22:00-07:00.")
+    start, end = dt.time(hh1, mm1), dt.time(hh2, mm2)
     if start == end:
         raise ValueError(f"--hours {text!r}: start and end are equal; leave --hours out to allow all day.")
     return start, end
