@@ -261,9 +261,25 @@ def _file_type_error(key: str, param: click.Parameter, value: Any) -> Optional[s
         what, ok = "a number", type(value) in (int, float) and math.isfinite(value)
     else:
         what, ok = "a string", isinstance(value, str)
-    if ok or (nullable and value is None):
+    if not ok and not (nullable and value is None):
+        return f"{key} must be {what}{' or null' if nullable else ''}, not {given}."
+    return None
+
+
+def _file_value_error(key: str, param: click.Parameter, value: Any, ctx: click.Context) -> Optional[str]:
+    """Why ``value`` (of the right JSON type) is not allowed for ``param``: its range or choices.
+
+    Click checks a file's value only after the fact, in the words of the flag
+    ("Invalid value for '--min-battery'", under a usage line) though no flag was given.
+    """
+    if value is None or (isinstance(param, click.Option) and param.is_flag):
         return None
-    return f"{key} must be {what}{' or null' if nullable else ''}, not {given}."
+    for item in value if param.multiple else [value]:
+        try:
+            param.type.convert(item, param, ctx)
+        except click.BadParameter as exc:
+            return f"{key}: {exc.message.rstrip('.')}; fix it in the config file or give the flag."
+    return None
 
 
 def _load_default_map(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
@@ -295,7 +311,7 @@ def _load_default_map(ctx: click.Context, param: click.Parameter, value: Optiona
         p = params.get(key.replace("-", "_"))
         if p is None:
             _fail(f"unknown setting {key!r} in {value}; known: {', '.join(sorted(flags))}.", 2)
-        refused = _file_type_error(key, p, val)
+        refused = _file_type_error(key, p, val) or _file_value_error(key, p, val, ctx)
         if refused is not None:
             _fail(refused, 2)
         defaults[str(p.name)] = val

@@ -103,6 +103,26 @@ def test_a_worker_config_value_of_the_wrong_type_is_one_sentence(
     assert capsys.readouterr().err == f"Error: {message}\n"
 
 
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"min_battery": 120}, "min_battery: 120.0 is not in the range 0<=x<=100"),
+    ({"max-owner-cpu": 0}, "max-owner-cpu: 0.0 is not in the range 1<=x<=100"),
+    ({"weight": 0}, "weight: 0.0 is not in the range 0.001<=x<=1000"),
+    ({"task_memory": 1}, "task_memory: 1 is not in the range x>=16"),
+    ({"allow": ["python_eval", "shell"]}, "allow: 'shell' is not one of 'python_eval', 'command'"),
+    ({"log_level": "loud"}, "log_level: 'loud' is not one of 'debug', 'info', 'warning', 'error'"),
+])
+def test_a_worker_config_value_out_of_range_is_one_sentence_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], settings: Dict[str, Any], message: str
+) -> None:
+    """Found by hand: these got click's three lines (a usage line, "Invalid value for
+    '--min-battery'") about a flag that was never given."""
+    conf = write(tmp_path, {"main": "127.0.0.1:1", **settings})
+    with pytest.raises(SystemExit) as stopped:
+        worker_params(conf)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == f"Error: {message}; fix it in the config file or give the flag.\n"
+
+
 def test_good_worker_config_values_are_taken(tmp_path: Path) -> None:
     conf = write(tmp_path, {"main": "127.0.0.1:1", "allow": ["python_eval", "command"], "max-tasks": 2,
                             "capability": ["gpu"], "burst": True, "weight": 2, "heartbeat_interval": 7.5,
