@@ -212,7 +212,7 @@ def test_worker_config_file_and_bad_policy_flags(tmp_path: Path) -> None:
     conf = tmp_path / "worker.json"
     conf.write_text(json.dumps({"main": "127.0.0.1:1", "min-battery": 150}))
     result = CliRunner().invoke(cli, ["worker", "--config", str(conf)])
-    assert result.exit_code == 2 and "--min-battery" in result.output
+    assert result.exit_code == 2 and "min-battery: 150.0 is not in the range 0<=x<=100" in result.output
     conf.write_text(json.dumps({"main": "127.0.0.1:1", "hours": "nope"}))
     result = CliRunner().invoke(cli, ["worker", "--config", str(conf)])
     assert result.exit_code == 2 and "HH:MM-HH:MM" in result.output
