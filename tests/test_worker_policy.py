@@ -216,3 +216,25 @@ def test_worker_config_file_and_bad_policy_flags(tmp_path: Path) -> None:
     conf.write_text(json.dumps({"main": "127.0.0.1:1", "hours": "nope"}))
     result = CliRunner().invoke(cli, ["worker", "--config", str(conf)])
     assert result.exit_code == 2 and "HH:MM-HH:MM" in result.output
+
+
+async def test_battery_is_read_again_without_any_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by hand: with no policy flag the battery was read once, at start, and every heartbeat
+    after reported that first level (a phone at 15% showed 80% charging on the main node)."""
+    battery = {"percent": 80.0, "charging": True, "temperature": 30.0}
+    reads = []
+
+    async def fake_battery(*args: object, **kwargs: object) -> dict:
+        reads.append(1)
+        return dict(battery)
+
+    monkeypatch.setattr("retire_cluster.worker.agent.read_battery", fake_battery)
+    agent = Agent(WorkerConfig(device_id="phone", data_dir=tmp_path / "w", heartbeat_interval_s=60,
+                               policy_interval_s=5))
+    await agent.check_policy(NOON)
+    assert agent.battery["percent"] == 80.0
+    battery.update(percent=15.0, charging=False)
+    for _ in range(12):  # one heartbeat interval of checks
+        await agent.check_policy(NOON)
+    assert (agent.battery["percent"], agent.battery["charging"]) == (15.0, False)
+    assert len(reads) == 2  # not at every check: termux-battery-status is slow

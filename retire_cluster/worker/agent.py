@@ -167,6 +167,7 @@ class Agent:
         self.policy = OwnerPolicy(config.policy)
         self.decision = Decision(True)
         self.battery: Dict[str, Any] = {}
+        self._policy_checks = 0
         self._owner_cpu = OwnerCpu()
 
     # -- owner policy -----------------------------------------------------
@@ -179,8 +180,13 @@ class Agent:
         """
         if self._stopping.is_set():  # stopping is the last word: no policy change undoes it
             return self.decision
-        if self.config.policy.active or not self.battery:
+        # Read at every check when a rule needs it; otherwise about once a heartbeat, which
+        # reports it (before, only once: a phone lent without rules showed its battery level
+        # at the worker's start for good). termux-battery-status is slow, hence not every check.
+        every = max(1, int(self.heartbeat_interval_s // max(self.config.policy_interval_s, 1e-3)))
+        if self.config.policy.active or self._policy_checks % every == 0:
             self.battery = await read_battery()
+        self._policy_checks += 1
         owner = self._owner_cpu.sample(self.executor.child_pids()) if self.config.policy.max_owner_cpu_pct else None
         readings = Readings(battery_pct=self.battery.get("percent"), charging=self.battery.get("charging"),
                             battery_temp_c=self.battery.get("temperature"), owner_cpu_pct=owner)
