@@ -118,7 +118,7 @@ class MainConfig:
         http_enabled: serve HTTP at all (``--no-http`` turns it off).
         device_weights: device id -> weight for the weighted round robin
             strategy; overrides the worker's own ``--weight``.
-        forget_offline_after_s: a device offline for this long is forgotten:
+        forget_offline_after_s: an offline device last heard from this long ago is forgotten:
             no longer listed, its row and statistics deleted (it registers
             afresh if it comes back). 0 keeps offline devices for good.
         max_unfinished_tasks, max_unfinished_bytes: how many tasks may be
