@@ -238,3 +238,11 @@ async def test_battery_is_read_again_without_any_rule(tmp_path: Path, monkeypatc
         await agent.check_policy(NOON)
     assert (agent.battery["percent"], agent.battery["charging"]) == (15.0, False)
     assert len(reads) == 2  # not at every check: termux-battery-status is slow
+
+
+@pytest.mark.parametrize("temp", ["nan", "inf", "-500", "101"])
+def test_max_battery_temp_out_of_range_or_nan_is_refused(temp: str) -> None:
+    """Found by hand: --max-battery-temp nan was taken and never blocked (every comparison false)."""
+    result = CliRunner().invoke(cli, ["worker", "--main", "127.0.0.1:18949", "--max-battery-temp", temp])
+    assert result.exit_code == 2
+    assert result.output == "Error: --max-battery-temp must be a temperature in degrees C from 0 to 100.\n"

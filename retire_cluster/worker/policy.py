@@ -70,6 +70,8 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if self.min_battery_pct is not None and not 0 <= self.min_battery_pct <= 100:
             raise ValueError("--min-battery must be a percentage from 0 to 100.")
+        if self.max_battery_temp_c is not None and not 0 <= self.max_battery_temp_c <= 100:  # NaN too
+            raise ValueError("--max-battery-temp must be a temperature in degrees C from 0 to 100.")
         if self.max_owner_cpu_pct is not None and not 0 < self.max_owner_cpu_pct <= 100:
             raise ValueError("--max-owner-cpu must be a percentage from 1 to 100.")
 
