@@ -335,7 +335,7 @@ def _load_default_map(ctx: click.Context, param: click.Parameter, value: Optiona
 @click.option("--role", default="worker", show_default=True, help="Role advertised (requirements match it).")
 @click.option("--allow", multiple=True, type=click.Choice(["python_eval", "command"]),
               help="Enable a task type that runs code on this device (repeatable).")
-@click.option("--max-tasks", type=int, help="Concurrent tasks.  [default: CPU cores]")
+@click.option("--max-tasks", type=int, help="Concurrent tasks.  [default: the CPU cores it may use]")
 @click.option("--capability", "capabilities", multiple=True, help="Extra capability to advertise (repeatable).")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="RETIRE_CLUSTER_WORKER_DIR",
               help="Device id, undelivered results [env RETIRE_CLUSTER_WORKER_DIR].  "

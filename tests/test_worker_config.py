@@ -172,11 +172,11 @@ def test_task_types() -> None:
 
 
 def test_slots_read_the_cpu_count_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """slots is checked at every assignment; os.cpu_count() reads a /sys file each call."""
+    """slots is checked at every assignment; reading the usable CPUs costs a system call or a /sys file."""
     from retire_cluster.worker import config as config_module
 
     calls: list = []
-    monkeypatch.setattr(config_module.os, "cpu_count", lambda: calls.append(1) or 6)
+    monkeypatch.setattr(config_module, "usable_cpus", lambda: calls.append(1) or 6)
     config_module._cpu_count.cache_clear()
     try:
         config = WorkerConfig()

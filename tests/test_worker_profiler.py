@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -284,3 +286,17 @@ def test_unreadable_disk_is_left_out_not_zero(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setattr(profiler_module.shutil, "disk_usage", no_disk)
     specs = Profiler(data_dir=tmp_path).hardware_specs()
     assert "disk_space" not in specs and specs["cpu_cores"] >= 1
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or not shutil.which("taskset"),
+                    reason="CPU affinity (Linux, util-linux taskset)")
+def test_cores_and_default_slots_are_the_cpus_the_worker_may_use() -> None:
+    """A container or `taskset` allows fewer CPUs than the machine has: the slots follow what may be used.
+
+    Before, a worker limited to one CPU of a 2-core machine took 2 tasks at once and reported 2 cores.
+    """
+    code = ("from retire_cluster.worker.profiler import Profiler; from retire_cluster.worker.config import "
+            "WorkerConfig; print(Profiler().hardware_specs()['cpu_cores'], WorkerConfig(device_id='x').slots)")
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["1", "1"]

@@ -16,6 +16,7 @@ from typing import FrozenSet, Optional, Tuple
 from ..address import DEFAULT_MAIN_PORT, parse_main_address
 from ..tls import normalise_fingerprint
 from .policy import PolicyConfig
+from .profiler import usable_cpus
 from .trampoline import Limits
 
 __all__ = [
@@ -59,9 +60,9 @@ def load_or_create_device_id(data_dir: Path) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _cpu_count() -> int:
-    """CPUs of this machine, read once: os.cpu_count() opens and reads a /sys file on every call,
-    and the slot count is checked at every assignment."""
-    return os.cpu_count() or 1
+    """The CPUs this worker may use (profiler.usable_cpus), read once: the slot count is checked at every
+    assignment, and reading it opens a /sys file or makes a system call each time."""
+    return usable_cpus()
 
 
 @dataclass
@@ -74,7 +75,7 @@ class WorkerConfig:
         device_id: None means the saved, hostname-based id.
         role: advertised in device_info (requirements can match it).
         allow: opt-in task types the owner enabled (python_eval, command).
-        max_tasks: concurrent task slots; None means the CPU count.
+        max_tasks: concurrent task slots; None means the CPUs it may use.
         data_dir: the device id and anything the worker keeps.
         heartbeat_interval_s: None means what the main node says at register.
         capabilities: extra capability strings to advertise.

@@ -77,6 +77,17 @@ def _cpu_times() -> Optional[Tuple[float, float]]:
     return total - idle, total
 
 
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: a container or `taskset` may allow fewer than the machine has."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; not macOS, Windows or every Android
+    if affinity is not None:
+        try:
+            return max(1, len(affinity(0)))
+        except OSError:
+            pass
+    return os.cpu_count() or 1
+
 class Profiler:
     """Collects device facts once and metrics at each heartbeat.
 
@@ -135,7 +146,7 @@ class Profiler:
         except (OSError, AttributeError):
             interfaces = []
         specs: Dict[str, Any] = {
-            "cpu_cores": os.cpu_count() or 1,
+            "cpu_cores": usable_cpus(),
             "memory_total": self.memory_total(),
             "network_interfaces": interfaces,
         }
