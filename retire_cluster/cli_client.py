@@ -27,6 +27,7 @@ from .tables import (
     cut,
     device_row,
     format_table,
+    paused_reasons,
     stuck_lines,
     task_detail,
     task_row,
@@ -305,7 +306,7 @@ def devices_cmd(status: Optional[str], main_addr: str, token: Optional[str], as_
     if not devices:
         click.echo("no devices yet; start `retire-cluster worker --main ... --token ...` on one.")
         return
-    click.echo(format_table(DEVICE_HEADERS, [device_row(d) for d in devices]))
+    click.echo("\n".join([format_table(DEVICE_HEADERS, [device_row(d) for d in devices]), *paused_reasons(devices)]))
 
 
 @click.command("tasks")

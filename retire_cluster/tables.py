@@ -191,6 +191,12 @@ def device_row(d: Dict[str, Any], now: Optional[float] = None) -> List[str]:
     ]  # fmt: skip
 
 
+def paused_reasons(devices: List[Dict[str, Any]]) -> List[str]:
+    """Why each paused device takes no work (its owner's rule, a refusal): too long for a table column."""
+    return [f"{d.get('device_id')} is paused: {d.get('reason')}" for d in devices
+            if d.get("status") == "online" and d.get("accepting") is False and d.get("reason")]
+
+
 TASK_HEADERS = ("task", "type", "status", "priority", "attempt", "device", "created")
 
 

@@ -49,6 +49,13 @@ def test_devices_table_and_grid() -> None:
     assert devices_table([]).startswith("no devices yet")
 
 
+def test_the_devices_table_says_why_a_device_is_paused() -> None:
+    """Before, the reason was only in `devices --json`: the table said "online (paused)" and no more."""
+    table = devices_table([dict(DEVICE, reason="not charging"), dict(DEVICE, device_id="nas", accepting=True)], now=0)
+    assert table.splitlines()[-1] == "phone is paused: not charging"
+    assert "nas is paused" not in table
+
+
 def test_command_values_and_payloads() -> None:
     assert parse_value("3") == 3 and parse_value("true") is True and parse_value("[1, 2]") == [1, 2]
     assert parse_value("hello") == "hello" and parse_value('"7"') == "7"
@@ -92,3 +99,25 @@ async def test_stray_words_are_refused_with_one_sentence_naming_them(line: str, 
     message = refused.value.message
     assert message.startswith(stray) and f"; usage: {usage}" in message and message.count("; usage:") == 1
     assert refused.value.path == "$.command"
+
+
+def test_the_cli_devices_table_says_why_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from retire_cluster import cli_client
+    from retire_cluster.cli import cli
+
+    class FakeClient:
+        def __enter__(self) -> FakeClient:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def devices(self, status: object) -> list:
+            return [dict(DEVICE, reason="outside the owner's hours 09:00-17:00")]
+
+    monkeypatch.setattr(cli_client, "_client", lambda main, token: FakeClient())
+    result = CliRunner().invoke(cli, ["devices", "--main", "127.0.0.1:1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == "phone is paused: outside the owner's hours 09:00-17:00"

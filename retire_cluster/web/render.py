@@ -9,7 +9,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..tables import cut, display_width, format_ago, format_battery, format_bytes, format_load, pad
+from ..tables import (
+    cut,
+    display_width,
+    format_ago,
+    format_battery,
+    format_bytes,
+    format_load,
+    pad,
+    paused_reasons,
+)
 
 __all__ = [
     "box_table",
@@ -103,8 +112,9 @@ def devices_table(devices: Sequence[dict[str, Any]], now: float | None = None) -
             format_battery(metrics), progress_bar(busy / slots if slots else 0.0, 10) + f" {busy}/{slots}",
             format_ago(d.get("last_seen"), now),
         ])  # fmt: skip
-    return box_table(["device", "status", "role", "platform", "cores", "memory", "cpu", "battery", "slots",
-                      "last seen"], rows)
+    table = box_table(["device", "status", "role", "platform", "cores", "memory", "cpu", "battery", "slots",
+                       "last seen"], rows)
+    return "\n".join([table, *paused_reasons(list(devices))])
 
 
 def tasks_table(tasks: Sequence[dict[str, Any]]) -> str:
