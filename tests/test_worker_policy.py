@@ -246,3 +246,31 @@ def test_max_battery_temp_out_of_range_or_nan_is_refused(temp: str) -> None:
     result = CliRunner().invoke(cli, ["worker", "--main", "127.0.0.1:18949", "--max-battery-temp", temp])
     assert result.exit_code == 2
     assert result.output == "Error: --max-battery-temp must be a temperature in degrees C from 0 to 100.\n"
+
+
+async def test_a_battery_rule_the_device_cannot_read_is_said_once_at_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Unknown never blocks, so on a device with no battery reading (Termux without termux-api, a desktop)
+    --only-when-charging and --min-battery do nothing; before, the owner was not told."""
+    battery = {"percent": None, "charging": None, "temperature": None}
+
+    async def fake_battery(*args, **kwargs):
+        return dict(battery)
+
+    monkeypatch.setattr("retire_cluster.worker.agent.read_battery", fake_battery)
+    agent = Agent(WorkerConfig(device_id="x", data_dir=tmp_path,
+                               policy=PolicyConfig(only_when_charging=True, min_battery_pct=30)))
+    with caplog.at_level("WARNING", logger="retire_cluster.worker"):
+        assert (await agent.check_policy()).accepting
+        await agent.check_policy()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["--only-when-charging and --min-battery will not pause this worker: the device gives no "
+                        "charging state or battery level (on Termux: pkg install termux-api, and the Termux:API app)"]
+
+    caplog.clear()
+    battery.update(percent=80.0, charging=True)
+    readable = Agent(WorkerConfig(device_id="y", data_dir=tmp_path / "y",
+                                  policy=PolicyConfig(only_when_charging=True, min_battery_pct=30)))
+    with caplog.at_level("WARNING", logger="retire_cluster.worker"):
+        await readable.check_policy()
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -172,6 +172,19 @@ class Agent:
 
     # -- owner policy -----------------------------------------------------
 
+    def _warn_unreadable_battery(self) -> None:
+        """Once, at start: a battery rule the device gives no reading for never pauses it (unknown never blocks)."""
+        policy, battery = self.config.policy, self.battery
+        unread = [(flag, what) for flag, needed, key, what in (
+            ("--only-when-charging", policy.only_when_charging, "charging", "charging state"),
+            ("--min-battery", policy.min_battery_pct is not None, "percent", "battery level"),
+            ("--max-battery-temp", policy.max_battery_temp_c is not None, "temperature", "battery temperature"),
+        ) if needed and battery.get(key) is None]  # fmt: skip
+        if unread:
+            log.warning("%s will not pause this worker: the device gives no %s (on Termux: pkg install "
+                        "termux-api, and the Termux:API app)", " and ".join(f for f, _ in unread),
+                        " or ".join(w for _, w in unread))
+
     async def check_policy(self, local_time: Optional[dt.time] = None) -> Decision:
         """Read the device, apply the owner's rules, act on a change.
 
@@ -186,6 +199,8 @@ class Agent:
         every = max(1, int(self.heartbeat_interval_s // max(self.config.policy_interval_s, 1e-3)))
         if self.config.policy.active or self._policy_checks % every == 0:
             self.battery = await read_battery()
+        if self._policy_checks == 0:
+            self._warn_unreadable_battery()
         self._policy_checks += 1
         owner = self._owner_cpu.sample(self.executor.child_pids()) if self.config.policy.max_owner_cpu_pct else None
         readings = Readings(battery_pct=self.battery.get("percent"), charging=self.battery.get("charging"),
