@@ -38,6 +38,20 @@ def test_temperature_and_owner_cpu_hysteresis() -> None:
     assert decision.accepting and decision.reason is None
 
 
+def test_a_max_rule_recovering_says_so_and_a_reading_gone_unknown_keeps_its_reason() -> None:
+    """Before, a device paused at 41 C read "battery at 39 C, limit 40 C" while waiting for 38 C, and a
+    temperature or owner CPU reading that went unknown while its rule blocked raised TypeError in the check."""
+    policy = OwnerPolicy(PolicyConfig(max_battery_temp_c=40, max_owner_cpu_pct=50))
+    assert policy.evaluate(Readings(battery_temp_c=41), NOON).reason == "battery at 41 C, limit --max-battery-temp 40 C"
+    assert policy.evaluate(Readings(battery_temp_c=39), NOON).reason == "battery cooling to 38 C (--max-battery-temp 40 C)"
+    assert policy.evaluate(Readings(), NOON).reason == "battery cooling to 38 C (--max-battery-temp 40 C)"
+    policy.evaluate(Readings(battery_temp_c=30), NOON)
+    assert policy.evaluate(Readings(owner_cpu_pct=80), NOON).reason == "owner using 80% CPU, limit --max-owner-cpu 50%"
+    assert policy.evaluate(Readings(owner_cpu_pct=45), NOON).reason == (
+        "owner CPU settling below 40% (--max-owner-cpu 50%)")
+    assert policy.evaluate(Readings(), NOON).reason == "owner CPU settling below 40% (--max-owner-cpu 50%)"
+
+
 def test_charging_and_unknown_readings() -> None:
     policy = OwnerPolicy(PolicyConfig(only_when_charging=True, min_battery_pct=30))
     assert policy.evaluate(Readings(), NOON).accepting  # a desktop: no battery at all

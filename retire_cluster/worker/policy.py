@@ -102,6 +102,15 @@ class Decision:
     reason: Optional[str] = None
 
 
+def _over_limit(value: Optional[float], limit: Optional[float], over: str, recovering: str, margin: float) -> str:
+    """Why a max-rule blocks: over its limit now, or back under it but not yet past its margin
+    (hysteresis), or its reading went unknown while it blocked."""
+    assert limit is not None  # the rule is set
+    if value is not None and value > limit:
+        return over.format(f"{value:g}", f"{limit:g}")
+    return recovering.format(f"{limit + margin:g}", f"{limit:g}")
+
+
 @dataclass
 class OwnerPolicy:
     """Evaluates :class:`PolicyConfig` with per-rule hysteresis."""
@@ -126,10 +135,14 @@ class OwnerPolicy:
                            if c.min_battery_pct is not None else "battery low")
         if self._rule("temp", c.max_battery_temp_c, r.battery_temp_c,
                       block=lambda v, t: v > t, release=lambda v, t: v <= t - c.temp_margin_c):
-            reasons.append(f"battery at {r.battery_temp_c:g} C, limit --max-battery-temp {c.max_battery_temp_c:g} C")
+            reasons.append(_over_limit(r.battery_temp_c, c.max_battery_temp_c, "battery at {} C, limit "
+                                       "--max-battery-temp {} C", "battery cooling to {} C (--max-battery-temp {} C)",
+                                       -c.temp_margin_c))
         if self._rule("cpu", c.max_owner_cpu_pct, r.owner_cpu_pct,
                       block=lambda v, t: v > t, release=lambda v, t: v < t - c.cpu_margin_pct):
-            reasons.append(f"owner using {r.owner_cpu_pct:g}% CPU, limit --max-owner-cpu {c.max_owner_cpu_pct:g}%")
+            reasons.append(_over_limit(r.owner_cpu_pct, c.max_owner_cpu_pct, "owner using {}% CPU, limit "
+                                       "--max-owner-cpu {}%", "owner CPU settling below {}% (--max-owner-cpu {}%)",
+                                       -c.cpu_margin_pct))
         if reasons:
             return Decision(False, "; ".join(reasons))
         return Decision(True)
