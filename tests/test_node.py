@@ -434,3 +434,20 @@ async def test_task_ids_are_random_hex_drawn_from_the_os_in_pools(node: MainNode
     assert all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
     # one getrandom() per ID_POOL ids, not one per id
     assert calls == [8 * node_module.ID_POOL] * 3
+
+
+async def test_a_completed_task_that_reported_progress_reads_100_not_its_last_report(node: MainNode) -> None:
+    """Before, a 3 s sleep that reported 33% and 66.7% ended `completed` with progress 66.7 in its record."""
+    client = await Peer.connect(node)
+    task_id = await submit(client)
+    worker = await fake_worker(node, "w", cores=1)
+    task = await take_assignment(worker)
+    assert (await worker.request("task_progress", {"task_id": task_id, "attempt": task["attempt"],
+                                                   "progress": 66.7}))["message_type"] == "ack"
+    assert (await status_of(client, task_id))["progress"] == 66.7
+    await report(worker, task)
+    record = await status_of(client, task_id)
+    assert (record["status"], record["progress"]) == ("completed", 100.0)
+    other = await submit(client)  # one that never reported progress keeps null
+    await report(worker, await take_assignment(worker))
+    assert (await status_of(client, other))["progress"] is None

@@ -682,6 +682,8 @@ class MainNode(Dispatcher):
             self._release(task, status.value, now, device_failed=device_at_fault(status.value, result))
         task.move(status)
         task.finished_at = now
+        if status is TaskStatus.COMPLETED and task.progress is not None:
+            task.progress = 100.0  # not the last report before the end (66.7% for a 3 s sleep)
         if result is not None:
             task.result = result
         if error is not None:
