@@ -381,3 +381,18 @@ async def test_cancelling_a_plugin_task_cancels_run_and_waits_for_its_cleanup(tm
         await job
     assert events == ["started", "cleaned up"]
     assert not list((tmp_path / "scratch").iterdir())
+
+
+async def test_a_plugin_task_does_not_scan_processes_for_leftovers(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only tasks run in child processes look for what they left running (a /proc scan, ~1 ms per 64
+    processes); a plug-in runs in the worker, and a busy plug-in type would pay it at every task."""
+    from retire_cluster.worker import sandbox
+
+    scans: list = []
+    monkeypatch.setattr(sandbox, "kill_leftovers", lambda path: scans.append(path) or 0)
+    outcome = await scripted(tmp_path, value="ok")
+    assert outcome.status == "completed" and scans == []
+    executor = Executor(frozenset({"command"}), scratch_base=tmp_path / "scratch")
+    assert (await run(executor, "command", {"argv": ["true"]})).status == "completed"
+    assert len(scans) == 1

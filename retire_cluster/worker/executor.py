@@ -368,7 +368,7 @@ class Executor:
             child = await self._run_child(command_argv(argv, self.limits, timeout_s), scratch,
                                           None if stdin is None else stdin.encode("utf-8"), timeout_s)
         finally:
-            await remove_scratch_dir(scratch)
+            await remove_scratch_dir(scratch, leftovers=True)
         if child.timed_out:
             return _timed_out(timeout_s, child, output=child.text("stdout"))
         code = child.returncode
@@ -392,7 +392,7 @@ class Executor:
             child = await self._run_child(eval_argv(self.limits, timeout_s), scratch, request, timeout_s,
                                           reply_limit_bytes=4 * (self.output_limit_bytes + ERROR_LIMIT_BYTES))
         finally:
-            await remove_scratch_dir(scratch)
+            await remove_scratch_dir(scratch, leftovers=True)
         if child.timed_out:
             return _timed_out(timeout_s, child, stdout=_non_empty(child.text("stdout")))
         stderr = _non_empty(child.text("stderr"))
