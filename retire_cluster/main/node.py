@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..protocol.codec import dumps, encode
+from ..protocol.codec import encode
 from ..protocol.errors import (
     Overloaded,
 )
@@ -1002,8 +1002,11 @@ class _EndWaiter:
 
 
 def _held_bytes(task: Task) -> int:
-    """About how much of memory a finished task's payload and result take: their text."""
-    size = len(dumps(task.payload)) if task.payload else 0
+    """About how much of memory a finished task's payload and result take: their text.
+
+    The payload's size is the one noted when it was stored (Task.payload_bytes), not measured again.
+    """
+    size = task.payload_bytes
     result = task.result
     if isinstance(result, dict):
         for value in result.values():
