@@ -159,8 +159,8 @@ class MainConfig:
     http_port: int = 5000
     http_enabled: bool = True
     device_weights: dict[str, float] = field(default_factory=dict)
-    max_unfinished_tasks: int = 200_000
     forget_offline_after_s: float = 7 * 86400.0
+    max_unfinished_tasks: int = 200_000
     max_unfinished_bytes: int = 128 * 1024 * 1024
 
     def __post_init__(self) -> None:

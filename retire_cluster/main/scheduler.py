@@ -142,9 +142,10 @@ class Scheduler:
         self.remove_device(device_id)
         del self._versions[device_id]
         for cls in self._classes.values():
-            if any(entry[2] == device_id for entry in cls.devices):
-                cls.devices = [entry for entry in cls.devices if entry[2] != device_id]
-                heapq.heapify(cls.devices)
+            kept = [entry for entry in cls.devices if entry[2] != device_id]
+            if len(kept) != len(cls.devices):
+                heapq.heapify(kept)
+                cls.devices = kept
 
     def _rebuild(self, cls: _Class, now: float) -> None:
         entries = []
