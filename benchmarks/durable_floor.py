@@ -1,0 +1,226 @@
+"""The least a durable round trip costs on this machine, next to ours in the same run.
+
+    python benchmarks/durable_floor.py [--quick] [--round-trips N]
+
+DESIGN.md's performance facts come from a throwaway main node: uvloop,
+asyncio.Protocol, orjson, one group commit through a thread, replies after the
+commit, 6 frames per task. This script runs such a node (the hundred lines
+below) with the same frames as ours: submit, assign, the worker's ack and
+result in one write, then, once the task and its attempt are committed with
+our own schema and pragmas (WAL, synchronous NORMAL), the reply to the client
+and the ack of the result to the worker. Nothing is validated, authenticated,
+scheduled or recorded beyond that. One client submits one echo task at a time
+and waits for its result, as tasks.py's waited round trips do. The script
+measures the floor, then our round trip (tasks.py with 2 real workers), then
+the floor again, and prints both p50s and their ratio: how much of our round
+trip this machine costs any durable design, and how much is our own work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import queue
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from _harness import REPO, emit, env, percentile, run
+
+try:
+    import orjson
+
+    dumps, loads = orjson.dumps, orjson.loads
+except ImportError:  # pragma: no cover - orjson is a main-node dependency
+    import json
+
+    def dumps(obj: Any) -> bytes:
+        return json.dumps(obj).encode()
+
+    loads = json.loads
+
+
+class Lines(asyncio.Protocol):
+    """Newline-delimited frames, each handed to ``on_line``."""
+
+    def __init__(self, on_line: Any) -> None:
+        self.on_line, self.buf, self.transport = on_line, b"", None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        for line in lines:
+            self.on_line(self, loads(line))
+
+
+def open_db(path: str) -> sqlite3.Connection:
+    sys.path.insert(0, str(REPO))
+    from retire_cluster.main.store import MIGRATIONS
+
+    db = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    for script in MIGRATIONS:
+        db.executescript(script)
+    db.commit()
+    return db
+
+
+INSERT = ("INSERT INTO tasks (task_id, seq, task_type, payload, priority, timeout_s, requirements, max_retries, "
+          "status, attempt, assigned_device, result, created_at, assigned_at, started_at, finished_at) "
+          "VALUES (?, ?, 'echo', ?, 5, 3600, '{}', 3, 'completed', 1, 'w1', ?, ?, ?, ?, ?)")
+ATTEMPT = ("INSERT INTO task_attempts (task_id, attempt, device_id, assigned_at, started_at, finished_at, outcome) "
+           "VALUES (?, 1, 'w1', ?, ?, ?, 'completed')")
+
+
+async def serve_floor(port: int, db_path: str) -> None:
+    """The throwaway main node: submit -> worker -> result -> one commit -> reply."""
+    loop = asyncio.get_running_loop()
+    db = open_db(db_path)
+    jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    state: dict[str, Any] = {"worker": None, "seq": 0, "queued": [], "in_flight": False, "waiting": {}}
+
+    def sqlite_thread() -> None:
+        while True:
+            rows, replies = jobs.get()
+            db.executemany(INSERT, [r[0] for r in rows])
+            db.executemany(ATTEMPT, [r[1] for r in rows])
+            db.commit()
+            loop.call_soon_threadsafe(committed, replies)
+
+    def start_commit() -> None:
+        if state["in_flight"] or not state["queued"]:
+            return
+        batch, state["queued"], state["in_flight"] = state["queued"], [], True
+        jobs.put(([b[0] for b in batch], [b[1] for b in batch]))
+
+    def committed(replies: list[tuple[Any, bytes, bytes]]) -> None:
+        state["in_flight"] = False
+        for transport, frame, worker_ack in replies:
+            transport.write(frame)  # the waited reply first, as ours
+            state["worker"].write(worker_ack)
+        start_commit()
+
+    def on_line(conn: Lines, msg: dict[str, Any]) -> None:
+        kind = msg["type"]
+        if kind == "hello":  # the worker
+            state["worker"] = conn.transport
+        elif kind == "submit":
+            state["seq"] += 1
+            task_id = f"{state['seq']:016x}"
+            state["waiting"][task_id] = (conn.transport, msg["id"], msg["message"], time.time())
+            state["worker"].write(dumps({"type": "assign", "task_id": task_id, "message": msg["message"]}) + b"\n")
+        elif kind == "ack":  # the worker took the task
+            pass
+        elif kind == "result":
+            transport, message_id, message, created = state["waiting"].pop(msg["task_id"])
+            now = time.time()
+            result = dumps({"output": msg["output"]}).decode()
+            rows = ((msg["task_id"], state["seq"], dumps({"message": message}).decode(), result, created, created,
+                     created, now), (msg["task_id"], created, created, now))
+            reply = dumps({"type": "ack", "id": message_id, "task_id": msg["task_id"], "result": result}) + b"\n"
+            worker_ack = dumps({"type": "ack", "id": msg["task_id"]}) + b"\n"
+            state["queued"].append((rows, (transport, reply, worker_ack)))
+            if not state["in_flight"]:
+                loop.call_soon(start_commit)  # one commit per loop pass, as ours
+
+    threading.Thread(target=sqlite_thread, daemon=True).start()
+    server = await loop.create_server(lambda: Lines(on_line), "127.0.0.1", port)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+async def floor_worker(port: int) -> None:
+    def on_line(conn: Lines, msg: dict[str, Any]) -> None:
+        if msg["type"] == "assign":  # the ack and the result in one write, as ours
+            conn.transport.write(dumps({"type": "ack", "task_id": msg["task_id"]}) + b"\n" + dumps(
+                {"type": "result", "task_id": msg["task_id"], "output": msg["message"]}) + b"\n")
+
+    transport, _ = await asyncio.get_running_loop().create_connection(lambda: Lines(on_line), "127.0.0.1", port)
+    transport.write(b'{"type": "hello"}\n')
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+async def floor_client(port: int, count: int) -> list[float]:
+    loop = asyncio.get_running_loop()
+    waiter: list[asyncio.Future[Any]] = []
+    transport, _ = await loop.create_connection(lambda: Lines(lambda _c, m: waiter.pop().set_result(m)),
+                                                "127.0.0.1", port)
+    samples = []
+    for i in range(count + 100):  # the first 100 warm up
+        fut = loop.create_future()
+        waiter.append(fut)
+        start = time.perf_counter()
+        transport.write(dumps({"type": "submit", "id": str(i), "message": "x"}) + b"\n")
+        reply = await fut
+        samples.append(time.perf_counter() - start)
+        assert reply["type"] == "ack", reply
+    transport.close()
+    return sorted(samples[100:])
+
+
+def spawn(*args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, env=env())
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def floor(count: int) -> list[float]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [spawn("--serve", str(port), os.path.join(tmp, "floor.db"))]
+        try:
+            procs.append(spawn("--worker", str(port)))
+            time.sleep(0.2)  # the worker's hello is in
+            return run(floor_client(port, count))
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(10)
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--serve"]:
+        run(serve_floor(int(sys.argv[2]), sys.argv[3]))
+        return
+    if sys.argv[1:2] == ["--worker"]:
+        run(floor_worker(int(sys.argv[2])))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="300 round trips of each")
+    ap.add_argument("--round-trips", type=int, default=1000)
+    args = ap.parse_args()
+    count = 300 if args.quick else args.round_trips
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tasks import measure
+
+    first = floor(count // 2)
+    ours = measure("normal", 1000, count, 200)
+    samples = sorted(first + floor(count - count // 2))
+    p50, p99 = percentile(samples, 0.5) * 1e3, percentile(samples, 0.99) * 1e3
+    ratio = round(ours["round_trip_p50_ms"] / p50, 2)
+    emit("durable_floor", [
+        ("the throwaway node (floor)", f"round trip p50 {p50:.3f} ms  p99 {p99:.3f} ms"),
+        ("retire-cluster", f"round trip p50 {ours['round_trip_p50_ms']} ms  p99 {ours['round_trip_p99_ms']} ms"),
+        ("ours / floor", f"{ratio}x  (ours above the floor: {ours['round_trip_p50_ms'] - p50:.3f} ms)"),
+    ], {"round_trips": count, "floor": {"round_trip_p50_ms": round(p50, 3), "round_trip_p99_ms": round(p99, 3)},
+        "retire_cluster": {k: ours[k] for k in ("round_trip_p50_ms", "round_trip_p99_ms")}, "ratio": ratio})
+
+
+if __name__ == "__main__":
+    main()
