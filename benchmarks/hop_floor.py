@@ -4,10 +4,14 @@
 
 Three processes on uvloop and 127.0.0.1 relay one line along the round trip's
 path (client -> relay -> echoer -> relay -> client), with nothing done at each
-stop. Then the relay also passes each line through a thread and back on the
-way in and on the way out, as the main node does for its two commits (with no
-SQLite in the thread). The p50s are what a round trip costs before any
-decoding, validating, scheduling or committing.
+stop but what `asyncio.Protocol` does. Then the relay also passes each line
+through a thread and back on the way in and on the way out, as the main node
+does for its commits (with no SQLite in the thread). The p50s are what the
+hops cost when no process sleeps long between its turns (the whole loop takes
+well under 0.1 ms); in a real round trip each process sleeps longer, and waking
+an idle CPU costs more, so benchmarks/durable_floor.py (a throwaway durable
+node) is the floor to compare a round trip with. Until 2026-12-03 the stops
+were asyncio streams, whose reader tasks made these figures 2-4x higher.
 """
 
 from __future__ import annotations
@@ -24,12 +28,25 @@ from typing import Any
 from _harness import emit, env, percentile, run
 
 
-async def echoer(port: int) -> None:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while line := await reader.readline():
-            writer.write(line)
+class _Lines(asyncio.Protocol):
+    """Hands each complete line to ``on_line(transport, line)``: no reader task, no wake-up of one."""
 
-    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    def __init__(self, on_line: Any) -> None:
+        self.on_line, self.buf, self.transport = on_line, b"", None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        for line in lines:
+            self.on_line(self.transport, line + b"\n")
+
+
+async def echoer(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _Lines(lambda t, line: t.write(line)), "127.0.0.1", port)
     print("ready", flush=True)
     async with server:
         await server.serve_forever()
@@ -41,41 +58,53 @@ async def relay(port: int, echo_port: int, thread_hops: int) -> None:
 
     def in_thread() -> None:  # a stand-in for aiosqlite's thread: hand back at once
         while True:
-            fut = work.get()
-            loop.call_soon_threadsafe(fut.set_result, None)
+            callback, arg = work.get()
+            loop.call_soon_threadsafe(callback, arg)
 
     threading.Thread(target=in_thread, daemon=True).start()
-    up_reader, up_writer = await asyncio.open_connection("127.0.0.1", echo_port)
+    asked: list[Any] = []  # the client transports, in the order their lines went up
 
-    async def through_thread() -> None:
-        for _ in range(thread_hops):
-            fut = loop.create_future()
-            work.put(fut)
-            await fut
+    def through_thread(then: Any, arg: Any, hops: int) -> None:
+        if hops == 0:
+            then(arg)
+        else:
+            work.put((lambda a: through_thread(then, a, hops - 1), arg))
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while line := await reader.readline():
-            await through_thread()
-            up_writer.write(line)
-            answer = await up_reader.readline()
-            await through_thread()
-            writer.write(answer)
+    def answer(line: bytes) -> None:
+        asked.pop(0).write(line)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    def from_echoer(_t: Any, line: bytes) -> None:
+        through_thread(answer, line, thread_hops)
+
+    up, _ = await loop.create_connection(lambda: _Lines(from_echoer), "127.0.0.1", echo_port)
+
+    def send_up(line: bytes) -> None:
+        up.write(line)
+
+    def from_client(t: Any, line: bytes) -> None:
+        asked.append(t)
+        through_thread(send_up, line, thread_hops)
+
+    server = await loop.create_server(lambda: _Lines(from_client), "127.0.0.1", port)
     print("ready", flush=True)
     async with server:
         await server.serve_forever()
 
 
 async def client(port: int, count: int) -> list[float]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    waiting: list[asyncio.Future[bytes]] = []
+    transport, _ = await loop.create_connection(lambda: _Lines(lambda _t, line: waiting.pop().set_result(line)),
+                                                "127.0.0.1", port)
     samples = []
     for _ in range(count + 100):  # the first 100 warm up
+        fut = loop.create_future()
+        waiting.append(fut)
         start = time.perf_counter()
-        writer.write(b"x\n")
-        await reader.readline()
+        transport.write(b"x\n")
+        await fut
         samples.append(time.perf_counter() - start)
-    writer.close()
+    transport.close()
     return sorted(samples[100:])
 
 
