@@ -11,7 +11,7 @@ hops cost when no process sleeps long between its turns (the whole loop takes
 well under 0.1 ms); in a real round trip each process sleeps longer, and waking
 an idle CPU costs more, so benchmarks/durable_floor.py (a throwaway durable
 node) is the floor to compare a round trip with. Until 2026-12-03 the stops
-were asyncio streams, whose reader tasks made these figures 2-4x higher.
+were asyncio streams, whose reader tasks made these figures about a quarter higher.
 """
 
 from __future__ import annotations
