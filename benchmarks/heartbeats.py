@@ -6,15 +6,61 @@ Each connection registers, then sends a heartbeat as soon as the previous one
 is acknowledged (one in flight per device). Reports heartbeats/s, p50/p99
 latency, and the main node's CPU use and RSS. Default: 1,000 and 10,000
 connections.
+
+Then the same load at 1,000 connections against a throwaway server, as
+DESIGN.md's performance facts measured it (uvloop, asyncio.Protocol, orjson:
+each line parsed and answered with an ack, the acks of one read written
+at once; no validation, no registry, no store): the most heartbeats/s this
+machine gives in that phase, and ours as a share of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
+import sys
 import time
+from typing import Any
 
-from _harness import MainNode, connect, emit, percentile, raise_nofile, register_frame, run
+from _harness import MainNode, connect, emit, env, percentile, raise_nofile, register_frame, run
+
+
+async def serve_floor() -> None:
+    """The throwaway: every line is parsed and answered with an ack; one write per read."""
+    import orjson
+
+    class Floor(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport, self.buf = transport, b""
+
+        def data_received(self, data: bytes) -> None:
+            *lines, self.buf = (self.buf + data).split(b"\n")
+            out = []
+            for line in lines:
+                msg = orjson.loads(line)
+                out.append(orjson.dumps({"message_type": "ack", "message_id": "a", "sender_id": "main-node",
+                                         "data": {"original_message_id": msg["message_id"], "result": {}}}) + b"\n")
+            self.transport.write(b"".join(out))
+
+    server = await asyncio.get_running_loop().create_server(Floor, "127.0.0.1", 0, backlog=4096)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+
+
+class FloorNode(MainNode):
+    """The throwaway server in a subprocess, with what measure() uses of a MainNode."""
+
+    def start(self) -> FloorNode:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-floor"], stdout=subprocess.PIPE, text=True,
+                                     env=env())
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+        return self
+
+    @property
+    def token(self) -> str:
+        return "floor"
 
 
 async def measure(node: MainNode, connections: int, seconds: float) -> dict:
@@ -77,6 +123,9 @@ async def measure(node: MainNode, connections: int, seconds: float) -> dict:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--serve-floor"]:
+        run(serve_floor())
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1,000 connections for 3 s")
     ap.add_argument("--connections", type=int, nargs="+", default=[1000, 10000])
@@ -97,7 +146,19 @@ def main() -> None:
             node.stop()
     table = [(f"{r['connections']} connections", f"{r['heartbeats_per_s']:,} heartbeats/s  p50 {r['p50_ms']} ms  "
               f"p99 {r['p99_ms']} ms  main CPU {r['main_cpu_pct']}%  RSS {r['main_rss_mib']} MiB") for r in rows]
-    emit("heartbeats", table, {"results": rows})
+    extra: dict[str, Any] = {"results": rows}
+    if rows and rows[0]["connections"] == 1000:
+        floor = FloorNode().start()
+        try:
+            best = run(measure(floor, 1000, args.seconds))
+        finally:
+            floor.stop()
+        share = round(rows[0]["heartbeats_per_s"] / best["heartbeats_per_s"], 2)
+        table.append(("throwaway server, 1000", f"{best['heartbeats_per_s']:,} heartbeats/s  p50 {best['p50_ms']} ms  "
+                                               f"server CPU {best['main_cpu_pct']}%  (ours: {share:.0%} of it)"))
+        extra["floor"] = {k: best[k] for k in ("connections", "heartbeats_per_s", "p50_ms", "p99_ms", "main_cpu_pct")}
+        extra["share_of_floor"] = share
+    emit("heartbeats", table, extra)
 
 
 if __name__ == "__main__":
