@@ -14,6 +14,7 @@ import logging
 import shutil
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -396,3 +397,92 @@ async def test_a_plugin_task_does_not_scan_processes_for_leftovers(tmp_path: Pat
     executor = Executor(frozenset({"command"}), scratch_base=tmp_path / "scratch")
     assert (await run(executor, "command", {"argv": ["true"]})).status == "completed"
     assert len(scans) == 1
+
+
+# -- a plain (synchronous) run: in a thread of its own -------------------------------------
+
+
+class Blocking:
+    """A plain ``def run`` that blocks on ``gate`` (a threading.Event the test opens), as CPU work would."""
+
+    name = "blocking"
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.threads: List[str] = []
+        self.returned = threading.Event()
+
+    def run(self, payload: Dict[str, Any], context: TaskContext) -> str:
+        self.threads.append(threading.current_thread().name)
+        context.progress(50, "half way")  # from the plug-in's thread
+        self.started.set()
+        self.gate.wait(5)  # bounded: without a thread of its own this blocked the loop, and the test fails
+        self.returned.set()
+        return "done" if self.gate.is_set() else "gate never opened"
+
+
+async def wait_for(event: threading.Event) -> None:
+    """Wait for a threading.Event without blocking the loop."""
+    await asyncio.get_running_loop().run_in_executor(None, event.wait, 10)
+    assert event.is_set()
+
+
+async def test_a_plain_run_goes_to_a_thread_and_the_loop_goes_on(tmp_path: Path) -> None:
+    """A synchronous plug-in used to run on the worker's event loop: while it worked, the worker sent no
+    heartbeat, ran no other task and could not time it out or cancel it."""
+    plugin = Blocking()
+    executor = make(tmp_path, plugins={"blocking": plugin})
+    calls: ProgressCalls = []
+    job = asyncio.ensure_future(run(executor, "blocking", {}, calls))
+    await wait_for(plugin.started)
+    # The loop is free while the plug-in blocks: another task runs to its end meanwhile.
+    other = await run(executor, "sleep", {"seconds": 0})
+    assert other.status == "completed" and not plugin.returned.is_set()
+    plugin.gate.set()
+    outcome = await job
+    assert (outcome.status, outcome.output) == ("completed", "done")
+    assert plugin.threads and plugin.threads[0] != threading.main_thread().name
+    assert calls == [(50.0, "half way")]  # reported on the loop, from the plug-in's thread
+    assert executor.lingering == 0 and not list((tmp_path / "scratch").iterdir())
+
+
+async def test_a_plain_run_that_raises_fails_its_task(tmp_path: Path) -> None:
+    executor = make(tmp_path, plugins={"sync_raises": SyncRaises()})
+    outcome = await run(executor, "sync_raises", {})
+    assert (outcome.status, outcome.error) == ("failed", "plug-in 'sync_raises' raised SystemExit: bye")
+    assert executor.lingering == 0
+
+
+async def test_a_plain_run_outliving_its_task_keeps_a_slot_until_it_returns(tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Python cannot stop a thread: its task ends at the cancel (or timeout), the slot is freed at its return."""
+    plugin = Blocking()
+    executor = make(tmp_path, plugins={"blocking": plugin})
+    job = asyncio.ensure_future(run(executor, "blocking", {}))
+    await wait_for(plugin.started)
+    with caplog.at_level(logging.WARNING, logger="retire_cluster.worker"):
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+    assert executor.lingering == 1
+    assert "plug-in 'blocking' is still running after its task ended" in caplog.text
+    plugin.gate.set()
+    await wait_for(plugin.returned)
+    for _ in range(500):  # its return is passed to the loop: a few passes
+        if executor.lingering == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert executor.lingering == 0
+
+
+def test_the_agent_counts_a_lingering_plugin_thread_as_a_busy_slot(tmp_path: Path) -> None:
+    from retire_cluster.worker.agent import Agent
+    from retire_cluster.worker.config import WorkerConfig
+
+    executor = make(tmp_path, plugins={})
+    agent = Agent(WorkerConfig(main_host="127.0.0.1", main_port=1, token="t" * 20, data_dir=tmp_path / "w"),
+                  executor=executor)
+    assert agent.busy_slots() == 0
+    executor._lingering.add(threading.current_thread())
+    assert agent.busy_slots() == 1

@@ -575,7 +575,8 @@ class Agent:
         the process is reaped). Counting it refused that next task, and the
         refusal paused this device until its next heartbeat (a minute by default).
         """
-        return sum(1 for held in self.running.values() if not held.stopping)
+        running = sum(1 for held in self.running.values() if not held.stopping)
+        return running + self.executor.lingering  # a plug-in's thread that outlived its task
 
     def _never_started(self, task: Dict[str, Any], job: "asyncio.Future[None]") -> None:
         """A job cancelled before its first step (a cancel in the same read as the assignment).

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,6 +39,8 @@ from .sandbox import (
     run_child,
 )
 from .trampoline import Limits, command_argv, eval_argv
+
+log = logging.getLogger("retire_cluster.worker")
 
 __all__ = ["BUILTIN_TASK_TYPES", "ERROR_LIMIT_BYTES", "DeviceFault", "Executor", "Limits", "Outcome", "TaskFailed",
            "child_env"]
@@ -147,6 +151,19 @@ async def _guarded(awaitable: Awaitable[Any]) -> "tuple[Any, Optional[BaseExcept
         return None, exc
 
 
+def _from_thread(report: Callable[[float, str], None]) -> Callable[[float, str], None]:
+    """``report`` made callable from a plug-in's thread: the call is passed to the worker's loop."""
+    loop = asyncio.get_running_loop()
+
+    def call(percent: float, message: str) -> None:
+        try:
+            loop.call_soon_threadsafe(report, percent, message)
+        except RuntimeError:  # the worker's loop is closed
+            pass
+
+    return call
+
+
 async def _await_plugin(name: str, awaitable: Awaitable[Any]) -> Any:
     """The value of a plug-in's ``run``, awaited in a Task of its own.
 
@@ -174,6 +191,11 @@ async def _await_plugin(name: str, awaitable: Awaitable[Any]) -> Any:
     if error is not None:
         raise _plugin_failed(name, error)
     return value
+
+
+def _settle(fut: "asyncio.Future[Any]", outcome: "tuple[Any, Optional[BaseException]]") -> None:
+    if not fut.done():
+        fut.set_result(outcome)
 
 
 def _plugin_failed(name: str, exc: BaseException) -> TaskFailed:
@@ -220,6 +242,13 @@ class Executor:
         for name, plugin in self.plugins.items():
             self._types[name] = partial(self._plugin, name, plugin)
         self._pids: Set[int] = set()
+        #: plug-in threads still running after their task ended (a synchronous run cannot be stopped)
+        self._lingering: Set[threading.Thread] = set()
+
+    @property
+    def lingering(self) -> int:
+        """Synchronous plug-in runs still going after their task ended: each keeps a task slot."""
+        return len(self._lingering)
 
     def child_pids(self) -> "list[int]":
         """Process ids of the task processes running now (for the owner-CPU reading)."""
@@ -323,7 +352,11 @@ class Executor:
         scratch = self._scratch_dir()
         try:
             try:
-                value = plugin.run(payload, TaskContext(report, timeout_s, scratch))
+                if inspect.iscoroutinefunction(plugin.run):
+                    value = plugin.run(payload, TaskContext(report, timeout_s, scratch))
+                else:  # a plain function may block: it runs in a thread, the worker's loop goes on
+                    value = await self._in_thread(name, plugin.run, payload,
+                                                  TaskContext(_from_thread(report), timeout_s, scratch))
                 if inspect.isawaitable(value):
                     value = await _await_plugin(name, value)
                 checked = plugin_result(value, name)
@@ -337,6 +370,41 @@ class Executor:
         return Outcome("failed" if failed else "completed", output=checked.output, exit_code=checked.exit_code,
                        stderr=checked.stderr, metrics=checked.metrics or {},
                        error=describe_exit(checked.exit_code) if failed else None)
+
+    async def _in_thread(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a thread of its own; its value, or TaskFailed for what it raised.
+
+        A cancellation (the task's timeout, a cancel, the worker stopping)
+        ends the wait at once, but Python cannot stop a thread: it runs on,
+        counted in :attr:`lingering` (so its slot stays taken) until it returns.
+        """
+        loop = asyncio.get_running_loop()
+        done: "asyncio.Future[tuple[Any, Optional[BaseException]]]" = loop.create_future()
+
+        def work() -> None:
+            try:
+                outcome: "tuple[Any, Optional[BaseException]]" = (fn(*args), None)
+            except BaseException as exc:  # noqa: B036 - SystemExit in a plug-in fails its task only
+                outcome = (None, exc)
+            try:
+                loop.call_soon_threadsafe(_settle, done, outcome)
+                loop.call_soon_threadsafe(self._lingering.discard, threading.current_thread())
+            except RuntimeError:  # the worker's loop is closed: it stopped, nobody waits
+                pass
+
+        thread = threading.Thread(target=work, name=f"plug-in {name}", daemon=True)
+        thread.start()
+        try:
+            value, error = await asyncio.shield(done)
+        except asyncio.CancelledError:
+            if thread.is_alive():
+                self._lingering.add(thread)
+                log.warning("plug-in %r is still running after its task ended; a synchronous run cannot be "
+                            "stopped, so its thread keeps a task slot until it returns", name)
+            raise
+        if error is not None:
+            raise _plugin_failed(name, error)
+        return value
 
     # -- in a child process ----------------------------------------------------------
 

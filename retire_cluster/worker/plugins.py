@@ -10,6 +10,8 @@ object with a ``name`` (the task type, a str) and::
 
     async def run(self, payload: dict, context: TaskContext) -> str | dict
 
+(or a plain ``def run``, which runs in a thread of its own; see below).
+
 A str is the output; a dict may carry ``output``, ``exit_code`` (non-zero
 means failed, as for ``command``), ``stderr`` and ``metrics``; an exception
 means failed with its message (SystemExit too, and a CancelledError it raises
@@ -17,8 +19,12 @@ while the task was not cancelled: neither stops the worker). ``context`` gives `
 message)``, ``timeout_s`` and ``scratch_dir`` (removed after the task).
 
 Installed plug-ins are enabled: installing one on a device is its owner's
-decision. They run inside the worker process, on its event loop, so they are
-trusted code that must not block; the task timeout cancels ``run``. A
+decision. They run inside the worker process: trusted code. An ``async def
+run`` runs on the worker's event loop and must not block; the task timeout
+cancels it. A plain ``def run`` runs in a thread of its own (it may block;
+``context.progress`` may be called from it); at the timeout or a cancel its
+task ends at once, but the thread cannot be stopped, so it keeps a task slot
+until it returns. A
 plug-in whose import fails is logged in one line (the traceback with
 --log-level debug) and skipped, and one whose name is
 taken by a built-in type (or an earlier plug-in) is refused: neither can
