@@ -126,6 +126,70 @@ class MainNode:
         self.tmp.cleanup()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn_ready(script: str, *args: str) -> subprocess.Popen[str]:
+    """``python script *args``, once it printed "ready" (the floor benchmarks' servers and relays)."""
+    proc = subprocess.Popen([sys.executable, script, *args], stdout=subprocess.PIPE, text=True, env=env())
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def stop_all(procs: list[subprocess.Popen[str]]) -> None:
+    for p in procs:
+        p.terminate()
+        p.wait(10)
+
+
+class Lines(asyncio.Protocol):
+    """Newline-delimited frames, each handed whole (newline included) to ``on_line(protocol, line)``.
+
+    The stops of the floor benchmarks (hop_floor.py, durable_floor.py): a
+    protocol callback per read, no reader task to wake.
+    """
+
+    def __init__(self, on_line: Callable[[Lines, bytes], None]) -> None:
+        self.on_line, self.buf = on_line, b""
+        self.transport: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        for line in lines:
+            self.on_line(self, line + b"\n")
+
+
+async def timed_lines(port: int, count: int, make_line: Callable[[int], bytes],
+                      check: Callable[[bytes], None] | None = None) -> list[float]:
+    """Send a line, wait for the reply line, ``count`` times after 100 to warm up; sorted seconds of each."""
+    loop = asyncio.get_running_loop()
+    waiting: list[asyncio.Future[bytes]] = []
+    transport, _ = await loop.create_connection(lambda: Lines(lambda _c, line: waiting.pop().set_result(line)),
+                                                "127.0.0.1", port)
+    samples = []
+    for i in range(count + 100):
+        fut = loop.create_future()
+        waiting.append(fut)
+        start = time.perf_counter()
+        transport.write(make_line(i))
+        reply = await fut
+        samples.append(time.perf_counter() - start)
+        if check is not None:
+            check(reply)
+    transport.close()
+    return sorted(samples[100:])
+
+
 class LineClient(asyncio.Protocol):
     """One raw connection: send frames, get a callback per received line."""
 

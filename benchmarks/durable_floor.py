@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _harness import REPO, emit, env, percentile, run
+from _harness import REPO, Lines, emit, free_port, percentile, run, spawn_ready, stop_all, timed_lines
 
 try:
     import orjson
@@ -44,22 +44,6 @@ except ImportError:  # pragma: no cover - orjson is a main-node dependency
         return json.dumps(obj).encode()
 
     loads = json.loads
-
-
-class Lines(asyncio.Protocol):
-    """Newline-delimited frames, each handed to ``on_line``."""
-
-    def __init__(self, on_line: Any) -> None:
-        self.on_line, self.buf, self.transport = on_line, b"", None
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        *lines, self.buf = self.buf.split(b"\n")
-        for line in lines:
-            self.on_line(self, loads(line))
 
 
 def open_db(path: str) -> sqlite3.Connection:
@@ -110,7 +94,8 @@ async def serve_floor(port: int, db_path: str) -> None:
             state["worker"].write(worker_ack)
         start_commit()
 
-    def on_line(conn: Lines, msg: dict[str, Any]) -> None:
+    def on_line(conn: Lines, line: bytes) -> None:
+        msg = loads(line)
         kind = msg["type"]
         if kind == "hello":  # the worker
             state["worker"] = conn.transport
@@ -141,7 +126,8 @@ async def serve_floor(port: int, db_path: str) -> None:
 
 
 async def floor_worker(port: int) -> None:
-    def on_line(conn: Lines, msg: dict[str, Any]) -> None:
+    def on_line(conn: Lines, line: bytes) -> None:
+        msg = loads(line)
         if msg["type"] == "assign":  # the ack and the result in one write, as ours
             conn.transport.write(dumps({"type": "ack", "task_id": msg["task_id"]}) + b"\n" + dumps(
                 {"type": "result", "task_id": msg["task_id"], "output": msg["message"]}) + b"\n")
@@ -153,35 +139,19 @@ async def floor_worker(port: int) -> None:
 
 
 async def floor_client(port: int, count: int) -> list[float]:
-    loop = asyncio.get_running_loop()
-    waiter: list[asyncio.Future[Any]] = []
-    transport, _ = await loop.create_connection(lambda: Lines(lambda _c, m: waiter.pop().set_result(m)),
-                                                "127.0.0.1", port)
-    samples = []
-    for i in range(count + 100):  # the first 100 warm up
-        fut = loop.create_future()
-        waiter.append(fut)
-        start = time.perf_counter()
-        transport.write(dumps({"type": "submit", "id": str(i), "message": "x"}) + b"\n")
-        reply = await fut
-        samples.append(time.perf_counter() - start)
-        assert reply["type"] == "ack", reply
-    transport.close()
-    return sorted(samples[100:])
+    def check(reply: bytes) -> None:
+        assert loads(reply)["type"] == "ack", reply
+
+    return await timed_lines(port, count, lambda i: dumps({"type": "submit", "id": str(i), "message": "x"}) + b"\n",
+                             check)
 
 
 def spawn(*args: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, env=env())
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    return proc
+    return spawn_ready(__file__, *args)
 
 
 def floor(count: int) -> list[float]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         procs = [spawn("--serve", str(port), os.path.join(tmp, "floor.db"))]
         try:
@@ -189,9 +159,7 @@ def floor(count: int) -> list[float]:
             time.sleep(0.2)  # the worker's hello is in
             return run(floor_client(port, count))
         finally:
-            for p in procs:
-                p.terminate()
-                p.wait(10)
+            stop_all(procs)
 
 
 def main() -> None:

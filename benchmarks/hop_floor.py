@@ -22,31 +22,14 @@ import queue
 import subprocess
 import sys
 import threading
-import time
 from typing import Any
 
-from _harness import emit, env, percentile, run
-
-
-class _Lines(asyncio.Protocol):
-    """Hands each complete line to ``on_line(transport, line)``: no reader task, no wake-up of one."""
-
-    def __init__(self, on_line: Any) -> None:
-        self.on_line, self.buf, self.transport = on_line, b"", None
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        *lines, self.buf = self.buf.split(b"\n")
-        for line in lines:
-            self.on_line(self.transport, line + b"\n")
+from _harness import Lines, emit, free_port, percentile, run, spawn_ready, stop_all, timed_lines
 
 
 async def echoer(port: int) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Lines(lambda t, line: t.write(line)), "127.0.0.1", port)
+    server = await loop.create_server(lambda: Lines(lambda c, line: c.transport.write(line)), "127.0.0.1", port)
     print("ready", flush=True)
     async with server:
         await server.serve_forever()
@@ -73,53 +56,30 @@ async def relay(port: int, echo_port: int, thread_hops: int) -> None:
     def answer(line: bytes) -> None:
         asked.pop(0).write(line)
 
-    def from_echoer(_t: Any, line: bytes) -> None:
+    def from_echoer(_c: Lines, line: bytes) -> None:
         through_thread(answer, line, thread_hops)
 
-    up, _ = await loop.create_connection(lambda: _Lines(from_echoer), "127.0.0.1", echo_port)
+    up, _ = await loop.create_connection(lambda: Lines(from_echoer), "127.0.0.1", echo_port)
 
     def send_up(line: bytes) -> None:
         up.write(line)
 
-    def from_client(t: Any, line: bytes) -> None:
-        asked.append(t)
+    def from_client(c: Lines, line: bytes) -> None:
+        asked.append(c.transport)
         through_thread(send_up, line, thread_hops)
 
-    server = await loop.create_server(lambda: _Lines(from_client), "127.0.0.1", port)
+    server = await loop.create_server(lambda: Lines(from_client), "127.0.0.1", port)
     print("ready", flush=True)
     async with server:
         await server.serve_forever()
 
 
 async def client(port: int, count: int) -> list[float]:
-    loop = asyncio.get_running_loop()
-    waiting: list[asyncio.Future[bytes]] = []
-    transport, _ = await loop.create_connection(lambda: _Lines(lambda _t, line: waiting.pop().set_result(line)),
-                                                "127.0.0.1", port)
-    samples = []
-    for _ in range(count + 100):  # the first 100 warm up
-        fut = loop.create_future()
-        waiting.append(fut)
-        start = time.perf_counter()
-        transport.write(b"x\n")
-        await fut
-        samples.append(time.perf_counter() - start)
-    transport.close()
-    return sorted(samples[100:])
+    return await timed_lines(port, count, lambda _i: b"x\n")
 
 
 def spawn(*args: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, env=env())
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    return proc
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return spawn_ready(__file__, *args)
 
 
 def measure(thread_hops: int, count: int) -> list[float]:
@@ -129,9 +89,7 @@ def measure(thread_hops: int, count: int) -> list[float]:
         procs.append(spawn("--relay", str(relay_port), str(echo_port), str(thread_hops)))
         return run(client(relay_port, count))
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(10)
+        stop_all(procs)
 
 
 def main() -> None:
