@@ -418,6 +418,7 @@ class Blocking:
         context.progress(50, "half way")  # from the plug-in's thread
         self.started.set()
         self.gate.wait(5)  # bounded: without a thread of its own this blocked the loop, and the test fails
+        context.progress(100, "finished")  # after its task ended, when the test cancelled it: dropped
         self.returned.set()
         return "done" if self.gate.is_set() else "gate never opened"
 
@@ -443,7 +444,7 @@ async def test_a_plain_run_goes_to_a_thread_and_the_loop_goes_on(tmp_path: Path)
     outcome = await job
     assert (outcome.status, outcome.output) == ("completed", "done")
     assert plugin.threads and plugin.threads[0] != threading.main_thread().name
-    assert calls == [(50.0, "half way")]  # reported on the loop, from the plug-in's thread
+    assert calls == [(50.0, "half way"), (100.0, "finished")]  # reported on the loop, from the plug-in's thread
     assert executor.lingering == 0 and not list((tmp_path / "scratch").iterdir())
 
 
@@ -459,7 +460,8 @@ async def test_a_plain_run_outliving_its_task_keeps_a_slot_until_it_returns(tmp_
     """Python cannot stop a thread: its task ends at the cancel (or timeout), the slot is freed at its return."""
     plugin = Blocking()
     executor = make(tmp_path, plugins={"blocking": plugin})
-    job = asyncio.ensure_future(run(executor, "blocking", {}))
+    calls: ProgressCalls = []
+    job = asyncio.ensure_future(run(executor, "blocking", {}, calls))
     await wait_for(plugin.started)
     with caplog.at_level(logging.WARNING, logger="retire_cluster.worker"):
         job.cancel()
@@ -474,6 +476,7 @@ async def test_a_plain_run_outliving_its_task_keeps_a_slot_until_it_returns(tmp_
             break
         await asyncio.sleep(0.01)
     assert executor.lingering == 0
+    assert calls == [(50.0, "half way")]  # its report after the task's end was dropped
 
 
 def test_the_agent_counts_a_lingering_plugin_thread_as_a_busy_slot(tmp_path: Path) -> None:

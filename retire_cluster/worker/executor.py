@@ -343,7 +343,11 @@ class Executor:
 
     async def _plugin(self, name: str, plugin: Any, payload: Dict[str, Any], timeout_s: float,
                       progress: Progress) -> Outcome:
+        running = [True]  # a plain run's thread may report after its task ended: that is dropped
+
         def report(percent: float, message: str) -> None:  # a plug-in's arguments go on the wire
+            if not running[0]:
+                return
             try:
                 progress(max(0.0, min(100.0, float(percent))), str(message))
             except (TypeError, ValueError):
@@ -365,6 +369,7 @@ class Executor:
             except (Exception, SystemExit, KeyboardInterrupt) as exc:  # the plug-in's error is the task's error
                 raise _plugin_failed(name, exc) from None
         finally:
+            running[0] = False
             await remove_scratch_dir(scratch)
         failed = checked.exit_code != 0
         return Outcome("failed" if failed else "completed", output=checked.output, exit_code=checked.exit_code,
