@@ -193,11 +193,6 @@ async def _await_plugin(name: str, awaitable: Awaitable[Any]) -> Any:
     return value
 
 
-def _settle(fut: "asyncio.Future[Any]", outcome: "tuple[Any, Optional[BaseException]]") -> None:
-    if not fut.done():
-        fut.set_result(outcome)
-
-
 def _plugin_failed(name: str, exc: BaseException) -> TaskFailed:
     """The task's failure for what a plug-in raised: its message (its type when it has none)."""
     if isinstance(exc, (SystemExit, KeyboardInterrupt)):  # "3" alone would say nothing
@@ -343,10 +338,10 @@ class Executor:
 
     async def _plugin(self, name: str, plugin: Any, payload: Dict[str, Any], timeout_s: float,
                       progress: Progress) -> Outcome:
-        running = [True]  # a plain run's thread may report after its task ended: that is dropped
+        running = True  # a plain run's thread may report after its task ended: that is dropped
 
         def report(percent: float, message: str) -> None:  # a plug-in's arguments go on the wire
-            if not running[0]:
+            if not running:
                 return
             try:
                 progress(max(0.0, min(100.0, float(percent))), str(message))
@@ -369,7 +364,7 @@ class Executor:
             except (Exception, SystemExit, KeyboardInterrupt) as exc:  # the plug-in's error is the task's error
                 raise _plugin_failed(name, exc) from None
         finally:
-            running[0] = False
+            running = False
             await remove_scratch_dir(scratch)
         failed = checked.exit_code != 0
         return Outcome("failed" if failed else "completed", output=checked.output, exit_code=checked.exit_code,
@@ -392,10 +387,14 @@ class Executor:
             except BaseException as exc:  # noqa: B036 - SystemExit in a plug-in fails its task only
                 outcome = (None, exc)
             try:
-                loop.call_soon_threadsafe(_settle, done, outcome)
-                loop.call_soon_threadsafe(self._lingering.discard, threading.current_thread())
+                loop.call_soon_threadsafe(ended, outcome)
             except RuntimeError:  # the worker's loop is closed: it stopped, nobody waits
                 pass
+
+        def ended(outcome: "tuple[Any, Optional[BaseException]]") -> None:  # on the loop
+            self._lingering.discard(thread)
+            if not done.done():
+                done.set_result(outcome)
 
         thread = threading.Thread(target=work, name=f"plug-in {name}", daemon=True)
         thread.start()
