@@ -7,6 +7,7 @@ before EOF, and followed by a valid frame in the same chunk (as h11's tests do).
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 from datetime import datetime, timezone
@@ -20,7 +21,16 @@ from hypothesis import strategies as st
 from vectors import Vector, load_vectors, vector_params
 
 from retire_cluster.protocol import codec
-from retire_cluster.protocol.codec import BadFrame, Event, MessageStream, decode_message, encode, loads
+from retire_cluster.protocol.codec import (
+    BadFrame,
+    Event,
+    MessageStream,
+    decode_message,
+    dumps,
+    encode,
+    encode_ack,
+    loads,
+)
 from retire_cluster.protocol.errors import (
     ERROR_CODES,
     FrameTooLarge,
@@ -560,3 +570,20 @@ def test_any_bytes_give_messages_or_bad_frames(module: ModuleType, data: bytes) 
 def test_any_chunks_give_messages_or_bad_frames(module: ModuleType, chunks: List[bytes]) -> None:
     events = run_stream(module, chunks)
     check_events(events)
+
+
+@pytest.mark.parametrize("original, result", [
+    ("m-1", {"active_tasks": 0}),
+    (None, None),
+    ('quote " backslash \\ and \u00e9\U0001f600', {"nested": {"list": [1, 2.5, None, True]}}),
+    ("x" * 128, {}),
+])  # fmt: skip
+def test_the_main_nodes_ack_template_gives_the_bytes_of_the_generic_encoding(original, result) -> None:
+    timestamp = utc_timestamp(1_800_000_000.123)
+    fast = encode_ack(original, result, timestamp)
+    frame = json.loads(fast)
+    generic = dumps({"message_type": "ack", "message_id": frame["message_id"], "sender_id": "main-node",
+                     "data": {"original_message_id": original, "result": {} if result is None else result},
+                     "timestamp": timestamp}) + b"\n"  # fmt: skip
+    assert fast == generic
+    assert encode_ack(original, result, timestamp, sender_id="dev-1").startswith(b'{"message_type":"ack"')

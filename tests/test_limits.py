@@ -431,7 +431,8 @@ async def test_crash_in_the_codec_closes_only_that_connection(make_node, caplog)
     def broken(data: bytes) -> list:
         raise RuntimeError("codec bug")
 
-    conn.stream = type("Broken", (), {"feed": staticmethod(broken)})()  # slots: replace the whole stream
+    # slots: replace the whole stream (no frame is whole to it, so none skips feed)
+    conn.stream = type("Broken", (), {"feed": staticmethod(broken), "at_frame_end": staticmethod(lambda data: False)})()
     with caplog.at_level(logging.ERROR):
         await victim.send_raw(frame("x"))
         reply = await victim.recv()

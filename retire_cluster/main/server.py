@@ -8,6 +8,14 @@ queued meanwhile), so a burst of requests costs one ``write`` system call. A rep
 that waited for a commit goes out at once when it is the first of its pass
 (:meth:`Connection.send_now`); the rest of that pass follows in one more write.
 
+Express lane: when a read ends with a newline and no partial frame is held
+(the usual case), its frames skip the framing buffer. Those that decode as
+strict JSON into a heartbeat, task_result, task_progress, task_submit, ack or
+error that is valid against its schema (and, on a device's connection, sent
+under its own id) go straight to their handler; from the first one that does
+not, the rest of the read is fed to the buffer as usual and gets exactly the
+replies it always did (MainNode.express; tests/test_express.py compares both).
+
 Theory of operation, for a port that anyone on the network can reach (every
 limit is a :class:`~retire_cluster.main.config.MainConfig` field):
 
@@ -136,7 +144,10 @@ class Connection(asyncio.Protocol):
         # still go out at its end.
         self._reading = True
         try:
-            self._handle(self._feed(data))
+            if self.stream.at_frame_end(data):
+                data = self.node.express(self, data)  # whole frames: the common ones skip the layers
+            if data:
+                self._handle(self._feed(data))
         finally:
             self._reading = False
         if self._out and not self._flush_scheduled:
@@ -223,19 +234,23 @@ class Connection(asyncio.Protocol):
             if self.closed:
                 return
             try:
-                if self.device_id is None and not self._take_token():
+                if self.device_id is None and not self.take_token():
                     if not (isinstance(event, BadFrame) and event.error.close):
-                        self._refuse_rate(event)
+                        self.refuse_rate(event)
                         continue
                     # framing is lost: answer frame_too_large and close as usual
                 dispatch(self, event)
             except Exception:
-                ref = uuid.uuid4().hex[:12]
-                log.exception("internal error [%s] dispatching a frame from %s", ref, self.peer)
-                if not (isinstance(event, Message) and event.message_type in REPLY_TYPES):
-                    self._send_internal(event.message_id, ref)
+                self.internal_error(event)
 
-    def _take_token(self) -> bool:
+    def internal_error(self, event: Event) -> None:
+        """An exception escaped while handling ``event``: log it, answer ``internal`` (a reply gets none)."""
+        ref = uuid.uuid4().hex[:12]
+        log.exception("internal error [%s] dispatching a frame from %s", ref, self.peer)
+        if not (isinstance(event, Message) and event.message_type in REPLY_TYPES):
+            self._send_internal(event.message_id, ref)
+
+    def take_token(self) -> bool:
         config = self.node.config
         now = self._loop.time()
         tokens = self._tokens + (now - self._refilled) * config.client_rate_per_s
@@ -248,7 +263,7 @@ class Connection(asyncio.Protocol):
         self._tokens = tokens - 1.0
         return True
 
-    def _refuse_rate(self, event: Event) -> None:
+    def refuse_rate(self, event: Event) -> None:
         if isinstance(event, Message) and event.message_type in REPLY_TYPES:
             return  # a reply never gets a reply
         config = self.node.config

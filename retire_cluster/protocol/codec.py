@@ -15,10 +15,12 @@ duplicate keys in an object (two parsers may keep different values) and
 nesting deeper than ``max_depth`` (32 by default). How the checks stay cheap on
 the hot path:
 
+- One ``translate`` gives the frame's shape (digits as ``0``, both openers as
+  ``[``, colons and backslashes kept, the rest ``x``); counts and searches of
+  it serve every check below.
 - Depth is checked on the bytes *before* parsing, so no parser ever recurses
   deeper than ``max_depth``. A frame with at most ``max_depth`` ``[`` and ``{``
-  bytes in total cannot be deeper (one ``translate``, two tiny ``count``
-  calls). Otherwise escapes and strings are cut out and the running depth
+  bytes in total cannot be deeper (one ``count`` of the shape). Otherwise escapes and strings are cut out and the running depth
   before each closing bracket is computed with ``split`` and
   ``itertools.accumulate``: linear and in C, at worst 2-3 times the cost of
   orjson's own parse of the frame.
@@ -31,7 +33,7 @@ the hot path:
   mask a dropped key, so frames containing ``\\u003`` are checked exactly
   with the standard library's ``object_pairs_hook``. The standard-library
   backend always uses ``object_pairs_hook``.
-- Integers: a run of 19 or more digits (one ``translate`` and one ``in``)
+- Integers: a run of 19 or more digits (one ``in`` on the shape)
   sends the frame to that same exact check, which refuses integers outside
   [-2**63, 2**64 - 1]; the standard-library backend checks every integer.
 """
@@ -105,10 +107,13 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 #: Brackets of both kinds become ( and ); everything else is deleted.
 _PARENS = bytes.maketrans(b"[{]}", b"(())")
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
-#: Deleted before counting openers, colons and backslashes in one pass.
-_NOT_MARKS = bytes(b for b in range(256) if b not in b"[{:\\")
-#: Digits become 0 and everything else x: a run of 19 zeros may be a 64-bit overflow.
-_DIGIT_RUNS = bytes.maketrans(bytes(range(256)), bytes(48 if 48 <= b <= 57 else 120 for b in range(256)))
+#: The frame's shape in one pass: digits become 0, both openers [, and everything but : and
+#: backslashes x. Then counts and searches of it give the openers, colons, escapes, and
+#: runs of 19 digits (a number that may overflow 64 bits).
+_SHAPE = bytes.maketrans(
+    bytes(range(256)),
+    bytes(48 if 48 <= b <= 57 else 91 if b in b"[{" else b if b in b":\\" else 120 for b in range(256)),
+)
 _LONG_NUMBER = b"0" * 19
 
 
@@ -151,17 +156,17 @@ if _orjson is not None:
         """
         if isinstance(data, str):
             data = data.encode("utf-8", "surrogatepass")
-        marks = data.translate(None, _NOT_MARKS)  # only [ { : and backslashes: short
-        colons = marks.count(b":")
-        escapes = marks.count(b"\\")
-        if len(marks) - colons - escapes > max_depth and not _nesting_ok(data, max_depth):
+        shape = data.translate(_SHAPE)
+        if shape.count(b"[") > max_depth and not _nesting_ok(data, max_depth):
             raise NestingTooDeep(_TOO_DEEP.format(max_depth))
         obj = _orjson_loads(data)
-        if (escapes and b"\\u003" in data) or _LONG_NUMBER in data.translate(_DIGIT_RUNS):
+        if (b"\\" in shape and b"\\u003" in data) or _LONG_NUMBER in shape:
             # Rare: an escaped colon, or a number orjson may have turned into a float.
             _exact_decoder.decode(data.decode("utf-8"))
-        elif colons and _orjson_dumps(obj).count(b":") != colons:
-            raise DuplicateKey("a JSON object has the same key twice")
+        else:
+            colons = shape.count(b":")
+            if colons and _orjson_dumps(obj).count(b":") != colons:
+                raise DuplicateKey("a JSON object has the same key twice")
         return obj
 
     def dumps(obj: Any) -> bytes:
@@ -213,9 +218,22 @@ else:  # pragma: no cover - exercised by the stdlib-only worker test
         return _json_encoder.encode(obj).encode("utf-8")
 
 
+#: The main node's ``ack`` frame with its fixed parts written once (the key order of encode()).
+_MAIN_ACK = (b'{"message_type":"ack","message_id":"%s","sender_id":"main-node","data":{"original_message_id":%s,'
+             b'"result":%s},"timestamp":"%s"}\n')
+
+
 def encode_ack(original_message_id: str | None, result: Any, timestamp: str | None,
                sender_id: str = "main-node") -> bytes:
-    """The ``ack`` frame, built without a Message object (the main node's commonest reply)."""
+    """The ``ack`` frame, built without a Message object (the main node's commonest reply).
+
+    The main node's own acks (``sender_id`` main-node, with a timestamp) fill a
+    byte template: the message id and timestamp are ours and ASCII, and only
+    the original id and the result are serialised.
+    """
+    if sender_id == "main-node" and timestamp is not None:
+        return _MAIN_ACK % (new_message_id().encode(), dumps(original_message_id),
+                            dumps({} if result is None else result), timestamp.encode())  # fmt: skip
     frame: dict[str, Any] = {
         "message_type": "ack",
         "message_id": new_message_id(),
@@ -357,6 +375,14 @@ class MessageStream:
     def max_frame_bytes(self, value: int) -> None:
         """Takes effect from the next byte fed (e.g. larger once authenticated)."""
         self.decoder.max_frame_bytes = value
+
+    def at_frame_end(self, data: bytes) -> bool:
+        """Whether ``data`` is whole frames: no partial frame is held and ``data`` ends one.
+
+        Such bytes may be split and decoded frame by frame without feeding them
+        (the main node's express lane); whatever is not taken that way is fed.
+        """
+        return not self.closed and not self.decoder.buffered_bytes and data.endswith(b"\n")
 
     def feed(self, data: bytes) -> list[Event]:
         """Add received bytes (``b""`` at end of input); return completed events.

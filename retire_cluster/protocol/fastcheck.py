@@ -64,22 +64,23 @@ def _json_equal(a: Any, b: Any) -> bool:
 #: An expression template per JSON type: bool is not a number, 1.0 is an integer, and NaN and
 #: infinity are not numbers (JSON has none, but an in-process caller such as the dashboard's
 #: commands could pass one, and NaN passes every bound).
+#: ``{t}`` is ``type(x)``, or a local holding it when several tests ask.
 _TYPE_TESTS = {
-    "object": "type({x}) is dict",
-    "array": "type({x}) is list",
-    "string": "type({x}) is str",
-    "integer": "(type({x}) is int or (type({x}) is float and {x}.is_integer()))",
-    "number": "(type({x}) is int or (type({x}) is float and _isfinite({x})))",
-    "boolean": "type({x}) is bool",
+    "object": "{t} is dict",
+    "array": "{t} is list",
+    "string": "{t} is str",
+    "integer": "({t} is int or ({t} is float and {x}.is_integer()))",
+    "number": "({t} is int or ({t} is float and _isfinite({x})))",
+    "boolean": "{t} is bool",
     "null": "{x} is None",
 }
 
 
-def _type_test(kind: str, x: str) -> str:
-    """An expression true when ``x`` is of JSON type ``kind``."""
+def _type_test(kind: str, x: str, t: str | None = None) -> str:
+    """An expression true when ``x`` (whose type is the expression ``t``) is of JSON type ``kind``."""
     if kind not in _TYPE_TESTS:
         raise UnsupportedSchema(f"type {kind!r} is not a JSON type")
-    return _TYPE_TESTS[kind].format(x=x)
+    return _TYPE_TESTS[kind].format(x=x, t=t or f"type({x})")
 
 
 class _Writer:
@@ -91,6 +92,12 @@ class _Writer:
         self.functions: list[str] = []
         self.by_key: dict[str, str] = {}  # "base|ref" or id-based key -> function name
         self._counter = 0
+        #: value expression -> the local holding its type, while the code that set it is being written
+        self._types: dict[str, str] = {}
+
+    def type_of(self, x: str) -> str:
+        """An expression for ``type(x)``: a local when one holds it."""
+        return self._types.get(x) or f"type({x})"
 
     def fresh(self, prefix: str) -> str:
         self._counter += 1
@@ -135,6 +142,7 @@ class _Writer:
             if key not in _KNOWN and key not in _IGNORED:
                 raise UnsupportedSchema(f"keyword {key!r} is not supported by the fast checker")
         kind = schema.get("type")
+        outer = self._types.get(x)
         self.emit_type(kind, x, out, pad)
         self.emit_values(schema, x, out, pad)
         self.emit_object(schema, base, x, out, depth, refs, kind == "object")
@@ -142,12 +150,19 @@ class _Writer:
         self.emit_array(schema, base, x, out, depth, refs, kind == "array")
         self.emit_bounds(schema, x, out, depth, kind in ("integer", "number"))
         self.emit_combined(schema, base, x, out, depth, refs)
+        if outer is None:
+            self._types.pop(x, None)
+        else:
+            self._types[x] = outer
 
     def emit_type(self, kind: Any, x: str, out: list[str], pad: str) -> None:
         if isinstance(kind, str):
-            out.append(f"{pad}if not {_type_test(kind, x)}: return False")
+            out.append(f"{pad}if not {_type_test(kind, x, self.type_of(x))}: return False")
         elif isinstance(kind, list):
-            tests = " or ".join(_type_test(k, x) for k in kind)
+            # Several tests of one value: type() once, in a local the later length checks use too.
+            t = self._types[x] = self.fresh("_t")
+            tests = " or ".join(_type_test(k, x, t) for k in kind)
+            out.append(f"{pad}{t} = type({x})")
             out.append(f"{pad}if not ({tests}): return False")
         elif kind is not None:
             raise UnsupportedSchema(f"type must be a string or a list, not {kind!r}")
@@ -217,12 +232,12 @@ class _Writer:
         lo, hi, names = schema.get("minProperties"), schema.get("maxProperties"), schema.get("propertyNames", True)
         if not props and not needed and extra is True and lo is None and hi is None and names is True:
             return
-        pad = _sized(out, x, depth, None if known_type else "dict", lo, hi)
+        pad = _sized(out, x, depth, None if known_type else "dict", lo, hi, self.type_of(x))
         depth = len(pad) // 4
         if names is not True:
-            check_name = self.function(names, base, refs)
-            out.append(f"{pad}for _k in {x}:")
-            out.append(f"{pad}    if not {check_name}(_k): return False")
+            key = self.fresh("k")
+            out.append(f"{pad}for {key} in {x}:")
+            self.emit_sub(names, base, key, out, depth + 1, refs)
         if needed:
             out.append(f"{pad}if not {x}.keys() >= {self.const(frozenset(needed))}: return False")
         known = self.const(frozenset(props))
@@ -246,7 +261,7 @@ class _Writer:
         lo, hi, pattern = schema.get("minLength"), schema.get("maxLength"), schema.get("pattern")
         if lo is None and hi is None and pattern is None:
             return
-        pad = _sized(out, x, depth, None if known_type else "str", lo, hi)
+        pad = _sized(out, x, depth, None if known_type else "str", lo, hi, self.type_of(x))
         if pattern is not None:
             out.append(f"{pad}if {self.const(re.compile(pattern).search)}({x}) is None: return False")
 
@@ -255,7 +270,7 @@ class _Writer:
         lo, hi, items = schema.get("minItems"), schema.get("maxItems"), schema.get("items", True)
         if lo is None and hi is None and items is True:
             return
-        pad = _sized(out, x, depth, None if known_type else "list", lo, hi)
+        pad = _sized(out, x, depth, None if known_type else "list", lo, hi, self.type_of(x))
         if items is not True:
             y = self.fresh("v")
             out.append(f"{pad}for {y} in {x}:")
@@ -273,15 +288,19 @@ class _Writer:
             return
         pad = "    " * depth
         if not known_type:
-            out.append(f"{pad}if type({x}) is int or type({x}) is float:")
+            t = self.type_of(x)
+            out.append(f"{pad}if {t} is int or {t} is float:")
             pad += "    "
         out.append(f"{pad}if {' or '.join(tests)}: return False")
 
 
-def _sized(out: list[str], x: str, depth: int, guard: str | None, lo: Any, hi: Any) -> str:
-    """The type guard (when the type is not known already) and length bounds; returns the indent for what follows."""
+def _sized(out: list[str], x: str, depth: int, guard: str | None, lo: Any, hi: Any, t: str) -> str:
+    """The type guard (when the type is not known already) and length bounds; returns the indent for what follows.
+
+    ``t`` is the expression for ``type(x)``.
+    """
     if guard is not None:
-        out.append(f"{'    ' * depth}if type({x}) is {guard}:")
+        out.append(f"{'    ' * depth}if {t} is {guard}:")
         depth += 1
     pad = "    " * depth
     if lo is not None:

@@ -110,6 +110,11 @@ class MessageValidator:
         path = _json_path(best)
         raise InvalidMessage(f"{path}: {_wording(best)}", path=path)
 
+    def valid(self, obj: dict[str, Any]) -> bool:
+        """Whether ``obj`` is a valid message of a known type (the compiled check alone: no error)."""
+        fast = self._fast.get(obj.get("message_type"))  # type: ignore[arg-type]
+        return fast is not None and fast(obj)
+
     def reference_ok(self, obj: dict[str, Any]) -> bool:
         """jsonschema's own verdict (tests compare it with the fast path)."""
         validator = self._validators[obj["message_type"]]

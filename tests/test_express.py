@@ -1,0 +1,191 @@
+"""The express lane (Dispatcher.express): whole frames skip the framing layers, with the same replies.
+
+Each test sends the same bytes twice: once as they come (express lane on) and
+once with the lane shut (``MessageStream.at_frame_end`` says no, so every byte
+is fed to the framing buffer as before the lane existed), and compares what
+the main node answered, in order.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List
+
+import pytest
+from conftest import Peer, fake_worker, make_config, settle
+
+from retire_cluster.main import MainNode
+from retire_cluster.protocol.codec import MessageStream
+
+BEAT_DATA = {"system_metrics": {"cpu_usage": 12.5, "memory_usage": 40.0, "load_average": [0.1, 0.2]},
+             "status": "online", "active_tasks": 0}
+
+
+def frame(message_type: str, sender: str, data: Any = None, mid: str = "m", **extra: Any) -> bytes:
+    obj: Dict[str, Any] = {"message_type": message_type, "message_id": mid, "sender_id": sender}
+    if data is not None:
+        obj["data"] = data
+    obj.update(extra)
+    return json.dumps(obj).encode()
+
+
+def worker_frames(dev: str) -> List[bytes]:
+    """What a device may send, good and bad, each answered (or not) on its own."""
+    beat = frame("heartbeat", dev, BEAT_DATA, "b1")
+    return [
+        beat,
+        frame("heartbeat", "someone-else", BEAT_DATA, "b2"),  # forbidden: not this connection's device
+        beat.replace(b'"status"', b'"status": "x", "status"'),  # duplicate key: invalid_json
+        frame("heartbeat", dev, {"system_metrics": {"n": 18446744073709551616}}, "b3"),  # beyond 64 bits
+        frame("heartbeat", dev, {"active_tasks": -1}, "b4"),  # schema: invalid_message with its path
+        frame("heartbeat", dev, BEAT_DATA, "b5", colour="red"),  # unknown envelope field
+        frame("heartbeat", dev, None, "b6"),  # no data at all: fine
+        b"",  # a blank line is skipped
+        b"[1, 2]",  # not an object: answered without an id
+        b'{"message_type": "heartbeat", "message_id": "b7", "sender_id": "%s"}\r' % dev.encode(),  # CRLF
+        frame("task_result", dev, {"task_id": "nope", "attempt": 1, "status": "completed"}, "r1"),
+        frame("task_progress", dev, {"task_id": "nope", "attempt": 1, "progress": 0.5}, "p1"),
+        frame("ack", dev, {"original_message_id": "never-sent", "result": {}}, "a1"),  # a reply: no answer
+        frame("error", dev, {"original_message_id": "never-sent", "code": "busy", "message": "x"}, "e1"),
+        frame("task_submit", dev, {"task": {"task_type": "echo", "payload": {"x": 1}}}, "s1"),
+        frame("task_assign", dev, {"task": {}}, "t1"),  # the main node's own message: refused
+        frame("task_cancel", dev, {"task_id": "nope"}, "c1"),  # not in the lane: the general path answers
+        b'{"message_type": "heartbeat", "message_id": "cut", "sender_id": ',  # cut short: invalid_json
+        beat.replace(b'"b1"', b'"b9"'),  # still answered after all that
+    ]
+
+
+#: The ids of worker_frames() that get an answer.
+#: Errors that name no message are keyed "none-1", "none-2", ... in the order they came.
+#: (Strict JSON errors too: the frame's message_id is not trusted from a frame that is not strict JSON.)
+ANSWERED = ["b1", "b2", "none-1", "none-2", "b4", "b5", "b6", "none-3", "b7", "r1", "p1", "s1", "t1", "c1", "none-4",
+            "b9"]
+
+
+def normalise(reply: Dict[str, Any], peer: Peer) -> Dict[str, Any]:
+    """What must match: everything but the reply's own id and time, new tasks' ids and the peer's name."""
+    out = {k: v for k, v in reply.items() if k not in ("message_id", "timestamp")}
+    return json.loads(json.dumps(out).replace(json.dumps(peer.sender_id)[1:-1], "<peer>"),
+                      object_hook=lambda o: {**o, "task_id": "<new>"} if "task_id" in o else o)
+
+
+async def exchange(peer: Peer, frames: List[bytes], answered: List[str]) -> tuple:
+    """Send ``frames`` in one write; the replies to the ``answered`` ids (by id, in arrival order), and pushes."""
+    await peer.send_raw(b"".join(f + b"\n" for f in frames))
+    replies: Dict[str, Dict[str, Any]] = {}
+    pushes = []
+    while len(replies) < len(answered):
+        reply = await peer.recv()
+        mid = reply["data"].get("original_message_id")
+        if reply["message_type"] == "error" and mid is None:
+            mid = f"none-{sum(1 for key in replies if key.startswith('none-')) + 1}"
+        if reply["message_type"] in ("ack", "error") and mid in answered:
+            replies[mid] = normalise(reply, peer)
+        else:
+            pushes.append(normalise(reply, peer))
+    return replies, pushes
+
+
+async def both_ways(monkeypatch: pytest.MonkeyPatch, frames: List[bytes], answered: List[str], connect) -> tuple:
+    """The replies with the express lane, then with every byte fed to the framing buffer."""
+    express = await exchange(await connect("dev-express"), frames, answered)
+    with monkeypatch.context() as patch:
+        patch.setattr(MessageStream, "at_frame_end", lambda self, data: False)
+        general = await exchange(await connect("dev-general"), frames, answered)
+    return express, general
+
+
+def codes(replies: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
+    return {mid: r["data"].get("code", r["message_type"]) for mid, r in replies.items()}
+
+
+async def test_a_device_gets_the_same_replies_in_the_same_order(node: MainNode, monkeypatch) -> None:
+    async def connect(dev: str) -> Peer:
+        return await fake_worker(node, dev)
+
+    async def run(dev: str) -> tuple:
+        return await exchange(await connect(dev), worker_frames(dev), ANSWERED)
+
+    express = await run("dev-express")
+    with monkeypatch.context() as patch:
+        patch.setattr(MessageStream, "at_frame_end", lambda self, data: False)
+        general = await run("dev-general")
+    assert express == general
+    replies, pushes = express
+    assert codes(replies) == {
+        "b1": "ack", "b2": "forbidden", "none-1": "invalid_json", "none-2": "invalid_json", "b4": "invalid_message",
+        "b5": "invalid_message", "b6": "ack", "none-3": "invalid_message", "b7": "ack", "r1": "not_found",
+        "p1": "forbidden", "s1": "ack", "t1": "invalid_message", "c1": "not_found", "none-4": "invalid_json", "b9": "ack",
+    }  # fmt: skip
+    # The answers that need no commit or read leave in the order the frames came.
+    assert [mid for mid in replies if mid[0] in "bnpt"] == ["b1", "b2", "none-1", "none-2", "b4", "b5", "b6",
+                                                            "none-3", "b7", "p1", "t1", "none-4", "b9"]  # fmt: skip
+    assert [p["message_type"] for p in pushes] == ["task_assign"]  # s1 went to the device that sent it
+
+
+async def test_a_client_gets_the_same_replies_including_the_rate_limit(tmp_path, monkeypatch) -> None:
+    node = MainNode(make_config(tmp_path, client_burst=6, client_rate_per_s=0.001), run_monitor=False)
+    await node.start()
+    try:
+        async def connect(name: str) -> Peer:
+            peer = await Peer.connect(node, name)
+            await peer.ok("cluster_status")  # authenticated (one token): later frames may take the lane
+            return peer
+
+        submit = frame("task_submit", "c", {"task": {"task_type": "echo", "payload": {}}}, "s1")
+        frames = [
+            submit,
+            frame("heartbeat", "c", BEAT_DATA, "h1"),  # not registered
+            frame("task_submit", "c", {"task": {"task_type": "echo", "priority": "hgih"}}, "s2"),
+            frame("ack", "c", {"original_message_id": "x", "result": {}}, "a1"),  # spends a token too
+            submit.replace(b'"s1"', b'"s3"'),  # the last token
+            submit.replace(b'"s1"', b'"s4"'),  # overloaded
+            frame("heartbeat", "c", BEAT_DATA, "h2"),  # overloaded
+        ]
+        express, general = await both_ways(monkeypatch, frames, ["s1", "h1", "s2", "s3", "s4", "h2"], connect)
+    finally:
+        await node.stop()
+    assert express == general
+    assert codes(express[0]) == {"s1": "ack", "h1": "not_registered", "s2": "invalid_message", "s3": "ack",
+                                 "s4": "overloaded", "h2": "overloaded"}  # fmt: skip
+
+
+async def test_whole_frames_from_a_device_are_not_fed_to_the_framing_buffer(node: MainNode, monkeypatch) -> None:
+    """What the lane is for: a heartbeat, a result and its ack skip MessageStream.feed."""
+    fed: List[bytes] = []
+    feed = MessageStream.feed
+
+    def counting_feed(self: MessageStream, data: bytes) -> list:
+        fed.append(bytes(data))
+        return feed(self, data)
+
+    monkeypatch.setattr(MessageStream, "feed", counting_feed)
+    client = await Peer.connect(node, "client")
+    await client.ok("cluster_status")  # its first frame authenticates it: that one is fed
+    worker = await fake_worker(node, "dev-1")
+    await settle(node)
+    fed.clear()
+    submitted = await client.send("task_submit", {"task": {"task_type": "echo", "payload": {"n": 1}}, "wait": 30})
+    assign = await worker.next_push("task_assign")
+    task = assign["data"]["task"]
+    ack = frame("ack", "dev-1", {"original_message_id": assign["message_id"], "result": {}}, "w1")
+    result = frame("task_result", "dev-1", {"task_id": task["task_id"], "attempt": task["attempt"],
+                                            "status": "completed", "result": {"n": 1}}, "w2")  # fmt: skip
+    await worker.send_raw(ack + b"\n" + result + b"\n")
+    assert (await worker.reply_to("w2"))["message_type"] == "ack"
+    end = await client.reply_to(submitted)
+    assert end["data"]["result"]["task"]["status"] == "completed"
+    beat = await worker.send("heartbeat", BEAT_DATA)
+    assert (await worker.reply_to(beat))["data"]["result"] == {"active_tasks": 0}
+    assert fed == []  # nor the submission: it came on an authenticated connection
+
+
+async def test_a_write_cut_mid_frame_goes_through_the_buffer(node: MainNode) -> None:
+    worker = await fake_worker(node, "dev-1")
+    whole = frame("heartbeat", "dev-1", BEAT_DATA, "h1") + b"\n" + frame("heartbeat", "dev-1", BEAT_DATA, "h2")
+    await worker.send_raw(whole[:-10])  # the second frame is unfinished: all of it is fed
+    await settle(node)
+    await worker.send_raw(whole[-10:] + b"\n")  # ends the held frame: fed too, then the lane again
+    first, second = await worker.recv(), await worker.recv()
+    assert [first["data"]["original_message_id"], second["data"]["original_message_id"]] == ["h1", "h2"]
+    assert (await worker.request("heartbeat", BEAT_DATA))["message_type"] == "ack"
