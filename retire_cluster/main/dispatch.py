@@ -22,6 +22,7 @@ from ..protocol.validation import MessageValidator
 
 if TYPE_CHECKING:
     from .handlers import Handlers
+    from .registry import Registry
     from .server import Connection
 
 __all__ = ["Dispatcher"]
@@ -33,12 +34,23 @@ EXPRESS_TYPES = frozenset({"heartbeat", "task_result", "task_progress", "task_su
 _new_object = object.__new__
 
 
+def _message(obj: dict[str, Any]) -> Message:
+    """The :class:`Message` of a frame valid against its schema, made as decode_message makes it."""
+    get = obj.get
+    msg: Message = _new_object(Message)  # no frozen __init__ (the schema checked the envelope)
+    msg.__dict__.update(message_type=obj["message_type"], message_id=obj["message_id"], sender_id=obj["sender_id"],
+                        data=get("data", {}), target_id=get("target_id"), timestamp=get("timestamp"),
+                        auth_token=get("auth_token"))  # fmt: skip
+    return msg
+
+
 class Dispatcher:
     """Request dispatch and replies of the main node (mixed into MainNode)."""
 
     token: str | None
     validator: MessageValidator
     handlers: Handlers
+    registry: Registry
     clock: Callable[[], float]
 
     _background: set[asyncio.Task[Any]]
@@ -129,11 +141,17 @@ class Dispatcher:
             return False  # forbidden: the general path answers it
         if not self.validator.valid(obj):
             return False
-        get = obj.get
-        msg: Message = _new_object(Message)  # as decode_message makes it (the schema checked the envelope)
-        msg.__dict__.update(message_type=mtype, message_id=obj["message_id"], sender_id=obj["sender_id"],
-                            data=get("data", {}), target_id=get("target_id"), timestamp=get("timestamp"),
-                            auth_token=get("auth_token"))  # fmt: skip
+        if mtype == "heartbeat" and device_id is not None:
+            # The commonest frame of all: straight to the device, no Message made.
+            device = self.registry.get(device_id)
+            if device is not None:
+                try:
+                    result = self.handlers.beat(device, obj.get("data", {}))
+                    conn.send_bytes(encode_ack(obj["message_id"], result, utc_timestamp(self.clock())))
+                except Exception:
+                    conn.internal_error(_message(obj))
+                return True
+        msg = _message(obj)
         try:
             if device_id is None and not conn.take_token():
                 conn.refuse_rate(msg)

@@ -158,8 +158,10 @@ class Handlers:
                     node.send_cancel_to(device.conn, device.device_id, task_id, attempt, "not_yours")
 
     def heartbeat(self, conn: Connection, msg: Message) -> Result:
-        device = self._device(conn)
-        data = msg.data
+        return self.beat(self._device(conn), msg.data)
+
+    def beat(self, device: Device, data: dict[str, Any]) -> dict[str, Any]:
+        """A heartbeat of ``device`` (valid against its schema): the device is seen, with these metrics."""
         node = self.node
         device.last_seen = node.clock()
         if device.status is not DeviceStatus.ONLINE:

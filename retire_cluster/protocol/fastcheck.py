@@ -303,9 +303,11 @@ def _sized(out: list[str], x: str, depth: int, guard: str | None, lo: Any, hi: A
         out.append(f"{'    ' * depth}if {t} is {guard}:")
         depth += 1
     pad = "    " * depth
-    if lo is not None:
+    if lo is not None and hi is not None:
+        out.append(f"{pad}if not {int(lo)} <= len({x}) <= {int(hi)}: return False")  # one len() call
+    elif lo is not None:
         out.append(f"{pad}if len({x}) < {int(lo)}: return False")
-    if hi is not None:
+    elif hi is not None:
         out.append(f"{pad}if len({x}) > {int(hi)}: return False")
     return pad
 
