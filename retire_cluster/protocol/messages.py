@@ -135,26 +135,36 @@ def parse_priority(value: Any) -> int:
 
 
 _SECOND_PREFIXES: dict[int, str] = {}
+#: The last stamp made, by its millisecond (one tuple: rebinding it is atomic across threads).
+_last_stamp: tuple[int, str] = (-1, "")
 
 
 def utc_timestamp(epoch_s: float | None = None) -> str:
     """RFC 3339 UTC timestamp with milliseconds (``2024-01-15T10:30:00.000Z``).
 
     The date-and-seconds part is cached per second: formatting it is the one
-    expensive step, and a busy node stamps thousands of frames a second.
+    expensive step, and a busy node stamps thousands of frames a second. The
+    whole stamp of the last millisecond is kept too: a burst of replies shares it.
     """
+    global _last_stamp
     if epoch_s is None:
         epoch_s = time.time()
     second = math.floor(epoch_s)
     micros = round((epoch_s - second) * 1_000_000)  # as datetime rounds
     if micros >= 1_000_000:
         second, micros = second + 1, 0
+    millis = second * 1000 + micros // 1000
+    last = _last_stamp
+    if last[0] == millis:
+        return last[1]
     prefix = _SECOND_PREFIXES.get(second)
     if prefix is None:
         if len(_SECOND_PREFIXES) > 4096:
             _SECOND_PREFIXES.clear()
         prefix = _SECOND_PREFIXES[second] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
-    return f"{prefix}{micros // 1000:03d}Z"
+    stamp = f"{prefix}{micros // 1000:03d}Z"
+    _last_stamp = (millis, stamp)
+    return stamp
 
 
 _ID_PREFIX = os.urandom(4).hex()
