@@ -10,6 +10,7 @@ reads (health.DEVICE_ERRORS) stay those the worker writes.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -190,11 +191,22 @@ async def test_what_the_worker_reports_when_it_cannot_run_a_task_is_the_devices_
         assert outcome.result()["fault"] == "device"  # said outright, not read from the wording
 
 
-async def test_a_python_eval_sandbox_that_dies_without_an_answer_is_the_devices_doing(tmp_path: Path) -> None:
+async def test_a_python_eval_sandbox_that_dies_before_evaluating_is_the_devices_doing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This device's Python cannot set up the sandbox: it ends, without a signal, before the expression runs."""
+    monkeypatch.setattr(executor_module, "eval_argv",
+                        lambda limits, timeout_s: [sys.executable, "-c", "import os; os._exit(3)"])
+    outcome = await outcome_of(Executor(CODE, scratch_base=tmp_path), "python_eval", {"expression": "1"})
+    assert outcome.status == "failed" and outcome.exit_code is None, outcome.result()
+    assert blamed(outcome) and outcome.result()["fault"] == "device"
+
+
+async def test_a_python_eval_expression_that_ends_its_own_process_is_the_tasks_doing(tmp_path: Path) -> None:
     outcome = await outcome_of(Executor(CODE, scratch_base=tmp_path), "python_eval",
                                {"expression": "__import__('os')._exit(3)"})
     assert outcome.status == "failed" and outcome.exit_code is None, outcome.result()
-    assert blamed(outcome) and outcome.result()["fault"] == "device"
+    assert not blamed(outcome) and outcome.result()["fault"] == "task"
 
 
 async def test_a_python_eval_sandbox_killed_by_a_signal_is_the_tasks_doing(tmp_path: Path) -> None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
+from retire_cluster.worker import executor as executor_module
 from retire_cluster.worker.executor import Executor, Outcome
 
 try:
@@ -245,6 +247,18 @@ async def test_python_eval_child_dying_without_a_result_fails() -> None:
     assert outcome.status == "failed"
     assert "no result" in (outcome.error or "")
     assert "7" in (outcome.error or "")
+    # The expression ended its own process: the task's fault, not the device's (no breaker count).
+    assert outcome.fault is None and outcome.result()["fault"] == "task"
+
+
+async def test_python_eval_child_that_cannot_start_the_sandbox_is_the_devices_fault(monkeypatch) -> None:
+    """A child that ends before it evaluates anything (this device's Python is broken) is a device fault."""
+    monkeypatch.setattr(executor_module, "eval_argv",
+                        lambda limits, timeout_s: [sys.executable, "-c", "import sys; sys.exit(1)"])
+    outcome = await evaluate("1 + 1")
+    assert outcome.status == "failed"
+    assert "no result" in (outcome.error or "")
+    assert outcome.fault == "device"
 
 
 # -- python_eval: environment ------------------------------------------------

@@ -38,7 +38,7 @@ from .sandbox import (
     remove_scratch_dir,
     run_child,
 )
-from .trampoline import Limits, command_argv, eval_argv
+from .trampoline import STARTED, Limits, command_argv, eval_argv
 
 log = logging.getLogger("retire_cluster.worker")
 
@@ -462,7 +462,7 @@ class Executor:
         scratch = self._scratch_dir()
         try:
             child = await self._run_child(eval_argv(self.limits, timeout_s), scratch, request, timeout_s,
-                                          reply_limit_bytes=4 * (self.output_limit_bytes + ERROR_LIMIT_BYTES))
+                                          reply_limit_bytes=4 * (self.output_limit_bytes + ERROR_LIMIT_BYTES) + len(STARTED))
         finally:
             await remove_scratch_dir(scratch, leftovers=True)
         if child.timed_out:
@@ -470,14 +470,20 @@ class Executor:
         stderr = _non_empty(child.text("stderr"))
         stdout = _non_empty(child.text("stdout"))
         truncated = child.stdout_truncated or child.stderr_truncated
+        answer = child.reply or b""
+        started = answer.startswith(STARTED)
+        if started:
+            answer = answer[len(STARTED):]
         try:
-            reply = loads(child.reply) if child.reply and not child.reply_truncated else None
+            reply = loads(answer) if answer and not child.reply_truncated else None
         except ValueError:
             reply = None
         if not isinstance(reply, dict):
-            # Killed by a signal: the task's own limits (memory, CPU) or its own doing. Exited
-            # without an answer: this device's Python could not run the sandbox.
-            died = TaskFailed if child.returncode is not None and child.returncode < 0 else DeviceFault
+            # Killed by a signal (the task's own limits, memory or CPU, or its own doing), or
+            # ended while evaluating (os._exit): the task failed. Ended before it got that far
+            # without a signal: this device's Python could not run the sandbox.
+            own = started or (child.returncode is not None and child.returncode < 0)
+            died = TaskFailed if own else DeviceFault
             raise died(
                 f"python_eval child ended with {describe_exit(child.returncode)} and no result"
                 + (f": {stderr.strip()[-500:]}" if stderr else "")

@@ -107,6 +107,8 @@ def _clip(text, limit):
         return raw.decode("utf-8"), False
     return raw[:limit].decode("utf-8", "ignore"), True
 
+_reply.write(b"\x1e")  # STARTED: from here on, an end without an answer is the expression's own doing
+_reply.flush()
 try:
     _value = eval(compile(_request["expression"], "<expression>", "eval"), {"__builtins__": __builtins__}, {})
     _text, _cut = _clip(str(_value), _request["limit"])
@@ -183,10 +185,18 @@ def command_argv(argv: List[str], limits: Limits, timeout_s: float) -> List[str]
     return [sys.executable, "-I", "-c", _EXEC_SOURCE, _spec(limits, timeout_s), *argv]
 
 
+#: The first byte of a python_eval reply (RFC 7464's record separator, never JSON's first byte): the
+#: child got as far as evaluating. A child that ends without an answer after it was ended by the
+#: expression (``os._exit``, a signal it sent itself): the task failed, not the device.
+STARTED = b"\x1e"
+
+
 def eval_argv(limits: Limits, timeout_s: float) -> List[str]:
     """The process to start for ``python_eval``; :func:`.sandbox.run_child` appends the reply channel.
 
     The child reads ``{"expression", "limit", "error_limit"}`` as JSON on
-    stdin and answers ``{"ok", "output", "truncated"}`` or ``{"ok", "error"}``.
+    stdin, writes :data:`STARTED` to the reply channel once its sandbox is set
+    up and just before it evaluates, then answers ``{"ok", "output",
+    "truncated"}`` or ``{"ok", "error"}`` as JSON after it.
     """
     return [sys.executable, "-I", "-c", _EVAL_SOURCE, _spec(limits, timeout_s)]
