@@ -891,8 +891,8 @@ async def test_both_clients_pointed_at_the_dashboards_port_say_so_at_once() -> N
                 return
             with conn:
                 conn.recv(65536)
+                answered.append(1)  # counted before answering: the client may raise the moment it reads
                 conn.sendall(b"HTTP/1.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-                answered.append(1)
 
     threading.Thread(target=serve, daemon=True).start()
     address = f"127.0.0.1:{listener.getsockname()[1]}"
