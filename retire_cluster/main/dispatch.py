@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 from ..protocol.codec import BadFrame, Event, encode_ack, loads
 from ..protocol.errors import InternalError, InvalidJSON, RemoteProtocolError, Unauthorized
 from ..protocol.messages import REPLY_TYPES, Message, error_reply, utc_timestamp
-from ..protocol.validation import MessageValidator
 
 if TYPE_CHECKING:
+    from ..protocol.validation import MessageValidator
     from .handlers import Handlers
     from .registry import Registry
     from .server import Connection
