@@ -8,13 +8,17 @@ the main node answered, in order.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Dict, List
 
 import pytest
-from conftest import Peer, fake_worker, make_config, settle
+from conftest import Peer, fake_worker, make_config, register_data, settle
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from retire_cluster.main import MainNode
+from retire_cluster.main.server import Connection
 from retire_cluster.protocol.codec import MessageStream
 
 BEAT_DATA = {"system_metrics": {"cpu_usage": 12.5, "memory_usage": 40.0, "load_average": [0.1, 0.2]},
@@ -189,3 +193,86 @@ async def test_a_write_cut_mid_frame_goes_through_the_buffer(node: MainNode) -> 
     first, second = await worker.recv(), await worker.recv()
     assert [first["data"]["original_message_id"], second["data"]["original_message_id"]] == ["h1", "h2"]
     assert (await worker.request("heartbeat", BEAT_DATA))["message_type"] == "ack"
+
+
+# -- any bytes: the same replies both ways (in process, generated) ----------------------------
+
+
+class GeneralOnly(MessageStream):
+    """A stream that never says its bytes are whole frames: every byte goes the general path."""
+
+    __slots__ = ()
+
+    def at_frame_end(self, data: bytes) -> bool:
+        return False
+
+
+class Recording(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data: Any) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+_metric = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(2**70), 2**70), st.none(),
+                    st.booleans(), st.text(max_size=300), st.lists(st.one_of(st.floats(0, 1), st.none(), st.text(max_size=3)),
+                                                                   max_size=18))  # fmt: skip
+_frames = st.one_of(
+    # heartbeats, valid or not by their content
+    st.builds(lambda metrics, tasks, mid: frame("heartbeat", "<dev>", {"system_metrics": metrics, "active_tasks": tasks},
+                                                mid),
+              st.dictionaries(st.text(max_size=70), _metric, max_size=34), st.integers(-2, 3),
+              st.text(min_size=0, max_size=5)),  # fmt: skip
+    st.sampled_from([f.replace(b"dev-x", b"<dev>") for f in worker_frames("dev-x")
+                     if b"task_submit" not in f and b"task_result" not in f and b"task_cancel" not in f]),
+    st.binary(max_size=40),  # junk
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(writes=st.lists(st.lists(_frames, min_size=1, max_size=4), min_size=1, max_size=3),
+       cut=st.integers(0, 3))  # fmt: skip
+async def test_any_bytes_from_a_device_get_the_same_replies_both_ways(node: MainNode, writes, cut) -> None:
+    """Generated writes (heartbeats good and bad, the frames above, junk), some cut mid-frame."""
+    outputs = []
+    for dev, stream_class in (("gen-express", MessageStream), ("gen-general", GeneralOnly)):
+        conn = Connection(node)
+        transport = Recording()
+        conn.connection_made(transport)
+        conn.data_received(frame("register", dev, register_data(), "reg", auth_token=node.token) + b"\n")
+        await settle(node)
+        conn.stream.__class__ = stream_class
+        conn.stream.max_frame_bytes = 400  # some generated heartbeats are larger: frame_too_large, then closed
+        transport.data.clear()
+        for frames in writes:
+            data = b"\n".join(f.replace(b"<dev>", dev.encode()) for f in frames) + b"\n"
+            if cut and len(data) > cut:  # a write that ends mid-frame, then its end
+                conn.data_received(data[:-cut])
+                conn.data_received(data[-cut:])
+            else:
+                conn.data_received(data)
+            if conn.closed:
+                break
+        await settle(node)
+        replies = [{k: v for k, v in json.loads(line).items() if k not in ("message_id", "timestamp")}
+                   for line in bytes(transport.data).splitlines()]
+        outputs.append((json.dumps(replies).replace(dev, "<dev>"), conn.closed))
+        conn.connection_lost(None)
+    assert outputs[0] == outputs[1]
