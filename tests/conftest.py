@@ -152,6 +152,32 @@ class Peer:
             pass
 
 
+class RecordingTransport(asyncio.Transport):
+    """A transport for a Connection made in process: it keeps what is written, in ``writes``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: List[bytes] = []
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
 def register_data(task_types: Optional[List[str]] = None, cores: int = 2, memory_gb: float = 4,
                   running: Optional[List[Dict[str, Any]]] = None, **extra: Any) -> Dict[str, Any]:
     data: Dict[str, Any] = {

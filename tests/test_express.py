@@ -8,12 +8,11 @@ the main node answered, in order.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any, Dict, List
 
 import pytest
-from conftest import Peer, fake_worker, make_config, register_data, settle
+from conftest import Peer, RecordingTransport, fake_worker, make_config, register_data, settle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -207,30 +206,6 @@ class GeneralOnly(MessageStream):
         return False
 
 
-class Recording(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.data = bytearray()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def write(self, data: Any) -> None:
-        self.data += data
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-
 _metric = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(2**70), 2**70), st.none(),
                     st.booleans(), st.text(max_size=300), st.lists(st.one_of(st.floats(0, 1), st.none(), st.text(max_size=3)),
                                                                    max_size=18))  # fmt: skip
@@ -254,13 +229,13 @@ async def test_any_bytes_from_a_device_get_the_same_replies_both_ways(node: Main
     outputs = []
     for dev, stream_class in (("gen-express", MessageStream), ("gen-general", GeneralOnly)):
         conn = Connection(node)
-        transport = Recording()
+        transport = RecordingTransport()
         conn.connection_made(transport)
         conn.data_received(frame("register", dev, register_data(), "reg", auth_token=node.token) + b"\n")
         await settle(node)
         conn.stream.__class__ = stream_class
         conn.stream.max_frame_bytes = 400  # some generated heartbeats are larger: frame_too_large, then closed
-        transport.data.clear()
+        transport.writes.clear()
         for frames in writes:
             data = b"\n".join(f.replace(b"<dev>", dev.encode()) for f in frames) + b"\n"
             if cut and len(data) > cut:  # a write that ends mid-frame, then its end
@@ -272,7 +247,7 @@ async def test_any_bytes_from_a_device_get_the_same_replies_both_ways(node: Main
                 break
         await settle(node)
         replies = [{k: v for k, v in json.loads(line).items() if k not in ("message_id", "timestamp")}
-                   for line in bytes(transport.data).splitlines()]
+                   for line in b"".join(transport.writes).splitlines()]
         outputs.append((json.dumps(replies).replace(dev, "<dev>"), conn.closed))
         conn.connection_lost(None)
     assert outputs[0] == outputs[1]

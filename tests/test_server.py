@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from conftest import FakeClock, Peer, make_config
+from conftest import FakeClock, Peer, RecordingTransport, make_config
 
 from retire_cluster.main import MainNode
 
@@ -156,30 +156,6 @@ async def test_token_is_created_once_with_private_mode(tmp_path, clock: FakeCloc
     await second.stop()
     assert first.token == second.token and len(first.token or "") >= 32
     assert (config.token_path.stat().st_mode & 0o777) == 0o600
-
-
-class RecordingTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list = []
-
-    def get_extra_info(self, name, default=None):  # type: ignore[no-untyped-def]
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def write(self, data) -> None:  # type: ignore[no-untyped-def]
-        self.writes.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
 
 
 async def test_a_waited_reply_is_written_at_once_and_the_rest_of_the_pass_together(node: MainNode) -> None:
