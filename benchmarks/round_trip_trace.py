@@ -17,6 +17,7 @@ end), so one commit carries them with the running state and the result.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import sys
@@ -76,11 +77,13 @@ def split_steps(events: list[tuple[int, str, str, str]]) -> list[list[float]]:
     return out
 
 
-async def drive(node: MainNode, count: int, marks: list[tuple[int, str, str, str]]) -> None:
+async def drive(node: MainNode, count: int, marks: list[tuple[int, str, str, str]], pause_s: float = 0.0) -> None:
     client = await Requester(node.token, lambda _msg: None, sender_id="trace").open(node.port)
     await client.wait_for_devices(1)
     waited = {"task": {"task_type": "echo", "payload": {"message": "x"}}, "wait": 60}
     for _ in range(count):
+        if pause_s:
+            await asyncio.sleep(pause_s)  # every process falls asleep between round trips
         marks.append((time.perf_counter_ns(), "client", "send", "task_submit"))
         reply = await client.request("task_submit", waited)
         marks.append((time.perf_counter_ns(), "client", "recv", "ack"))
@@ -92,6 +95,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="100 round trips")
     ap.add_argument("--round-trips", type=int, default=500)
+    ap.add_argument("--pause-ms", type=float, default=0.0,
+                    help="wait this long before each round trip (one person's submissions, not a loop)")
     args = ap.parse_args()
     count = 100 if args.quick else args.round_trips
     with tempfile.TemporaryDirectory(prefix="rc-trace-") as tmp:
@@ -104,7 +109,7 @@ def main() -> None:
         workers = tasks.start_workers(node, 1, 2)
         marks: list[tuple[int, str, str, str]] = []
         try:
-            run(drive(node, count, marks))
+            run(drive(node, count, marks, args.pause_ms / 1000))
         finally:
             tasks.stop_workers(workers)
             node.stop()
@@ -119,7 +124,7 @@ def main() -> None:
         table.append((name, f"p50 {p50:7.1f} us   (p10 {p10:6.1f}, p90 {p90:7.1f})"))
     totals = sorted(sum(r) for r in rows)
     table.append(("total (median of the sums)", f"{statistics.median(totals):7.1f} us over {len(rows)} round trips"))
-    emit("round_trip_trace", table, {"round_trips": len(rows), "total_p50_us": round(statistics.median(totals), 1),
+    emit("round_trip_trace", table, {"round_trips": len(rows), "pause_ms": args.pause_ms, "total_p50_us": round(statistics.median(totals), 1),
                                      "steps": steps})
 
 
