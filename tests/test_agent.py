@@ -311,6 +311,29 @@ async def test_an_instant_task_is_answered_in_the_pass_that_assigned_it(tmp_path
     assert not agent._pending
 
 
+async def test_an_instant_tasks_answer_is_written_in_the_read_that_assigned_it(tmp_path: Path) -> None:
+    """The read's own callback writes echo's ack and result: no loop pass before they reach the socket."""
+    import json
+
+    from retire_cluster.link import Link
+
+    agent = Agent(WorkerConfig(device_id="x", data_dir=tmp_path))
+    link = Link(agent._on_message, 1 << 20, on_read_end=agent._read_ended)
+    writer = RecordingWriter()
+    link.connection_made(writer)  # type: ignore[arg-type]
+    agent._writer = link
+    agent.registered.set()
+    assign = {"message_type": "task_assign", "message_id": "m-1", "sender_id": "main-node", "data": {"task": {
+        "task_id": "t-1", "attempt": 1, "task_type": "echo", "payload": {"message": "hi"}, "timeout": 10}}}
+    link.data_received(json.dumps(assign).encode() + b"\n")
+    assert len(writer.writes) == 1, writer.writes  # before any loop pass
+    frames = [json.loads(line) for line in writer.writes[0].splitlines()]
+    assert [f["message_type"] for f in frames] == ["ack", "task_result"]
+    for _ in range(3):  # the flush _send scheduled finds nothing left: no second, empty write
+        await asyncio.sleep(0)
+    assert len(writer.writes) == 1
+
+
 def one_slot_agent_given_a_sleep(tmp_path: Path) -> "tuple[Agent, RecordingWriter]":
     """A registered 1-slot agent writing to a RecordingWriter, just assigned a 30 s sleep (t-1, attempt 1)."""
     from retire_cluster.protocol.messages import Message

@@ -149,3 +149,27 @@ async def test_an_end_nobody_waits_for_is_not_reported_as_never_retrieved() -> N
     finally:
         loop.set_exception_handler(None)
     assert complaints == []
+
+
+async def test_the_end_of_each_read_is_announced_after_its_frames() -> None:
+    """on_read_end follows the frames of each chunk (none for a chunk with no whole frame)."""
+    events: List[str] = []
+    link = Link(lambda m: events.append(m.message_id), 1 << 20, on_read_end=lambda: events.append("end"))
+    link.connection_made(FakeTransport())
+    link.data_received(frame("task_assign", 1) + frame("task_cancel", 2) + frame("ack", 3)[:10])
+    link.data_received(frame("ack", 3)[10:])
+    assert events == ["m-1", "m-2", "end", "m-3", "end"]
+
+
+async def test_the_end_of_a_read_is_announced_when_handling_a_frame_failed() -> None:
+    """What earlier frames of the read queued is still flushed (the connection is aborted, so nothing is sent)."""
+    ends: List[int] = []
+
+    def handle(message: Message) -> None:
+        raise RuntimeError("a bug")
+
+    link = Link(handle, 1 << 20, on_read_end=lambda: ends.append(1))
+    transport = FakeTransport()
+    link.connection_made(transport)
+    link.data_received(frame("task_assign", 1))
+    assert ends == [1] and transport.aborted

@@ -278,7 +278,7 @@ class Agent:
         pinned = self.config.tls_fingerprint
         try:
             _, link = await asyncio.get_running_loop().create_connection(
-                lambda: Link(self._on_message, INBOUND_FRAME_LIMIT),
+                lambda: Link(self._on_message, INBOUND_FRAME_LIMIT, on_read_end=self._read_ended),
                 self.config.main_host, self.config.main_port,
                 ssl=client_context() if pinned else None,
             )
@@ -471,7 +471,9 @@ class Agent:
         """Queue a frame; every frame queued in this loop pass goes out in one write.
 
         An instant task's ack and result then reach the main node together,
-        which wakes it once instead of twice.
+        which wakes it once instead of twice. Frames queued while a read is
+        handled go out at the end of that read (:meth:`_read_ended`), the
+        others at the end of the loop pass.
         """
         if self._writer is None or self._writer.is_closing():
             raise ConnectionError("not connected")
@@ -483,6 +485,16 @@ class Agent:
         out, self._out = self._out, []
         if out and writer is self._writer and not writer.is_closing():
             writer.write(b"".join(out))
+
+    def _read_ended(self) -> None:
+        """What the main node's frames of one read made us send goes out now, in one write.
+
+        An instant task's ack and result then leave in the read's own
+        callback, one pass of the event loop sooner; the pass-end flush
+        that :meth:`_send` scheduled finds nothing left.
+        """
+        if self._out and self._writer is not None:
+            self._flush(self._writer)
 
     async def _request(self, message_type: str, data: Dict[str, Any], wait_for: "asyncio.Future[Any]") -> Message:
         """Send a request and wait for its reply, or for ``wait_for`` (the connection's end).
