@@ -55,14 +55,27 @@ def worker_frames(dev: str) -> List[bytes]:
         frame("task_cancel", dev, {"task_id": "nope"}, "c1"),  # not in the lane: the general path answers
         b'{"message_type": "heartbeat", "message_id": "cut", "sender_id": ',  # cut short: invalid_json
         beat.replace(b'"b1"', b'"b9"'),  # still answered after all that
+        # As our worker writes them (compact): these are offered to the heartbeat gate (main/typed.py).
+        compact("heartbeat", dev, BEAT_DATA, "k1"),
+        compact("heartbeat", "someone-else", BEAT_DATA, "k2"),  # forbidden
+        compact("heartbeat", dev, BEAT_DATA, "k3").replace(b'"status"', b'"status":"x","status"'),  # invalid_json
+        compact("heartbeat", dev, {"system_metrics": {"n": 2**63}}, "k4"),  # uint64: the general path takes it
+        compact("heartbeat", dev, {"status": "caf\u00e9 ok"}, "k5").replace(b"\\\\", b"\\"),  # an escape
+        compact("heartbeat", dev, {"status": "ok", "more": {"a": [1]}}, "k6"),  # a field the schema allows
+        compact("heartbeat", dev, BEAT_DATA, "k7", colour="red"),  # unknown envelope field: invalid_message
+        compact("heartbeat", dev, {"active_tasks": -1}, "k8"),  # schema: invalid_message with its path
     ]
+
+
+def compact(message_type: str, sender: str, data: Any = None, mid: str = "m", **extra: Any) -> bytes:
+    return json.dumps(json.loads(frame(message_type, sender, data, mid, **extra)), separators=(",", ":")).encode()
 
 
 #: The ids of worker_frames() that get an answer.
 #: Errors that name no message are keyed "none-1", "none-2", ... in the order they came.
 #: (Strict JSON errors too: the frame's message_id is not trusted from a frame that is not strict JSON.)
 ANSWERED = ["b1", "b2", "none-1", "none-2", "b4", "b5", "b6", "none-3", "b7", "r1", "p1", "s1", "t1", "c1", "none-4",
-            "b9"]
+            "b9", "k1", "k2", "none-5", "k4", "k5", "k6", "k7", "k8"]
 
 
 def normalise(reply: Dict[str, Any], peer: Peer) -> Dict[str, Any]:
@@ -119,10 +132,13 @@ async def test_a_device_gets_the_same_replies_in_the_same_order(node: MainNode, 
         "b1": "ack", "b2": "forbidden", "none-1": "invalid_json", "none-2": "invalid_json", "b4": "invalid_message",
         "b5": "invalid_message", "b6": "ack", "none-3": "invalid_message", "b7": "ack", "r1": "not_found",
         "p1": "forbidden", "s1": "ack", "t1": "invalid_message", "c1": "not_found", "none-4": "invalid_json", "b9": "ack",
+        "k1": "ack", "k2": "forbidden", "none-5": "invalid_json", "k4": "ack", "k5": "ack", "k6": "ack",
+        "k7": "invalid_message", "k8": "invalid_message",
     }  # fmt: skip
     # The answers that need no commit or read leave in the order the frames came.
-    assert [mid for mid in replies if mid[0] in "bnpt"] == ["b1", "b2", "none-1", "none-2", "b4", "b5", "b6",
-                                                            "none-3", "b7", "p1", "t1", "none-4", "b9"]  # fmt: skip
+    assert [mid for mid in replies if mid[0] in "bnptk"] == ["b1", "b2", "none-1", "none-2", "b4", "b5", "b6",
+                                                             "none-3", "b7", "p1", "t1", "none-4", "b9", "k1", "k2",
+                                                             "none-5", "k4", "k5", "k6", "k7", "k8"]  # fmt: skip
     assert [p["message_type"] for p in pushes] == ["task_assign"]  # s1 went to the device that sent it
 
 
@@ -183,6 +199,35 @@ async def test_whole_frames_from_a_device_are_not_fed_to_the_framing_buffer(node
     assert fed == []  # nor the submission: it came on an authenticated connection
 
 
+async def test_a_compact_heartbeat_is_decoded_once_by_the_gate(node: MainNode, monkeypatch) -> None:
+    """Our worker's heartbeat never reaches codec.loads: msgspec decodes and checks it in one call."""
+    from retire_cluster.main import dispatch
+
+    if node.beat_gate is None:
+        pytest.skip("msgspec is not installed")
+
+    def no_loads(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("the general decoding ran")
+
+    worker = await fake_worker(node, "dev-1")
+    monkeypatch.setattr(dispatch, "loads", no_loads)
+    await worker.send_raw(compact("heartbeat", "dev-1", {**BEAT_DATA, "accepting": False, "reason": "on battery"},
+                                  "h1") + b"\n")
+    reply = await worker.recv()
+    assert (reply["message_type"], reply["data"]["original_message_id"]) == ("ack", "h1")
+    device = node.registry.get("dev-1")
+    assert device is not None
+    assert device.metrics == BEAT_DATA["system_metrics"] and not device.accepting and device.reason == "on battery"
+
+
+async def test_without_msgspec_heartbeats_take_the_rest_of_the_lane(node: MainNode, monkeypatch) -> None:
+    monkeypatch.setattr(node, "beat_gate", None)
+    worker = await fake_worker(node, "dev-1")
+    await worker.send_raw(compact("heartbeat", "dev-1", BEAT_DATA, "h1") + b"\n")
+    reply = await worker.recv()
+    assert (reply["message_type"], reply["data"]["original_message_id"]) == ("ack", "h1")
+
+
 async def test_a_write_cut_mid_frame_goes_through_the_buffer(node: MainNode) -> None:
     worker = await fake_worker(node, "dev-1")
     whole = frame("heartbeat", "dev-1", BEAT_DATA, "h1") + b"\n" + frame("heartbeat", "dev-1", BEAT_DATA, "h2")
@@ -213,6 +258,11 @@ _frames = st.one_of(
     # heartbeats, valid or not by their content
     st.builds(lambda metrics, tasks, mid: frame("heartbeat", "<dev>", {"system_metrics": metrics, "active_tasks": tasks},
                                                 mid),
+              st.dictionaries(st.text(max_size=70), _metric, max_size=34), st.integers(-2, 3),
+              st.text(min_size=0, max_size=5)),  # fmt: skip
+    # the same as our worker writes them (compact): offered to the heartbeat gate first
+    st.builds(lambda metrics, tasks, mid: compact("heartbeat", "<dev>",
+                                                  {"system_metrics": metrics, "active_tasks": tasks}, mid),
               st.dictionaries(st.text(max_size=70), _metric, max_size=34), st.integers(-2, 3),
               st.text(min_size=0, max_size=5)),  # fmt: skip
     st.sampled_from([f.replace(b"dev-x", b"<dev>") for f in worker_frames("dev-x")
