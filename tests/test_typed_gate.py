@@ -236,3 +236,12 @@ def test_an_integer_past_int64_goes_the_general_way(data: dict[str, Any]) -> Non
     frame = _frame_with({}, data)
     assert GATE.vouch(frame) is None
     assert _general(frame) is not None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.from_regex(r"\A-?(0|[1-9][0-9]{0,3})\.[0-9]{1,40}([eE][-+]?[0-9]{1,3})?\Z"))
+def test_a_long_decimal_is_read_as_the_general_path_reads_it(number: str) -> None:
+    """Both parsers round a number with more digits than a float holds to the same float (or the gate says nothing)."""
+    frame = b'{"message_type":"heartbeat","message_id":"h","sender_id":"d","data":{"system_metrics":{"x":%s}}}' % (
+        number.encode())
+    _check(frame)
