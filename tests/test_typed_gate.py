@@ -185,6 +185,10 @@ def test_the_gate_vouches_for_what_our_worker_sends(tmp_path: Path) -> None:
     b'\xef\xbb\xbf{"message_type":"heartbeat","message_id":"a","sender_id":"s","data":{}}',
     b'{"message_type":"heartbeat","message_id":"a","sender_id":"s","data":{"status":"\xff"}}',
     b'{"message_type":"heartbeat","message_id":"a","sender_id":"s","data":{"system_metrics":{"a":NaN}}}',
+    # not UTF-8: a surrogate, overlong forms, past U+10FFFF, a cut sequence (in a value and in a name)
+    *(b'{"message_type":"heartbeat","message_id":"a","sender_id":"s","data":{"status":"%s"}}' % bad
+      for bad in (b"\xed\xa0\x80", b"\xc0\xaf", b"\xe0\x80\xaf", b"\xf4\x90\x80\x80", b"\xf0\x9f\x98")),
+    b'{"message_type":"heartbeat","message_id":"a","sender_id":"s","data":{"system_metrics":{"\xed\xa0\x80":1}}}',
 ])
 def test_the_gate_says_nothing_about_frames_it_cannot_vouch_for(frame: bytes) -> None:
     assert isinstance(GATE, HeartbeatGate)
