@@ -52,6 +52,9 @@ __all__ = ["HEARTBEAT_PREFIX", "MAX_NESTING", "HeartbeatGate", "heartbeat_gate"]
 #: only frames that start so are offered to the gate.
 HEARTBEAT_PREFIX = b'{"message_type":"heartbeat"'
 
+#: What Handlers.beat reads from a heartbeat's data (vouch() hands on those the frame has).
+_BEAT_READS = ("system_metrics", "accepting", "reason")
+
 #: The deepest a frame the gate vouches for nests (frame, data, system_metrics, a list).
 MAX_NESTING = 4
 
@@ -113,14 +116,8 @@ class HeartbeatGate:
             return None
         if frame.count(b":") != self._encode(beat).count(b":"):
             return None  # a key given twice (msgspec keeps the last)
-        data: dict[str, Any] = {}
         fields = beat.data
-        if fields.system_metrics is not UNSET:
-            data["system_metrics"] = fields.system_metrics
-        if fields.accepting is not UNSET:
-            data["accepting"] = fields.accepting
-        if fields.reason is not UNSET:
-            data["reason"] = fields.reason
+        data = {name: value for name in _BEAT_READS if (value := getattr(fields, name)) is not UNSET}
         return beat.message_id, beat.sender_id, data
 
 

@@ -20,7 +20,8 @@ the hot path:
   it serve every check below.
 - Depth is checked on the bytes *before* parsing, so no parser ever recurses
   deeper than ``max_depth``. A frame with at most ``max_depth`` ``[`` and ``{``
-  bytes in total cannot be deeper (one ``count`` of the shape). Otherwise escapes and strings are cut out and the running depth
+  bytes in total cannot be deeper (one ``count`` of the shape). Otherwise
+  escapes and strings are cut out and the running depth
   before each closing bracket is computed with ``split`` and
   ``itertools.accumulate``: linear and in C, at worst 2-3 times the cost of
   orjson's own parse of the frame.
