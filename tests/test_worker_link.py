@@ -173,3 +173,63 @@ async def test_the_end_of_a_read_is_announced_when_handling_a_frame_failed() -> 
     link.connection_made(transport)
     link.data_received(frame("task_assign", 1))
     assert ends == [1] and transport.aborted
+
+
+async def test_reads_land_in_one_buffer_kept_for_the_connection() -> None:
+    """The transport reads into the Link's own buffer: no new bytes object (256 KiB, mmapped) per read."""
+    seen: List[Message] = []
+    link, _ = link_with(seen)
+    assert isinstance(link, asyncio.BufferedProtocol)
+    buf = link.get_buffer(-1)
+    data = frame("task_assign", 1) + frame("ack", 2)[:7]
+    buf[:len(data)] = data
+    link.buffer_updated(len(data))
+    assert [m.message_id for m in seen] == ["m-1"]
+    again = link.get_buffer(-1)
+    assert again is buf  # the same memory every read
+    rest = frame("ack", 2)[7:]
+    again[:len(rest)] = rest
+    link.buffer_updated(len(rest))
+    assert [m.message_id for m in seen] == ["m-1", "m-2"]
+
+
+async def test_a_frame_longer_than_the_read_buffer_arrives_whole_over_a_socket() -> None:
+    """Over a real loopback connection: a frame several times the buffer's size takes several reads."""
+    from retire_cluster.link import READ_BUFFER_BYTES
+
+    seen: List[Message] = []
+    got = asyncio.Event()
+
+    def on_message(msg: Message) -> None:
+        seen.append(msg)
+        if len(seen) == 2:
+            got.set()
+
+    big = json.dumps({"message_type": "task_assign", "message_id": "m-big", "sender_id": "main-node",
+                      "data": {"blob": "x" * (3 * READ_BUFFER_BYTES + 123)}}).encode() + b"\n"
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(big + frame("ack", 2))
+        await writer.drain()
+        await reader.read()  # until the Link closes
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reads: List[int] = []
+    loop = asyncio.get_running_loop()
+    transport, link = await loop.create_connection(lambda: Link(on_message, 1 << 20), "127.0.0.1", port)
+    real = link.buffer_updated
+
+    def counting(nbytes: int) -> None:
+        reads.append(nbytes)
+        real(nbytes)
+
+    link.buffer_updated = counting  # type: ignore[method-assign]
+    await asyncio.wait_for(got.wait(), 10)
+    assert seen[0].data["blob"] == "x" * (3 * READ_BUFFER_BYTES + 123)
+    assert seen[1].message_id == "m-2"
+    assert len(reads) >= 4 and max(reads) <= READ_BUFFER_BYTES
+    transport.close()
+    server.close()
+    await server.wait_closed()
