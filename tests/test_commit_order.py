@@ -10,6 +10,7 @@ only ever carries a state that is already on disk.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 from typing import Any, Dict, List, Optional, Tuple
@@ -57,6 +58,54 @@ async def test_running_rides_with_the_result_commit(node: MainNode, monkeypatch:
     row = on_disk(node, task_id)
     assert row["status"] == "completed" and row["started_at"][0] is not None
     assert node.store.commits == commits + 1  # running and completed: one commit
+
+
+async def test_running_is_not_written_when_the_result_comes_in_the_same_read(node: MainNode, monkeypatch: Any) -> None:
+    """An instant task's ack and result in one write: only the result's state is queued for the task.
+
+    The running state's write would be folded into the result's in the
+    transaction anyway; making it cost a snapshot, a future and a timer per task.
+    """
+    queued: List[Tuple[str, Any]] = []
+    write = node.store.write
+
+    def recording(ops: Any, **kw: Any) -> Any:
+        queued.extend((sql, params) for sql, params in ops)
+        return write(ops, **kw)
+
+    monkeypatch.setattr(node.store, "write", recording)
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    task_id = await submit(client)
+    push = await worker.next_push("task_assign")
+    task = push["data"]["task"]
+    queued.clear()
+    ack = {"message_type": "ack", "message_id": "a-1", "sender_id": worker.sender_id,
+           "data": {"original_message_id": push["message_id"], "result": {}}}
+    result = {"message_type": "task_result", "message_id": "r-1", "sender_id": worker.sender_id,
+              "data": {"task_id": task_id, "attempt": task["attempt"], "status": "completed",
+                       "execution_time": 0.01, "result": {"output": "hi"}}}
+    await worker.send_raw(json.dumps(ack).encode() + b"\n" + json.dumps(result).encode() + b"\n")
+    reply = await worker.reply_to("r-1")
+    assert reply["message_type"] == "ack"
+    await settle(node)
+    statuses = [params[0] for sql, params in queued if sql.startswith("UPDATE tasks") and params[-1] == task_id]
+    assert statuses == ["completed"]
+    row = on_disk(node, task_id)
+    assert row["status"] == "completed" and row["started_at"][0] is not None
+
+
+async def test_running_is_written_when_the_ack_comes_alone(node: MainNode, monkeypatch: Any) -> None:
+    """The ack alone (a task that takes a while): its running state is queued at the end of the pass."""
+    monkeypatch.setattr(store, "LAZY_COMMIT_S", 3600.0)
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    task_id = await submit(client)
+    await take_assignment(worker)
+    await settle(node)
+    assert node.lookup(task_id).status is TaskStatus.RUNNING
+    await node.store.flush()  # a commit for something else carries it
+    assert on_disk(node, task_id)["status"] == "running"
 
 
 async def test_lazy_running_is_committed_on_its_own_soon(node: MainNode, monkeypatch: Any) -> None:

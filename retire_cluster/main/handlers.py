@@ -200,8 +200,9 @@ class Handlers:
             current.started_at = now
         # Nothing acts on running rather than assigned (both are held by the
         # device, and recovery treats them alike), so this write waits for the
-        # next commit: usually the result's, moments later.
-        self.node.write_task(task, lazy=True)
+        # next commit (usually the result's, moments later), and is not made
+        # at all when the result came in the same read.
+        self.node.write_running(task)
 
     def task_result(self, conn: Connection, msg: Message) -> Result:
         device = self._device(conn)

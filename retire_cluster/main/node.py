@@ -174,6 +174,8 @@ class MainNode(Dispatcher):
         self._end_waiters: dict[str, list[Callable[[], None]]] = {}
         self.wait_hold_s = WAIT_HOLD_S
         self._held: list[Task] = []  # submissions with wait, until the next scheduling pass
+        #: (task, its version) marked running in this loop pass: written at its end (write_running)
+        self._running: list[tuple[Task, int]] = []
         #: tasks whose latest state failed to commit (a full or broken disk): written again at each tick
         self._unstored: dict[str, Task] = {}
         self._stopping = False
@@ -404,6 +406,26 @@ class MainNode(Dispatcher):
         fut = self.store.write(Store.update_task(task), lazy=lazy)
         fut.add_done_callback(lambda f: self._task_committed(f, task, version))
         return fut
+
+    def write_running(self, task: Task) -> None:
+        """Queue ``task``'s running state for a lazy commit at the end of this loop pass, unless a newer one replaces it.
+
+        A worker sends its ack and an instant task's result in one write, so
+        both come in one read. The result's write carries the whole row and
+        the attempt (``started_at`` included): the running state's own write
+        would be folded into it in the transaction and its publication skipped
+        as outdated. So it is made at the end of the pass, and only when
+        nothing newer of the task was queued by then.
+        """
+        if not self._running:
+            (self._loop or asyncio.get_running_loop()).call_soon(self._write_running)
+        self._running.append((task, task.version))
+
+    def _write_running(self) -> None:
+        marked, self._running = self._running, []
+        for task, version in marked:
+            if task.version == version and task.status is TaskStatus.RUNNING:
+                self.write_task(task, lazy=True)
 
     def _task_committed(self, fut: asyncio.Future[None], task: Task, version: int) -> None:
         """After a commit of ``task``'s state: publish it, or, when the disk refused it, write it again later.
