@@ -90,6 +90,8 @@ class Link(asyncio.BufferedProtocol):
         # certificate never reads from it) must not log "Future exception was never retrieved".
         self.closed.add_done_callback(_retrieve)
         self.messages = 0
+        #: frames of a read are being handled and ``on_read_end`` follows: what they queue goes out then
+        self.reading = False
         #: the error the main node sent unasked (original_message_id null): why it is closing
         self._farewell: Optional[Message] = None
 
@@ -110,6 +112,7 @@ class Link(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes) -> None:
         """Handle a chunk of the stream (what :meth:`buffer_updated` read, or bytes given directly)."""
+        self.reading = self._on_read_end is not None
         try:
             for event in self._stream.feed(data):
                 if isinstance(event, Message):
@@ -128,6 +131,7 @@ class Link(asyncio.BufferedProtocol):
             self.abort()
         finally:
             if self._on_read_end is not None:
+                self.reading = False
                 self._on_read_end()
 
     def eof_received(self) -> bool:

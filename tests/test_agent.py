@@ -239,6 +239,7 @@ async def test_unanswered_result_times_out_and_stays_in_the_outbox(tmp_path: Pat
         task_id = await submit(node, "echo", {"message": "hi"})
         await wait_until(lambda: swallowed and agent.tasks_finished == 1)
         await wait_until(lambda: not agent._pending)  # the wait ended (timed out) ...
+        assert not agent._results_sent
         assert [key[0] for key in agent.outbox] == [task_id]  # ... and the result is kept for a re-send
         assert not node.lookup(task_id).terminal
     finally:
@@ -248,10 +249,11 @@ async def test_unanswered_result_times_out_and_stays_in_the_outbox(tmp_path: Pat
 
 
 class RecordingWriter:
-    """Stands in for the StreamWriter: records each write() (one write is one send on the socket)."""
+    """Stands in for the Link: records each write() (one write is one send on the socket)."""
 
     def __init__(self) -> None:
         self.writes: list[bytes] = []
+        self.reading = False  # frames given to the agent directly, not in a Link's read
 
     def write(self, data: bytes) -> None:
         self.writes.append(data)
@@ -281,9 +283,10 @@ async def test_an_instant_tasks_ack_and_result_leave_in_one_write(tmp_path: Path
     frames = [json.loads(line) for line in writer.writes[0].splitlines()]
     assert [f["message_type"] for f in frames] == ["ack", "task_result"]
     assert frames[1]["data"]["result"]["output"] == "hi"
-    (waiting,) = agent._pending.values()  # the result waits for the main node's ack
-    waiting.set_result(Message("ack", "a-1", "main-node", {"original_message_id": frames[1]["message_id"]}))
-    await wait_until(lambda: not agent.running and not list(agent.outbox))
+    assert list(agent._pending) == [frames[1]["message_id"]]  # the result waits for the main node's ack
+    agent._on_message(Message("ack", "a-1", "main-node", {"original_message_id": frames[1]["message_id"]}))
+    assert not agent.running and not list(agent.outbox)  # handled as it was read: no loop pass needed
+    assert not agent._pending and not agent._results_sent
 
 
 async def test_an_instant_task_is_answered_in_the_pass_that_assigned_it(tmp_path: Path) -> None:
@@ -303,12 +306,12 @@ async def test_an_instant_task_is_answered_in_the_pass_that_assigned_it(tmp_path
     assert [f["message_type"] for f in frames] == ["ack", "task_result"]
     assert not agent.running and len(asyncio.all_tasks()) == tasks_before
     assert list(agent.outbox) == [("t-1", 1)]  # kept until the main node acknowledges it
-    (waiting,) = agent._pending.values()
-    waiting.set_result(Message("error", "e-1", "main-node",
-                               {"original_message_id": frames[1]["message_id"], "code": "forbidden",
-                                "error": "This device does not hold that task."}))
-    await wait_until(lambda: not list(agent.outbox))  # a refused result is not sent again
-    assert not agent._pending
+    assert list(agent._pending) == [frames[1]["message_id"]]
+    agent._on_message(Message("error", "e-1", "main-node",
+                              {"original_message_id": frames[1]["message_id"], "code": "forbidden",
+                               "error": "This device does not hold that task."}))
+    assert not list(agent.outbox)  # a refused result is not sent again
+    assert not agent._pending and not agent._results_sent
 
 
 async def test_an_instant_tasks_answer_is_written_in_the_read_that_assigned_it(tmp_path: Path) -> None:
@@ -323,15 +326,25 @@ async def test_an_instant_tasks_answer_is_written_in_the_read_that_assigned_it(t
     link.connection_made(writer)  # type: ignore[arg-type]
     agent._writer = link
     agent.registered.set()
+    flushes: list[object] = []
+    flush = agent._flush
+
+    def counting(to: Link) -> None:
+        flushes.append(to)
+        flush(to)
+
+    agent._flush = counting  # type: ignore[method-assign]
     assign = {"message_type": "task_assign", "message_id": "m-1", "sender_id": "main-node", "data": {"task": {
         "task_id": "t-1", "attempt": 1, "task_type": "echo", "payload": {"message": "hi"}, "timeout": 10}}}
     link.data_received(json.dumps(assign).encode() + b"\n")
     assert len(writer.writes) == 1, writer.writes  # before any loop pass
     frames = [json.loads(line) for line in writer.writes[0].splitlines()]
     assert [f["message_type"] for f in frames] == ["ack", "task_result"]
-    for _ in range(3):  # the flush _send scheduled finds nothing left: no second, empty write
+    for _ in range(3):
         await asyncio.sleep(0)
     assert len(writer.writes) == 1
+    # The read's end wrote them; no flush was scheduled for the end of the loop pass (a pass with nothing to do).
+    assert flushes == [link]
 
 
 def one_slot_agent_given_a_sleep(tmp_path: Path) -> "tuple[Agent, RecordingWriter]":

@@ -233,3 +233,25 @@ async def test_a_frame_longer_than_the_read_buffer_arrives_whole_over_a_socket()
     transport.close()
     server.close()
     await server.wait_closed()
+
+
+async def test_reading_is_set_while_a_reads_frames_are_handled() -> None:
+    """The agent queues, without scheduling a flush, what it sends while ``reading``: the read's end writes it."""
+    states: List[str] = []
+    link: Link
+
+    def on_message(msg: Message) -> None:
+        states.append(f"{msg.message_id}:{link.reading}")
+
+    def on_read_end() -> None:
+        states.append(f"end:{link.reading}")
+
+    link = Link(on_message, 1 << 20, on_read_end=on_read_end)
+    link.connection_made(FakeTransport())
+    link.data_received(frame("task_assign", 1) + frame("ack", 2))
+    assert states == ["m-1:True", "m-2:True", "end:False"]
+    assert not link.reading
+    plain = Link(lambda msg: states.append(f"plain:{plain.reading}"), 1 << 20)  # no read-end hook: never set
+    plain.connection_made(FakeTransport())
+    plain.data_received(frame("ack", 3))
+    assert states[-1] == "plain:False"

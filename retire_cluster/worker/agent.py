@@ -162,6 +162,8 @@ class Agent:
         self._writer: Optional[Link] = None
         self._out: "list[bytes]" = []  # frames queued in this loop pass, written together at its end
         self._pending: Dict[str, "asyncio.Future[Message]"] = {}
+        #: message_id of a task_result sent -> (its outbox key, the timer that gives up on its answer)
+        self._results_sent: Dict[str, "Tuple[Tuple[str, int], asyncio.TimerHandle]"] = {}
         self._stopping = asyncio.Event()
         self._last_activity = time.time()
         self.policy = OwnerPolicy(config.policy)
@@ -326,6 +328,9 @@ class Agent:
                 if not fut.done():
                     fut.set_exception(ConnectionError("connection closed"))
             self._pending.clear()
+            for _key, timer in self._results_sent.values():  # unanswered: sent again after the next register
+                timer.cancel()
+            self._results_sent.clear()
             link.close()
         if unanswered:
             fatal = await self._tls_needed()
@@ -475,10 +480,11 @@ class Agent:
         handled go out at the end of that read (:meth:`_read_ended`), the
         others at the end of the loop pass.
         """
-        if self._writer is None or self._writer.is_closing():
+        writer = self._writer
+        if writer is None or writer.is_closing():
             raise ConnectionError("not connected")
-        if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush, self._writer)
+        if not self._out and not writer.reading:
+            asyncio.get_running_loop().call_soon(self._flush, writer)
         self._out.append(encode(message))
 
     def _flush(self, writer: Link) -> None:
@@ -490,8 +496,9 @@ class Agent:
         """What the main node's frames of one read made us send goes out now, in one write.
 
         An instant task's ack and result then leave in the read's own
-        callback, one pass of the event loop sooner; the pass-end flush
-        that :meth:`_send` scheduled finds nothing left.
+        callback, one pass of the event loop sooner, and :meth:`_send`
+        schedules no flush at the end of the pass for them (a pass of the
+        loop that had nothing left to write).
         """
         if self._out and self._writer is not None:
             self._flush(self._writer)
@@ -533,9 +540,14 @@ class Agent:
     def _on_message(self, msg: Message) -> None:
         kind = msg.message_type
         if kind in ("ack", "error"):
-            fut = self._pending.pop(str(msg.data.get("original_message_id")), None)
+            answered = str(msg.data.get("original_message_id"))
+            fut = self._pending.pop(answered, None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
+            sent = self._results_sent.pop(answered, None)
+            if sent is not None:  # handled here, not by a callback of the future one loop pass later
+                sent[1].cancel()
+                self._result_answered(sent[0], msg)
         elif kind == "task_assign":
             self._on_assign(msg)
         elif kind == "task_cancel":
@@ -665,10 +677,12 @@ class Agent:
     def _send_result(self, key: Tuple[str, int]) -> "Optional[asyncio.Future[Message]]":
         """Send one outbox result; it leaves the outbox once acknowledged.
 
-        The reply is met by a callback, not a waiting coroutine: an instant
-        task needs no Task at all. No reply (the connection dropped, or
-        nothing within REQUEST_TIMEOUT_S) leaves it in the outbox for the
-        next register.
+        The reply is handled where it is read (:meth:`_on_message`), not by a
+        waiting coroutine or a callback of the returned future: an instant
+        task needs no Task at all, and no loop pass after the main node's
+        answer. No reply (the connection dropped, or nothing within
+        REQUEST_TIMEOUT_S) leaves it in the outbox for the next register.
+        The future (for :meth:`_deliver`) resolves with the reply.
         """
         data = self.outbox.get(key)
         if data is None:
@@ -680,19 +694,22 @@ class Agent:
             return None  # re-sent after the next register
         loop = asyncio.get_running_loop()
         fut: "asyncio.Future[Message]" = loop.create_future()
-        self._pending[msg.message_id] = fut
-        timer = loop.call_later(REQUEST_TIMEOUT_S, _expire, fut, "task_result")
-        fut.add_done_callback(lambda f: self._result_answered(key, msg.message_id, timer, f))
+        mid = msg.message_id
+        self._pending[mid] = fut
+        self._results_sent[mid] = (key, loop.call_later(REQUEST_TIMEOUT_S, self._result_unanswered, mid))
         return fut
 
-    def _result_answered(self, key: Tuple[str, int], message_id: str, timer: asyncio.TimerHandle,
-                         fut: "asyncio.Future[Message]") -> None:
-        timer.cancel()
-        self._pending.pop(message_id, None)
-        if fut.cancelled() or fut.exception() is not None:
-            return  # no answer: re-sent after the next register
+    def _result_unanswered(self, message_id: str) -> None:
+        """No answer to a result within REQUEST_TIMEOUT_S: it stays in the outbox, sent again after the next register."""
+        self._results_sent.pop(message_id, None)
+        fut = self._pending.pop(message_id, None)
+        if fut is not None:
+            _expire(fut, "task_result")
+            fut.exception()  # retrieved: nobody else may ask for it
+
+    def _result_answered(self, key: Tuple[str, int], reply: Message) -> None:
         try:
-            self._answer(fut.result())
+            self._answer(reply)
         except ProtocolError as exc:
             if exc.code in RESULT_RETRY_CODES:
                 # Not refused, not taken (a full disk on the main node, say): send it again later.
