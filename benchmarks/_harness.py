@@ -91,7 +91,8 @@ class MainNode:
     limit, so that one client can load the node.
     """
 
-    def __init__(self, *args: str, data_dir: Path | None = None, connections: int = 19_000) -> None:
+    def __init__(self, *args: str, data_dir: Path | None = None, connections: int = 19_000,
+                 prefix: tuple[str, ...] = ()) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="rc-bench-")
         self.data_dir = data_dir or Path(self.tmp.name) / "main"
         conf = Path(self.tmp.name) / "bench-main.json"
@@ -100,6 +101,7 @@ class MainNode:
                                     # would cap a single load-generating client
                                     "client_rate_per_s": 1_000_000.0, "client_burst": 1_000_000}))
         self.args = ("--config", str(conf), *args)
+        self.prefix = prefix  # a command that runs the node's Python (valgrind ..., for instructions.py)
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self.started_s = 0.0
@@ -107,7 +109,7 @@ class MainNode:
     def start(self) -> MainNode:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "retire_cluster", "main", "--host", "127.0.0.1", "--port", "0",
+            [*self.prefix, sys.executable, "-m", "retire_cluster", "main", "--host", "127.0.0.1", "--port", "0",
              "--data-dir", str(self.data_dir), "--log-level", "warning", *_no_http(), *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
         )
