@@ -42,12 +42,18 @@ async def updates(watcher: Peer) -> List[str]:
     return seen
 
 
-async def test_running_rides_with_the_result_commit(node: MainNode, monkeypatch: Any) -> None:
-    monkeypatch.setattr(store, "LAZY_COMMIT_S", 3600.0)  # only another commit may carry it
+async def accepted_task(node: MainNode, monkeypatch: Any, lazy_commit_s: float) -> Tuple[Peer, Dict[str, Any], str]:
+    """A task submitted, assigned to a fake worker and acknowledged by it: (the worker, the task, its id)."""
+    monkeypatch.setattr(store, "LAZY_COMMIT_S", lazy_commit_s)
     client = await Peer.connect(node)
     worker = await fake_worker(node)
     task_id = await submit(client)
     task = await take_assignment(worker)
+    return worker, task, task_id
+
+
+async def test_running_rides_with_the_result_commit(node: MainNode, monkeypatch: Any) -> None:
+    worker, task, task_id = await accepted_task(node, monkeypatch, 3600.0)  # only another commit may carry it
     for _ in range(5):  # let the ack be handled and any commit it started finish
         await asyncio.sleep(0)
     await asyncio.sleep(0.01)
@@ -97,11 +103,7 @@ async def test_running_is_not_written_when_the_result_comes_in_the_same_read(nod
 
 async def test_running_is_written_when_the_ack_comes_alone(node: MainNode, monkeypatch: Any) -> None:
     """The ack alone (a task that takes a while): its running state is queued at the end of the pass."""
-    monkeypatch.setattr(store, "LAZY_COMMIT_S", 3600.0)
-    client = await Peer.connect(node)
-    worker = await fake_worker(node)
-    task_id = await submit(client)
-    await take_assignment(worker)
+    _worker, _task, task_id = await accepted_task(node, monkeypatch, 3600.0)
     await settle(node)
     assert node.lookup(task_id).status is TaskStatus.RUNNING
     await node.store.flush()  # a commit for something else carries it
@@ -109,11 +111,7 @@ async def test_running_is_written_when_the_ack_comes_alone(node: MainNode, monke
 
 
 async def test_lazy_running_is_committed_on_its_own_soon(node: MainNode, monkeypatch: Any) -> None:
-    monkeypatch.setattr(store, "LAZY_COMMIT_S", 0.0)
-    client = await Peer.connect(node)
-    worker = await fake_worker(node)
-    task_id = await submit(client)
-    await take_assignment(worker)
+    _worker, _task, task_id = await accepted_task(node, monkeypatch, 0.0)
     for _ in range(500):
         if on_disk(node, task_id)["status"] == "running":
             break
@@ -122,11 +120,7 @@ async def test_lazy_running_is_committed_on_its_own_soon(node: MainNode, monkeyp
 
 
 async def test_lazy_write_is_committed_at_stop(tmp_path: Any, node: MainNode, monkeypatch: Any) -> None:
-    monkeypatch.setattr(store, "LAZY_COMMIT_S", 3600.0)
-    client = await Peer.connect(node)
-    worker = await fake_worker(node)
-    task_id = await submit(client)
-    await take_assignment(worker)
+    _worker, _task, task_id = await accepted_task(node, monkeypatch, 3600.0)
     await asyncio.sleep(0.01)
     assert node.lookup(task_id).status is TaskStatus.RUNNING
     await node.stop()
