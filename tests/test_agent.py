@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from pathlib import Path
 
@@ -458,3 +459,28 @@ async def test_a_cancelled_tasks_slot_takes_the_next_task_sent_with_the_cancel(t
     assert replies == {"m-1": "ack", "m-3": "ack"}
     results = {f["data"]["task_id"]: f["data"]["status"] for f in frames if f["message_type"] == "task_result"}
     assert results == {"t-1": "cancelled", "t-2": "completed"}
+
+
+async def test_a_result_unanswered_when_the_connection_ends_is_kept_without_noise(tmp_path: Path) -> None:
+    """The connection ends while a result waits for its answer: the result stays in the outbox for the next
+    register, its timer is cancelled, and its future's ConnectionError (nobody awaits it) is retrieved, so
+    it is not logged as "Future exception was never retrieved"."""
+    from retire_cluster.protocol.messages import Message
+
+    agent = Agent(WorkerConfig(device_id="x", data_dir=tmp_path))
+    agent._writer = RecordingWriter()  # type: ignore[assignment]
+    agent.registered.set()
+    agent._on_message(Message("task_assign", "m-1", "main-node", {"task": {
+        "task_id": "t-1", "attempt": 1, "task_type": "echo", "payload": {"message": "hi"}, "timeout": 10}}))
+    (waiting,) = agent._pending.values()
+    ((_key, timer),) = agent._results_sent.values()
+    reported: list = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx["message"]))
+    agent._connection_ended()
+    assert waiting.done() and not waiting.cancelled()
+    assert timer.cancelled() and not agent._results_sent and not agent._pending
+    assert list(agent.outbox) == [("t-1", 1)]  # sent again after the next register
+    del waiting  # the last reference: an unretrieved exception would be reported now
+    gc.collect()
+    await asyncio.sleep(0)
+    assert reported == []

@@ -321,16 +321,7 @@ class Agent:
             if not unanswered:
                 log.warning("connection to main node lost (%s)", exc or type(exc).__name__)
         finally:
-            self.registered.clear()
-            self.outbox.spill()  # unacknowledged results survive a restart from now on
-            self._writer = None
-            for fut in self._pending.values():
-                if not fut.done():
-                    fut.set_exception(ConnectionError("connection closed"))
-            self._pending.clear()
-            for _key, timer in self._results_sent.values():  # unanswered: sent again after the next register
-                timer.cancel()
-            self._results_sent.clear()
+            self._connection_ended()
             link.close()
         if unanswered:
             fatal = await self._tls_needed()
@@ -338,6 +329,21 @@ class Agent:
                 raise fatal
             log.warning("connection to main node lost (the main node closed it before answering)")
         return failures
+
+    def _connection_ended(self) -> None:
+        """The connection is gone: requests waiting for an answer fail, results wait for the next register."""
+        self.registered.clear()
+        self.outbox.spill()  # unacknowledged results survive a restart from now on
+        self._writer = None
+        for mid, fut in self._pending.items():
+            if not fut.done():
+                fut.set_exception(ConnectionError("connection closed"))
+                if mid in self._results_sent:
+                    fut.exception()  # retrieved: a result's future has no one to raise it to
+        self._pending.clear()
+        for _key, timer in self._results_sent.values():  # unanswered: sent again after the next register
+            timer.cancel()
+        self._results_sent.clear()
 
     async def _tls_needed(self) -> "Optional[FatalError]":
         """After a plain connection the main node closed without a word: is it because it speaks TLS?
@@ -703,9 +709,9 @@ class Agent:
         """No answer to a result within REQUEST_TIMEOUT_S: it stays in the outbox, sent again after the next register."""
         self._results_sent.pop(message_id, None)
         fut = self._pending.pop(message_id, None)
-        if fut is not None:
+        if fut is not None and not fut.done():
             _expire(fut, "task_result")
-            fut.exception()  # retrieved: nobody else may ask for it
+            fut.exception()  # retrieved: a result's future has no one to raise it to
 
     def _result_answered(self, key: Tuple[str, int], reply: Message) -> None:
         try:
