@@ -8,9 +8,11 @@ StreamWriter did (write, drain, close) on the transport's own flow control.
 
 A buffered protocol: the socket is read into one buffer the Link keeps
 (``recv_into``), not into a new 256 KiB bytes object per read. glibc hands
-an allocation that large out by mmap, so on asyncio's own loop every read
-cost an mmap, an mremap and a munmap (and the page faults in between), more
-system time per round trip than the worker's Python for an echo task.
+an allocation that large out by mmap unless something raised its threshold
+first, so on asyncio's own loop a read could cost an mmap, an mremap and a
+munmap (and the page faults in between): in the worker processes where it
+happened, more system time per round trip than the worker's Python for an
+echo task.
 
 Python 3.9 syntax and the standard library only.
 """

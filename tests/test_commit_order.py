@@ -303,3 +303,18 @@ async def test_acknowledged_assignment_lost_with_the_connection_is_worker_lost(n
     again = await fake_worker(node)
     await take_assignment(again)
     assert [a.outcome for a in node.lookup(task_id).attempts] == ["worker_lost", None]
+
+
+async def test_a_running_state_marked_as_the_node_stops_is_not_written(node: MainNode, monkeypatch: Any) -> None:
+    """The store closed before the end of the pass: the lazy running write is dropped, not raised into the loop."""
+    _worker, _task, task_id = await accepted_task(node, monkeypatch, 3600.0)
+    await settle(node)
+    task = node.lookup(task_id)
+    reported: List[str] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx["message"]))
+    await node.stop()
+    node.write_running(task)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert reported == []
+    assert on_disk(node, task_id)["status"] == "running"  # the earlier state, committed at the stop

@@ -423,6 +423,8 @@ class MainNode(Dispatcher):
 
     def _write_running(self) -> None:
         marked, self._running = self._running, []
+        if not self.store.is_open:  # stopped meanwhile: recovery takes assigned for running anyway
+            return
         for task, version in marked:
             if task.version == version and task.status is TaskStatus.RUNNING:
                 self.write_task(task, lazy=True)
