@@ -111,11 +111,6 @@ def _json_size_bound(value: Any, depth: int = 2) -> Optional[int]:
     return None
 
 
-def _expire(fut: "asyncio.Future[Any]", message_type: str) -> None:
-    if not fut.done():
-        fut.set_exception(asyncio.TimeoutError(f"no reply to {message_type} within {REQUEST_TIMEOUT_S:g} s"))
-
-
 class FatalError(Exception):
     """Retrying cannot help (the token was refused); the worker exits."""
 
@@ -710,7 +705,7 @@ class Agent:
         self._results_sent.pop(message_id, None)
         fut = self._pending.pop(message_id, None)
         if fut is not None and not fut.done():
-            _expire(fut, "task_result")
+            fut.set_exception(asyncio.TimeoutError(f"no reply to task_result within {REQUEST_TIMEOUT_S:g} s"))
             fut.exception()  # retrieved: a result's future has no one to raise it to
 
     def _result_answered(self, key: Tuple[str, int], reply: Message) -> None:
