@@ -177,6 +177,78 @@ async def test_a_waited_reply_is_written_at_once_and_the_rest_of_the_pass_togeth
     assert len(transport.writes) == 3
 
 
+async def test_a_lazy_reply_waits_for_the_next_frame_to_its_peer_and_leaves_first(node: MainNode) -> None:
+    from retire_cluster.main import server
+    from retire_cluster.main.server import Connection
+
+    conn = Connection(node)
+    transport = RecordingTransport()
+    conn.connection_made(transport)
+    conn.send_lazy(b"result-ack\n")
+    await asyncio.sleep(0)
+    assert transport.writes == []  # not at once, nor at the end of the pass
+    timer = conn._lazy_timer
+    assert timer is not None
+    assert timer.when() - asyncio.get_running_loop().time() <= server.LAZY_REPLY_S
+    conn.send_bytes(b"assign\n")
+    await asyncio.sleep(0)
+    assert transport.writes == [b"result-ack\nassign\n"]  # one write, in the order queued
+    assert conn._lazy_timer is None and timer.cancelled()
+
+
+async def test_a_lazy_reply_alone_is_written_when_its_wait_is_up(node: MainNode) -> None:
+    from retire_cluster.main.server import Connection
+
+    conn = Connection(node)
+    transport = RecordingTransport()
+    conn.connection_made(transport)
+    conn.send_lazy(b"ack-1\n")
+    conn.send_lazy(b"ack-2\n")
+    timer = conn._lazy_timer
+    assert timer is not None and timer._callback == conn._lazy_due and transport.writes == []
+    timer.cancel()
+    conn._lazy_due()  # what the timer runs LAZY_REPLY_S later (no sleep in a test)
+    assert transport.writes == [b"ack-1\nack-2\n"] and conn._lazy_timer is None
+
+
+async def test_a_lazy_reply_joins_a_flush_already_due_and_arms_no_timer(node: MainNode) -> None:
+    from retire_cluster.main.server import Connection
+
+    conn = Connection(node)
+    transport = RecordingTransport()
+    conn.connection_made(transport)
+    conn.send_bytes(b"push\n")
+    conn.send_lazy(b"ack\n")
+    assert conn._lazy_timer is None
+    await asyncio.sleep(0)
+    assert transport.writes == [b"push\nack\n"]
+    conn.send_lazy(b"ack-2\n")
+    conn.close()  # close writes what is queued, lazy replies included, and leaves no timer
+    assert transport.writes[-1] == b"ack-2\n" and conn._lazy_timer is None
+
+
+async def test_the_ack_of_a_task_result_is_lazy_and_other_acks_are_not(node: MainNode) -> None:
+    from retire_cluster.main.server import Connection
+    from retire_cluster.protocol.messages import Message
+
+    conn = Connection(node)
+    transport = RecordingTransport()
+    conn.connection_made(transport)
+    loop = asyncio.get_running_loop()
+
+    def answer(mtype: str) -> None:
+        fut = loop.create_future()
+        fut.set_result({"task_id": "t"})
+        node._finish_future(conn, Message(mtype, f"m-{mtype}", "dev", {}), fut)
+
+    answer("task_result")
+    assert transport.writes == [] and conn._lazy_timer is not None
+    answer("task_submit")  # a reply someone waits on: written at once, the lazy one ahead of it
+    assert len(transport.writes) == 1 and conn._lazy_timer is None
+    first, second = transport.writes[0].splitlines()
+    assert b'"m-task_result"' in first and b'"m-task_submit"' in second
+
+
 async def test_the_replies_to_one_read_are_written_together_when_it_is_handled(node: MainNode) -> None:
     """No call_soon per connection: the replies leave in one write before data_received returns."""
     from conftest import register_data

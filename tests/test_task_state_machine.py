@@ -50,6 +50,7 @@ class FakeConn:
             self.received.append(loads(frame))
 
     send_now = send_bytes  # a reply that waited for a commit (written at once on a real connection)
+    send_lazy = send_bytes  # the ack of a result (with the next frame, on a real connection)
 
     def close(self) -> None:
         self.closed = True

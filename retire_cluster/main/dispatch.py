@@ -32,6 +32,8 @@ log = logging.getLogger("retire_cluster.main")
 
 #: The frames the express lane takes (Dispatcher.express): what devices and clients send most.
 EXPRESS_TYPES = frozenset({"heartbeat", "task_result", "task_progress", "task_submit", *REPLY_TYPES})
+#: The acks that nobody waits on: each leaves with the next frame to its peer (Connection.send_lazy).
+LAZY_REPLIES = frozenset({"task_result"})
 _new_object = object.__new__
 
 
@@ -219,7 +221,11 @@ class Dispatcher:
         try:
             if exc is not None:
                 raise exc
-            conn.send_now(encode_ack(msg.message_id, fut.result(), utc_timestamp(self.clock())))
+            frame = encode_ack(msg.message_id, fut.result(), utc_timestamp(self.clock()))
+            if msg.message_type in LAZY_REPLIES:
+                conn.send_lazy(frame)
+            else:
+                conn.send_now(frame)
         except RemoteProtocolError as err:
             self.reply_error(conn, msg.message_id, err)
         except Exception:

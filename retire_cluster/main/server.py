@@ -73,6 +73,10 @@ log = logging.getLogger("retire_cluster.server")
 #: After close(): how long a peer has to read our last replies and hang up.
 LINGER_S = 2.0
 
+#: How long a reply nobody waits on (the ack of a device's task_result) may wait for the next
+#: frame to its peer, so that both leave in one write (Connection.send_lazy).
+LAZY_REPLY_S = 0.005
+
 #: How an HTTP request starts (RFC 9110 methods, then a space): never a JSON frame.
 HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"CONNECT ", b"OPTIONS ", b"TRACE ",
                 b"PATCH ")
@@ -113,6 +117,7 @@ class Connection(asyncio.Protocol):
         self._refilled = self._loop.time()
         self._auth_timer: asyncio.TimerHandle | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
+        self._lazy_timer: asyncio.TimerHandle | None = None  # writes a lazy reply nothing else took along
         self._write_paused = False
         self._queued_while_paused = 0
         self._stopped_reading = False  # the node is stopping (stop_reading)
@@ -347,8 +352,30 @@ class Connection(asyncio.Protocol):
             self.flush()
             self._flush_scheduled = True  # send_bytes scheduled a flush: later frames of this pass join it
 
+    def send_lazy(self, frame: bytes) -> None:
+        """Queue a reply nobody waits on: it leaves with the next frame written to this peer, or after LAZY_REPLY_S.
+
+        The ack of a device's ``task_result`` only lets the device drop the
+        result from its outbox. Written at once, it costs a write here and
+        a wake-up and a read there; a device that is sent its next task
+        within moments reads both in one read. A frame queued after it is
+        still written after it.
+        """
+        if self.closed:
+            return
+        self._out.append(frame)
+        if not self._flush_scheduled and not self._reading and self._lazy_timer is None:
+            self._lazy_timer = self._loop.call_later(LAZY_REPLY_S, self._lazy_due)
+
+    def _lazy_due(self) -> None:
+        self._lazy_timer = None
+        self.flush()
+
     def flush(self) -> None:
         self._flush_scheduled = False
+        if self._lazy_timer is not None:  # what it waited for leaves now
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
         if not self._out or self.closed or self.transport is None:
             return
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
@@ -391,10 +418,10 @@ class Connection(asyncio.Protocol):
         self.abort()
 
     def _cancel_timers(self) -> None:
-        for timer in (self._auth_timer, self._drain_timer):
+        for timer in (self._auth_timer, self._drain_timer, self._lazy_timer):
             if timer is not None:
                 timer.cancel()
-        self._auth_timer = self._drain_timer = None
+        self._auth_timer = self._drain_timer = self._lazy_timer = None
 
     # -- closing ----------------------------------------------------------
 
