@@ -177,6 +177,20 @@ async def test_a_waited_reply_is_written_at_once_and_the_rest_of_the_pass_togeth
     assert len(transport.writes) == 3
 
 
+async def test_frames_written_now_take_what_is_queued_along_and_leave_no_flush_behind(node: MainNode) -> None:
+    from retire_cluster.main.server import Connection
+
+    conn = Connection(node)
+    transport = RecordingTransport()
+    conn.connection_made(transport)
+    conn.send_lazy(b"result-ack\n")
+    conn.write_now([b"assign-1\n", b"assign-2\n"])  # how a pass's assignments to a device leave
+    assert transport.writes == [b"result-ack\nassign-1\nassign-2\n"]
+    assert not conn._flush_scheduled and conn._lazy_timer is None
+    await asyncio.sleep(0)
+    assert len(transport.writes) == 1
+
+
 async def test_a_lazy_reply_waits_for_the_next_frame_to_its_peer_and_leaves_first(node: MainNode) -> None:
     from retire_cluster.main import server
     from retire_cluster.main.server import Connection

@@ -561,7 +561,7 @@ class MainNode(Dispatcher):
         after its commit: a device may hold that task's attempt number
         across a restart, so it must be on disk before anyone hears it.
         """
-        touched: dict[int, Connection] = {}
+        frames: dict[Connection, list[bytes]] = {}
         now = self.clock()
         for task, device, attempt, _version in sent:
             if not task.held_by(device.device_id, attempt):
@@ -574,7 +574,7 @@ class MainNode(Dispatcher):
             if len(pending) >= PENDING_ASSIGNS_MAX:  # a peer that never answers: forget its oldest
                 del pending[next(iter(pending))]
             pending[mid] = (task.task_id, attempt)
-            conn.send(
+            frame = encode(
                 Message(
                     "task_assign",
                     mid,
@@ -584,9 +584,13 @@ class MainNode(Dispatcher):
                     timestamp=utc_timestamp(now),
                 )
             )
-            touched[id(conn)] = conn
-        for conn in touched.values():
-            conn.flush()
+            queued = frames.get(conn)
+            if queued is None:
+                frames[conn] = [frame]
+            else:
+                queued.append(frame)
+        for conn, batch in frames.items():
+            conn.write_now(batch)
 
     def _assignments_committed(
         self,

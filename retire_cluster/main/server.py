@@ -352,6 +352,13 @@ class Connection(asyncio.Protocol):
             self.flush()
             self._flush_scheduled = True  # send_bytes scheduled a flush: later frames of this pass join it
 
+    def write_now(self, frames: list[bytes]) -> None:
+        """Write ``frames`` now, after whatever is queued, in one write (no flush left for the end of the pass)."""
+        if self.closed:
+            return
+        self._out.extend(frames)
+        self.flush()
+
     def send_lazy(self, frame: bytes) -> None:
         """Queue a reply nobody waits on: it leaves with the next frame written to this peer, or after LAZY_REPLY_S.
 
