@@ -95,7 +95,9 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
     updated: list[float] = []
     samples: list[float] = []
     through_client: list[float] = []
-    waited_cpu = [0.0, 0.0]  # main node, workers: CPU seconds spent during the waited round trips
+    # main node, workers, this process (the submitter): CPU seconds spent during the waited round trips
+    waited_cpu = [0.0, 0.0, 0.0]
+    me = psutil.Process()
     block = max(1, round_trips // ROUND_TRIP_BLOCKS)
     for done_trips in range(0, round_trips, block):
         count = min(block, round_trips - done_trips)
@@ -104,10 +106,11 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
         updated += await round_trip_samples(client.request, state, echo, count)
         client.close()
         waiter = await Requester(node.token, lambda _msg: None, sender_id="bench-wait").open(node.port)
-        main_cpu0, worker_cpu0 = node.cpu_s(), sum(map(cpu_s, workers))
+        main_cpu0, worker_cpu0, my_cpu0 = node.cpu_s(), sum(map(cpu_s, workers)), cpu_s(me)
         samples += await waited_round_trips(waiter.request, echo, count)
         waited_cpu[0] += node.cpu_s() - main_cpu0
         waited_cpu[1] += sum(map(cpu_s, workers)) - worker_cpu0
+        waited_cpu[2] += cpu_s(me) - my_cpu0
         waiter.close()
         through_client += await client_round_trips(node, echo, count)
     updated.sort()
@@ -119,10 +122,12 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
             "worker_cpu_us_per_task": round(1e6 * worker_cpu / tasks),
             "round_trip_p50_ms": round(1000 * percentile(samples, 0.5), 3),
             "round_trip_p99_ms": round(1000 * percentile(samples, 0.99), 3),
-            # A round trip's path is serial (client, main node, SQLite's thread, worker): it costs
-            # about the CPU spent on it (psutil, whose clock ticks are 10 ms: a few % off at 500).
+            # A round trip's path is serial (client, main node, SQLite's thread, worker), and on a
+            # VM that packs tasks onto one vCPU they take turns: it costs about the CPU all of them
+            # spend on it (benchmarks/README.md, "Why the round trip follows CPU here").
             "round_trip_main_cpu_us": round(1e6 * waited_cpu[0] / round_trips),
             "round_trip_worker_cpu_us": round(1e6 * waited_cpu[1] / round_trips),
+            "round_trip_submitter_cpu_us": round(1e6 * waited_cpu[2] / round_trips),
             "round_trip_update_p50_ms": round(1000 * percentile(updated, 0.5), 3),
             "round_trip_update_p99_ms": round(1000 * percentile(updated, 0.99), 3),
             "round_trip_client_p50_ms": round(1000 * percentile(through_client, 0.5), 3),
@@ -210,7 +215,7 @@ def main() -> None:
               f"{r['tasks_per_s']:,} tasks/s (main CPU {r['main_cpu_us_per_task']} µs/task, workers "
               f"{r['worker_cpu_us_per_task']})  round trip p50 {r['round_trip_p50_ms']} ms  "
               f"p99 {r['round_trip_p99_ms']} ms (CPU per round trip: main {r['round_trip_main_cpu_us']} µs, "
-              f"workers {r['round_trip_worker_cpu_us']}; via task_update p50 {r['round_trip_update_p50_ms']} ms, "
+              f"workers {r['round_trip_worker_cpu_us']}, submitter {r['round_trip_submitter_cpu_us']}; via task_update p50 {r['round_trip_update_p50_ms']} ms, "
               f"via AsyncClient.run() p50 {r['round_trip_client_p50_ms']} ms)  main RSS {r['main_rss_mib']} MiB (rest "
               f"{r['main_rss_at_rest_mib']})  workers {r['worker_rss_mib']} MiB (rest {r['worker_rss_at_rest_mib']}, "
               f"{r['worker_slots']} slots)") for r in rows]
