@@ -9,6 +9,7 @@ import pytest
 from conftest import FakeClock, Peer, RecordingTransport, make_config
 
 from retire_cluster.main import MainNode
+from retire_cluster.main.server import Connection
 
 
 async def test_frame_without_token_is_unauthorized_and_not_acted_on(node: MainNode) -> None:
@@ -158,12 +159,16 @@ async def test_token_is_created_once_with_private_mode(tmp_path, clock: FakeCloc
     assert (config.token_path.stat().st_mode & 0o777) == 0o600
 
 
-async def test_a_waited_reply_is_written_at_once_and_the_rest_of_the_pass_together(node: MainNode) -> None:
-    from retire_cluster.main.server import Connection
-
+def recorded_connection(node: MainNode) -> tuple[Connection, RecordingTransport]:
+    """A Connection of ``node`` whose writes a RecordingTransport keeps."""
     conn = Connection(node)
     transport = RecordingTransport()
     conn.connection_made(transport)
+    return conn, transport
+
+
+async def test_a_waited_reply_is_written_at_once_and_the_rest_of_the_pass_together(node: MainNode) -> None:
+    conn, transport = recorded_connection(node)
     conn.send_now(b"reply-1\n")
     assert transport.writes == [b"reply-1\n"]  # not at the end of the loop pass
     conn.send_bytes(b"push\n")
@@ -178,11 +183,7 @@ async def test_a_waited_reply_is_written_at_once_and_the_rest_of_the_pass_togeth
 
 
 async def test_frames_written_now_take_what_is_queued_along_and_leave_no_flush_behind(node: MainNode) -> None:
-    from retire_cluster.main.server import Connection
-
-    conn = Connection(node)
-    transport = RecordingTransport()
-    conn.connection_made(transport)
+    conn, transport = recorded_connection(node)
     conn.send_lazy(b"result-ack\n")
     conn.write_now([b"assign-1\n", b"assign-2\n"])  # how a pass's assignments to a device leave
     assert transport.writes == [b"result-ack\nassign-1\nassign-2\n"]
@@ -193,11 +194,8 @@ async def test_frames_written_now_take_what_is_queued_along_and_leave_no_flush_b
 
 async def test_a_lazy_reply_waits_for_the_next_frame_to_its_peer_and_leaves_first(node: MainNode) -> None:
     from retire_cluster.main import server
-    from retire_cluster.main.server import Connection
 
-    conn = Connection(node)
-    transport = RecordingTransport()
-    conn.connection_made(transport)
+    conn, transport = recorded_connection(node)
     conn.send_lazy(b"result-ack\n")
     await asyncio.sleep(0)
     assert transport.writes == []  # not at once, nor at the end of the pass
@@ -211,11 +209,7 @@ async def test_a_lazy_reply_waits_for_the_next_frame_to_its_peer_and_leaves_firs
 
 
 async def test_a_lazy_reply_alone_is_written_when_its_wait_is_up(node: MainNode) -> None:
-    from retire_cluster.main.server import Connection
-
-    conn = Connection(node)
-    transport = RecordingTransport()
-    conn.connection_made(transport)
+    conn, transport = recorded_connection(node)
     conn.send_lazy(b"ack-1\n")
     conn.send_lazy(b"ack-2\n")
     timer = conn._lazy_timer
@@ -226,11 +220,7 @@ async def test_a_lazy_reply_alone_is_written_when_its_wait_is_up(node: MainNode)
 
 
 async def test_a_lazy_reply_joins_a_flush_already_due_and_arms_no_timer(node: MainNode) -> None:
-    from retire_cluster.main.server import Connection
-
-    conn = Connection(node)
-    transport = RecordingTransport()
-    conn.connection_made(transport)
+    conn, transport = recorded_connection(node)
     conn.send_bytes(b"push\n")
     conn.send_lazy(b"ack\n")
     assert conn._lazy_timer is None
@@ -242,12 +232,9 @@ async def test_a_lazy_reply_joins_a_flush_already_due_and_arms_no_timer(node: Ma
 
 
 async def test_the_ack_of_a_task_result_is_lazy_and_other_acks_are_not(node: MainNode) -> None:
-    from retire_cluster.main.server import Connection
     from retire_cluster.protocol.messages import Message
 
-    conn = Connection(node)
-    transport = RecordingTransport()
-    conn.connection_made(transport)
+    conn, transport = recorded_connection(node)
     loop = asyncio.get_running_loop()
 
     def answer(mtype: str) -> None:
@@ -267,11 +254,7 @@ async def test_the_replies_to_one_read_are_written_together_when_it_is_handled(n
     """No call_soon per connection: the replies leave in one write before data_received returns."""
     from conftest import register_data
 
-    from retire_cluster.main.server import Connection
-
-    conn = Connection(node)
-    transport = RecordingTransport()
-    conn.connection_made(transport)
+    conn, transport = recorded_connection(node)
 
     def frame(mtype: str, mid: str, data: dict) -> bytes:
         return json.dumps({"message_type": mtype, "message_id": mid, "sender_id": "dev-9",
@@ -295,7 +278,6 @@ async def test_the_replies_to_one_read_are_written_together_when_it_is_handled(n
 
 async def test_a_stopping_node_reads_nothing_more_even_when_writing_resumes(node: MainNode) -> None:
     """stop_reading holds against resume_writing, which used to turn reading back on during the stop."""
-    from retire_cluster.main.server import Connection
 
     class Pausable(RecordingTransport):
         reading = True
