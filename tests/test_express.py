@@ -64,6 +64,17 @@ def worker_frames(dev: str) -> List[bytes]:
         compact("heartbeat", dev, {"status": "ok", "more": {"a": [1]}}, "k6"),  # a field the schema allows
         compact("heartbeat", dev, BEAT_DATA, "k7", colour="red"),  # unknown envelope field: invalid_message
         compact("heartbeat", dev, {"active_tasks": -1}, "k8"),  # schema: invalid_message with its path
+        # A worker's task_result and ack as it writes them: offered to the task-end gate (main/typed.py).
+        compact("task_result", dev, {"task_id": "nope", "attempt": 1, "status": "completed", "execution_time": 0.5,
+                                     "result": {"output": "x", "exit_code": 0, "truncated": False, "metrics": {}}},
+                "r2"),  # not_found, as the loose one above
+        compact("task_result", dev, {"task_id": "nope", "attempt": 0, "status": "completed"}, "r3"),  # invalid_message
+        compact("task_result", dev, {"task_id": "nope", "attempt": 1, "status": "completed"}, "r4").replace(
+            b'"attempt"', b'"attempt":1,"attempt"'),  # a key given twice: invalid_json
+        compact("ack", dev, {"original_message_id": "never-sent", "result": {"task_id": "t"}}, "a2"),  # no answer
+        compact("task_result", "someone-else", {"task_id": "nope", "attempt": 1, "status": "failed"}, "r5"),  # forbidden
+        compact("task_result", dev, {"task_id": "nope", "attempt": 1, "status": "timeout",
+                                     "result": {"metrics": {"nested": {"a": 1}}}}, "r6"),  # allowed; not the gate's
     ]
 
 
@@ -75,7 +86,7 @@ def compact(message_type: str, sender: str, data: Any = None, mid: str = "m", **
 #: Errors that name no message are keyed "none-1", "none-2", ... in the order they came.
 #: (Strict JSON errors too: the frame's message_id is not trusted from a frame that is not strict JSON.)
 ANSWERED = ["b1", "b2", "none-1", "none-2", "b4", "b5", "b6", "none-3", "b7", "r1", "p1", "s1", "t1", "c1", "none-4",
-            "b9", "k1", "k2", "none-5", "k4", "k5", "k6", "k7", "k8"]
+            "b9", "k1", "k2", "none-5", "k4", "k5", "k6", "k7", "k8", "r2", "r3", "none-6", "r5", "r6"]
 
 
 def normalise(reply: Dict[str, Any], peer: Peer) -> Dict[str, Any]:
@@ -133,12 +144,14 @@ async def test_a_device_gets_the_same_replies_in_the_same_order(node: MainNode, 
         "b5": "invalid_message", "b6": "ack", "none-3": "invalid_message", "b7": "ack", "r1": "not_found",
         "p1": "forbidden", "s1": "ack", "t1": "invalid_message", "c1": "not_found", "none-4": "invalid_json", "b9": "ack",
         "k1": "ack", "k2": "forbidden", "none-5": "invalid_json", "k4": "ack", "k5": "ack", "k6": "ack",
-        "k7": "invalid_message", "k8": "invalid_message",
+        "k7": "invalid_message", "k8": "invalid_message", "r2": "not_found", "r3": "invalid_message",
+        "none-6": "invalid_json", "r5": "forbidden", "r6": "not_found",
     }  # fmt: skip
     # The answers that need no commit or read leave in the order the frames came.
     assert [mid for mid in replies if mid[0] in "bnptk"] == ["b1", "b2", "none-1", "none-2", "b4", "b5", "b6",
                                                              "none-3", "b7", "p1", "t1", "none-4", "b9", "k1", "k2",
-                                                             "none-5", "k4", "k5", "k6", "k7", "k8"]  # fmt: skip
+                                                             "none-5", "k4", "k5", "k6", "k7", "k8",
+                                                             "none-6"]  # fmt: skip
     assert [p["message_type"] for p in pushes] == ["task_assign"]  # s1 went to the device that sent it
 
 
@@ -218,6 +231,42 @@ async def test_a_compact_heartbeat_is_decoded_once_by_the_gate(node: MainNode, m
     device = node.registry.get("dev-1")
     assert device is not None
     assert device.metrics == BEAT_DATA["system_metrics"] and not device.accepting and device.reason == "on battery"
+
+
+async def test_a_compact_task_result_and_ack_are_decoded_once_by_the_gate(node: MainNode, monkeypatch) -> None:
+    """Our worker's accept and result never reach codec.loads nor the schema check: msgspec decodes and checks them."""
+    from retire_cluster.main import dispatch
+
+    if node.task_end_gate is None:
+        pytest.skip("msgspec is not installed")
+    worker = await fake_worker(node, "dev-1")
+    client = await Peer.connect(node, "client-1")
+    submitted = await client.send("task_submit", {"task": {"task_type": "echo", "payload": {"message": "hi"}}})
+    assign = await worker.recv()
+    assert assign["message_type"] == "task_assign"
+    task = assign["data"]["task"]
+
+    decoded: List[Any] = []  # what the lane decoded or checked the general way, and what it fed to the buffer
+    loads, valid, feed = dispatch.loads, node.validator.valid, MessageStream.feed
+    monkeypatch.setattr(dispatch, "loads", lambda data, *rest: decoded.append(data) or loads(data, *rest))
+    monkeypatch.setattr(node.validator, "valid", lambda obj: decoded.append(obj) or valid(obj))
+    monkeypatch.setattr(MessageStream, "feed", lambda stream, data: decoded.append(data) or feed(stream, data))
+    accepted = compact("ack", "dev-1", {"original_message_id": assign["message_id"],
+                                        "result": {"task_id": task["task_id"]}}, "a1")
+    result = compact("task_result", "dev-1", {"task_id": task["task_id"], "attempt": task["attempt"],
+                                              "status": "completed", "execution_time": 0.01,
+                                              "result": {"output": "hi", "exit_code": 0, "truncated": False,
+                                                         "metrics": {"cpu_s": 0.01}}}, "r1")
+    await worker.send_raw(accepted + b"\n" + result + b"\n")
+    reply = await worker.recv()
+    assert (reply["message_type"], reply["data"]["original_message_id"]) == ("ack", "r1")
+    assert reply["data"]["result"] == {"task_id": task["task_id"], "status": "completed"}
+    assert decoded == []
+    monkeypatch.undo()
+    await client.reply_to(submitted)
+    record = node.lookup(task["task_id"])
+    assert record is not None and record.status.value == "completed" and record.started_at is not None
+    assert record.result == {"output": "hi", "exit_code": 0, "truncated": False, "metrics": {"cpu_s": 0.01}}
 
 
 async def test_without_msgspec_heartbeats_take_the_rest_of_the_lane(node: MainNode, monkeypatch) -> None:

@@ -1,4 +1,4 @@
-"""The heartbeat gate (main/typed.py): whatever it vouches for, the general path takes with the same values."""
+"""The gates of main/typed.py (heartbeats; a worker's ack and task_result): whatever they vouch for, the general path takes with the same values."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from retire_cluster.main.typed import HEARTBEAT_PREFIX, HeartbeatGate, heartbeat_gate
+from retire_cluster.main.typed import (
+    HEARTBEAT_PREFIX,
+    TASK_END_PREFIXES,
+    HeartbeatGate,
+    TaskEndGate,
+    heartbeat_gate,
+    task_end_gate,
+)
 from retire_cluster.protocol.codec import encode, loads
 from retire_cluster.protocol.messages import Message
 from retire_cluster.protocol.validation import MessageValidator
@@ -249,3 +256,145 @@ def test_a_long_decimal_is_read_as_the_general_path_reads_it(number: str) -> Non
     frame = b'{"message_type":"heartbeat","message_id":"h","sender_id":"d","data":{"system_metrics":{"x":%s}}}' % (
         number.encode())
     _check(frame)
+
+
+# -- the task-end gate: a worker's ack of an assignment and its task_result ---------------------
+
+END_GATE = task_end_gate()
+
+_GOOD_SCALAR = st.one_of(st.integers(-(2**63), 2**63 - 1), _FLOATS, st.booleans(), st.none(), _GOOD_TEXT)
+_RESULT = st.fixed_dictionaries({}, optional={
+    "output": _mostly(st.one_of(_GOOD_TEXT, st.none()), _VALUE),
+    "exit_code": _mostly(st.one_of(st.integers(-3, 3), st.none()), st.one_of(_INTS, _VALUE)),
+    "stderr": _mostly(st.one_of(_GOOD_TEXT, st.none()), _VALUE),
+    "truncated": _mostly(st.booleans(), _VALUE),
+    "error": _mostly(st.one_of(_GOOD_TEXT, st.none()), _VALUE),
+    "metrics": _mostly(st.dictionaries(_GOOD_TEXT, _GOOD_SCALAR, max_size=4), st.one_of(_METRICS, _VALUE)),
+    "fault": _mostly(st.sampled_from(["device", "task"]), st.one_of(_TEXT, _VALUE)),
+    "stdout": st.one_of(_GOOD_TEXT, _VALUE),  # allowed by the schema; the gate says nothing about it
+})
+_RESULT_DATA = st.fixed_dictionaries(
+    {"task_id": _mostly(st.one_of(st.just("t-1"), _GOOD_TEXT.filter(bool)), st.one_of(_TEXT, _INTS)),
+     "attempt": _mostly(st.integers(1, 4), st.one_of(_INTS, _VALUE)),
+     "status": _mostly(st.sampled_from(["completed", "failed", "cancelled", "timeout"]), st.one_of(_TEXT, _VALUE))},
+    optional={"execution_time": _mostly(st.one_of(st.floats(0, 1e6), st.integers(0, 10)), st.one_of(_INTS, _FLOATS)),
+              "result": _mostly(_RESULT, _VALUE)},
+)
+_ACK_DATA = st.fixed_dictionaries(
+    {"original_message_id": _mostly(st.one_of(_GOOD_TEXT, st.none()), _VALUE)},
+    optional={"result": _mostly(st.fixed_dictionaries({"task_id": _GOOD_TEXT}), _VALUE)},
+)
+_END_FRAME = st.one_of(*(
+    st.fixed_dictionaries(
+        {"message_type": _mostly(st.just(kind), st.sampled_from(["heartbeat", "ack", "task_result", "error"])),
+         "message_id": _mostly(st.one_of(st.just("m-1"), _GOOD_TEXT.filter(bool)), st.one_of(_TEXT, _INTS)),
+         "sender_id": _mostly(st.just("dev"), _TEXT),
+         "data": _mostly(data, _VALUE)},
+        optional={"timestamp": _mostly(_GOOD_TEXT, st.one_of(_TEXT, _INTS)), "auth_token": _mostly(_GOOD_TEXT, _TEXT),
+                  "target_id": _mostly(_GOOD_TEXT.filter(bool), _TEXT)})
+    for kind, data in (("ack", _ACK_DATA), ("task_result", _RESULT_DATA))))
+
+
+def _general_end(frame: bytes) -> dict[str, Any] | None:
+    """What the general path makes of the frame: the ack's or result's object, or None when it refuses it."""
+    try:
+        obj = loads(frame)
+    except Exception:
+        return None
+    if type(obj) is not dict or obj.get("message_type") not in ("ack", "task_result") or not VALIDATOR.valid(obj):
+        return None
+    return obj
+
+
+def _check_end(frame: bytes) -> bool:
+    assert END_GATE is not None
+    vouched = END_GATE.vouch(frame)
+    if vouched is None:
+        return False
+    obj = _general_end(frame)
+    assert obj is not None, f"vouched for a frame the general path refuses: {frame!r}"
+    assert _same(vouched, obj) and list(vouched) == list(obj), (vouched, obj)
+    return True
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_END_FRAME, st.sampled_from([0, 0, 0, 1, 2]), st.integers(0, 9), st.integers(0, 400))
+def test_what_the_task_end_gate_vouches_for_the_general_path_takes_with_the_same_values(
+        frame_obj: dict[str, Any], encoder: int, mutation: int, cut: int) -> None:
+    _check_end(_mutate(_encode(frame_obj, encoder), mutation, cut % 400))
+
+
+@pytest.mark.parametrize("status", ["completed", "failed", "timeout", "cancelled"])
+def test_the_task_end_gate_vouches_for_what_our_worker_sends(tmp_path: Path, status: str) -> None:
+    from retire_cluster.protocol.messages import ack
+    from retire_cluster.worker.agent import Agent
+    from retire_cluster.worker.config import WorkerConfig
+    from retire_cluster.worker.executor import Outcome
+
+    agent = Agent(WorkerConfig(device_id="dev", data_dir=tmp_path, token="t" * 43))
+    accepted = encode(ack("m-1", {"task_id": "t-1"}, sender_id="dev")).rstrip(b"\n")
+    outcome = Outcome(status, output="out: 1", exit_code=0 if status == "completed" else 1,
+                      error=None if status == "completed" else "it: failed",
+                      stderr=None if status == "completed" else "trace: x")
+    data = agent._fit({"task_id": "t-1", "attempt": 2, "status": status, "execution_time": 0.25,
+                       "result": outcome.result()})
+    result = encode(agent._message("task_result", data)).rstrip(b"\n")
+    for frame in (accepted, result):
+        assert frame.startswith(TASK_END_PREFIXES)
+        assert _check_end(frame), frame
+
+
+_END_BOUNDS = [  # (what, a result's data at the schema's bound, the same one step past it)
+    ("attempt", {"attempt": 1}, {"attempt": 0}),
+    ("task_id", {"task_id": "t" * 128}, {"task_id": "t" * 129}),
+    ("empty task_id", {"task_id": "t"}, {"task_id": ""}),
+    ("status", {"status": "cancelled"}, {"status": "lost"}),
+    ("execution_time", {"execution_time": 0}, {"execution_time": -0.5}),
+    ("exit_code", {"result": {"exit_code": None}}, {"result": {"exit_code": 1.5}}),
+    ("truncated", {"result": {"truncated": False}}, {"result": {"truncated": 0}}),
+    ("output", {"result": {"output": None}}, {"result": {"output": 1}}),
+    ("fault", {"result": {"fault": "device"}}, {"result": {"fault": "worker"}}),
+    ("metrics", {"result": {"metrics": {}}}, {"result": {"metrics": []}}),
+]
+
+
+@pytest.mark.parametrize("what, at, past", _END_BOUNDS, ids=[case[0] for case in _END_BOUNDS])
+def test_the_task_end_gate_keeps_each_bound_of_the_schema(what: str, at: dict[str, Any], past: dict[str, Any]) -> None:
+    assert END_GATE is not None
+
+    def result_frame(change: dict[str, Any]) -> bytes:
+        data = {"task_id": "t-1", "attempt": 1, "status": "completed", **change}
+        return json.dumps({"message_type": "task_result", "message_id": "r-1", "sender_id": "dev", "data": data},
+                          separators=(",", ":"), ensure_ascii=False).encode()
+
+    assert _check_end(result_frame(at)), what
+    beyond = result_frame(past)
+    assert _general_end(beyond) is None, f"{what}: the schema takes it after all"
+    assert END_GATE.vouch(beyond) is None, what
+
+
+@pytest.mark.parametrize("frame", [
+    b'{"message_type":"task_result","message_id":"a","sender_id":"s","data":{"task_id":"t","attempt":1,'
+    b'"status":"completed","status":"failed"}}',
+    b'{"message_type":"task_result","message_id":"a","sender_id":"s","data":{"task_id":"t","attempt":1,'
+    b'"status":"completed","result":{"exit_code":9223372036854775808}}}',  # uint64: the general path takes it
+    b'{"message_type":"task_result","message_id":"a","sender_id":"s","data":{"task_id":"t","attempt":1,'
+    b'"status":"completed","result":{"metrics":{"m":{"deep":1}}}}}',  # allowed, but not flat
+    b'{"message_type":"task_result","message_id":"a","sender_id":"s","data":{"task_id":"t","attempt":1,'
+    b'"status":"completed","result":{"output":"\\u003a","output":"b"}}}',
+    b'{"message_type":"task_result","message_id":"a","sender_id":"s","data":{"task_id":"t","attempt":1,'
+    b'"status":"completed","result":{"stdout":"x"}}}',  # allowed, but not named by common.json
+    b'{"message_type":"task_result","message_id":"a\x7f","sender_id":"s","data":{"task_id":"t","attempt":1,'
+    b'"status":"completed"}}',
+    b'{"message_type":"task_result","message_id":"a","sender_id":"s","data":{"task_id":"t","attempt":1,'
+    b'"status":"completed","more":1}}',
+    b'{"message_type":"ack","message_id":"a","sender_id":"s","data":{"original_message_id":"m","result":{}}}',
+    b'{"message_type":"ack","message_id":"a","sender_id":"s","data":{"original_message_id":"m",'
+    b'"result":{"task_id":"t"}}} x',
+    b'{"message_type":"ack","message_id":"a","sender_id":"s","data":{"original_message_id":"\xed\xa0\x80"}}',
+    b'{"message_type":"ack","message_id":"a","sender_id":"s","colour":"red","data":{"original_message_id":"m"}}',
+    b'{"message_type":"heartbeat","message_id":"a","sender_id":"s","data":{}}',
+])
+def test_the_task_end_gate_says_nothing_about_frames_it_cannot_vouch_for(frame: bytes) -> None:
+    assert isinstance(END_GATE, TaskEndGate)
+    assert END_GATE.vouch(frame) is None

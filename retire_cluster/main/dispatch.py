@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 from ..protocol.codec import BadFrame, Event, encode_ack, loads
 from ..protocol.errors import InternalError, InvalidJSON, RemoteProtocolError, Unauthorized
 from ..protocol.messages import REPLY_TYPES, Message, error_reply, utc_timestamp
-from .typed import HEARTBEAT_PREFIX, MAX_NESTING, HeartbeatGate, heartbeat_gate
+from .typed import (
+    HEARTBEAT_PREFIX,
+    MAX_NESTING,
+    TASK_END_PREFIXES,
+    HeartbeatGate,
+    TaskEndGate,
+    heartbeat_gate,
+    task_end_gate,
+)
 
 if TYPE_CHECKING:
     from ..protocol.validation import MessageValidator
@@ -60,6 +68,8 @@ class Dispatcher:
     _loop: asyncio.AbstractEventLoop | None
     #: a device's heartbeat decoded and checked in one call (main/typed.py); None without msgspec
     beat_gate: HeartbeatGate | None = heartbeat_gate()
+    #: a worker's ack of an assignment and its task_result, decoded and checked in one call; None without msgspec
+    task_end_gate: TaskEndGate | None = task_end_gate()
 
     def spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -135,19 +145,10 @@ class Dispatcher:
         device_id = conn.device_id
         if device_id is not None and frame.startswith(HEARTBEAT_PREFIX) and self._vouched_beat(conn, frame, max_depth):
             return True
-        try:
-            obj = loads(frame, max_depth)
-        except Exception:  # not strict JSON (or a bug): the general path says which
+        obj = self._express_object(frame, max_depth, device_id)
+        if obj is None:
             return False
-        if type(obj) is not dict:
-            return False
-        mtype = obj.get("message_type")
-        if mtype not in EXPRESS_TYPES:
-            return False
-        if device_id is not None and obj.get("sender_id") != device_id:
-            return False  # forbidden: the general path answers it
-        if not self.validator.valid(obj):
-            return False
+        mtype = obj["message_type"]
         if mtype == "heartbeat" and device_id is not None:
             # The commonest frame of all: straight to the device, no Message made.
             device = self.registry.get(device_id)
@@ -165,6 +166,33 @@ class Dispatcher:
         except Exception:
             conn.internal_error(msg)
         return True
+
+    def _express_object(self, frame: bytes, max_depth: int, device_id: str | None) -> dict[str, Any] | None:
+        """The frame's object if it takes the express lane (see :meth:`express`), else None.
+
+        Strict JSON, an object of a type in ``EXPRESS_TYPES``, from the
+        connection's own device when it has one, valid against its schema:
+        decoded and checked in one call when the task-end gate vouches for it.
+        """
+        obj = self._vouched_task_end(frame, max_depth) if device_id is not None else None
+        if obj is not None:
+            return obj if obj["sender_id"] == device_id else None
+        try:
+            obj = loads(frame, max_depth)
+        except Exception:  # not strict JSON (or a bug): the general path says which
+            return None
+        if type(obj) is not dict or obj.get("message_type") not in EXPRESS_TYPES:
+            return None
+        if device_id is not None and obj.get("sender_id") != device_id:
+            return None  # forbidden: the general path answers it
+        return obj if self.validator.valid(obj) else None
+
+    def _vouched_task_end(self, frame: bytes, max_depth: int) -> dict[str, Any] | None:
+        """A worker's ack of an assignment or its task_result that the gate vouches for, as an object; else None."""
+        gate = self.task_end_gate
+        if gate is None or max_depth < MAX_NESTING or not frame.startswith(TASK_END_PREFIXES):
+            return None
+        return gate.vouch(frame)
 
     def _vouched_beat(self, conn: Connection, frame: bytes, max_depth: int) -> bool:
         """A heartbeat of the connection's device that the gate vouches for, handled; False for any other frame."""

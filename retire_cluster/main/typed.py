@@ -32,6 +32,17 @@ What it vouches for:
 whatever the gate vouches for the general path accepts with the same values,
 and that it vouches for the heartbeats our worker sends.
 
+:class:`TaskEndGate` does the same for the two frames a worker sends for each
+task, in one write: its ``ack`` of the ``task_assign`` (the "accepted" reply)
+and its ``task_result`` (``ack.json``, ``task_result.json`` and
+``common.json``'s ``result``). It vouches only for the shapes our worker
+writes: an ack whose ``result`` is ``{"task_id": ...}`` (or absent), and a
+result whose ``result`` object holds the fields ``common.json`` names, with a
+flat ``metrics`` object of numbers, booleans, strings and nulls. The strict
+JSON checks are the heartbeat gate's. It answers with the frame's object as
+``codec.loads`` makes it (orjson's), so the handlers get the same values.
+``tests/test_typed_gate.py`` checks it as it checks the heartbeat gate.
+
 msgspec is a main-node dependency; without it (a platform with no wheel)
 there is no gate and heartbeats take the rest of the express lane.
 """
@@ -45,12 +56,20 @@ try:
     from msgspec import UNSET, Meta, Struct, UnsetType
 except ImportError:  # pragma: no cover - msgspec is in install_requires
     msgspec = None  # type: ignore[assignment]
+try:
+    import orjson
+except ImportError:  # pragma: no cover - orjson is in install_requires
+    orjson = None  # type: ignore[assignment]
 
-__all__ = ["HEARTBEAT_PREFIX", "MAX_NESTING", "HeartbeatGate", "heartbeat_gate"]
+__all__ = ["HEARTBEAT_PREFIX", "MAX_NESTING", "TASK_END_PREFIXES", "HeartbeatGate", "TaskEndGate",
+           "heartbeat_gate", "task_end_gate"]
 
 #: How our worker (and most encoders of a dict built in this order) start a heartbeat frame:
 #: only frames that start so are offered to the gate.
 HEARTBEAT_PREFIX = b'{"message_type":"heartbeat"'
+
+#: How our worker starts its ack of an assignment and its task_result: frames offered to TaskEndGate.
+TASK_END_PREFIXES = (b'{"message_type":"ack"', b'{"message_type":"task_result"')
 
 #: What Handlers.beat reads from a heartbeat's data (vouch() hands on those the frame has).
 _BEAT_READS = ("system_metrics", "accepting", "reason")
@@ -91,15 +110,81 @@ if msgspec is not None:
         timestamp: Union[Annotated[str, Meta(max_length=64)], UnsetType] = UNSET
         auth_token: Union[Annotated[str, Meta(max_length=256)], UnsetType] = UNSET
 
+    # ack.json: original_message_id a string or null, result anything (vouched for in the shape of
+    # our worker's "accepted" reply only).
+    class _AckResult(Struct, forbid_unknown_fields=True):
+        task_id: str
 
-class HeartbeatGate:
+    class _AckData(Struct, forbid_unknown_fields=True):
+        original_message_id: Union[str, None]
+        result: Union[_AckResult, UnsetType] = UNSET
+
+    class _Ack(Struct, forbid_unknown_fields=True, tag_field="message_type", tag="ack"):
+        message_id: _Id
+        sender_id: _Id
+        data: _AckData
+        target_id: Union[_Id, UnsetType] = UNSET
+        timestamp: Union[Annotated[str, Meta(max_length=64)], UnsetType] = UNSET
+        auth_token: Union[Annotated[str, Meta(max_length=256)], UnsetType] = UNSET
+
+    # common.json's result: these fields typed as it types them (more are allowed there, and go the
+    # general way here); metrics, any object there, vouched for when flat.
+    _Scalar = Union[_Int64, float, bool, None, str]
+
+    class _Result(Struct, forbid_unknown_fields=True):
+        output: Union[str, None, UnsetType] = UNSET
+        exit_code: Union[_Int64, None, UnsetType] = UNSET
+        stderr: Union[str, None, UnsetType] = UNSET
+        truncated: Union[bool, UnsetType] = UNSET
+        error: Union[str, None, UnsetType] = UNSET
+        metrics: Union[dict[str, _Scalar], UnsetType] = UNSET
+        fault: Union[Literal["device", "task"], UnsetType] = UNSET
+
+    # task_result.json
+    class _ResultData(Struct, forbid_unknown_fields=True):
+        task_id: Annotated[str, Meta(min_length=1, max_length=128)]
+        attempt: Annotated[int, Meta(ge=1, le=_INT64[1])]
+        status: Literal["completed", "failed", "cancelled", "timeout"]
+        execution_time: Union[Annotated[int, Meta(ge=0, le=_INT64[1])], Annotated[float, Meta(ge=0)],
+                              UnsetType] = UNSET
+        result: Union[_Result, UnsetType] = UNSET
+
+    class _TaskResult(Struct, forbid_unknown_fields=True, tag_field="message_type", tag="task_result"):
+        message_id: _Id
+        sender_id: _Id
+        data: _ResultData
+        target_id: Union[_Id, UnsetType] = UNSET
+        timestamp: Union[Annotated[str, Meta(max_length=64)], UnsetType] = UNSET
+        auth_token: Union[Annotated[str, Meta(max_length=256)], UnsetType] = UNSET
+
+
+class _Gate:
+    """Decodes a frame into typed structs and checks what the structs cannot (see the module docstring)."""
+
+    def __init__(self, kind: Any) -> None:
+        assert msgspec is not None
+        self._decode = msgspec.json.Decoder(kind).decode
+        self._encode = msgspec.json.Encoder().encode
+        self._error = msgspec.DecodeError
+
+    def _checked(self, frame: bytes) -> Any:
+        """The frame decoded into the gate's structs when the general path would take it as it is, else None."""
+        if b"\\" in frame or b"\x7f" in frame:
+            return None
+        try:
+            value = self._decode(frame)
+        except self._error:
+            return None
+        if frame.count(b":") != self._encode(value).count(b":"):
+            return None  # a key given twice (msgspec keeps the last)
+        return value
+
+
+class HeartbeatGate(_Gate):
     """Decodes a heartbeat frame and vouches for it, or says nothing (see the module docstring)."""
 
     def __init__(self) -> None:
-        assert msgspec is not None
-        self._decode = msgspec.json.Decoder(_Heartbeat).decode
-        self._encode = msgspec.json.Encoder().encode
-        self._error = msgspec.DecodeError
+        super().__init__(_Heartbeat)
 
     def vouch(self, frame: bytes) -> tuple[str, str, dict[str, Any]] | None:
         """``(message_id, sender_id, data)`` of a heartbeat the general path would take as it is, or None.
@@ -108,19 +193,37 @@ class HeartbeatGate:
         ``Handlers.beat`` reads: ``system_metrics``, ``accepting`` and
         ``reason``, each when the frame has it.
         """
-        if b"\\" in frame or b"\x7f" in frame:
+        beat = self._checked(frame)
+        if beat is None:
             return None
-        try:
-            beat = self._decode(frame)
-        except self._error:
-            return None
-        if frame.count(b":") != self._encode(beat).count(b":"):
-            return None  # a key given twice (msgspec keeps the last)
         fields = beat.data
         data = {name: value for name in _BEAT_READS if (value := getattr(fields, name)) is not UNSET}
         return beat.message_id, beat.sender_id, data
 
 
+class TaskEndGate(_Gate):
+    """Vouches for a worker's ack of an assignment or its task_result, or says nothing (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__(Union[_Ack, _TaskResult])
+        self._loads = orjson.loads
+
+    def vouch(self, frame: bytes) -> dict[str, Any] | None:
+        """The frame's object as ``codec.loads`` makes it, if the general path would take it as it is; else None.
+
+        ``frame`` is one frame without its newline.
+        """
+        if self._checked(frame) is None:
+            return None
+        obj: dict[str, Any] = self._loads(frame)
+        return obj
+
+
 def heartbeat_gate() -> HeartbeatGate | None:
     """The gate, or None without msgspec."""
     return HeartbeatGate() if msgspec is not None else None
+
+
+def task_end_gate() -> TaskEndGate | None:
+    """The gate, or None without msgspec (or orjson)."""
+    return TaskEndGate() if msgspec is not None and orjson is not None else None
