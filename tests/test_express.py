@@ -64,7 +64,7 @@ def worker_frames(dev: str) -> List[bytes]:
         compact("heartbeat", dev, {"status": "ok", "more": {"a": [1]}}, "k6"),  # a field the schema allows
         compact("heartbeat", dev, BEAT_DATA, "k7", colour="red"),  # unknown envelope field: invalid_message
         compact("heartbeat", dev, {"active_tasks": -1}, "k8"),  # schema: invalid_message with its path
-        # A worker's task_result and ack as it writes them: offered to the task-end gate (main/typed.py).
+        # A worker's task_result and ack as it writes them: offered to the task-frame gate (main/typed.py).
         compact("task_result", dev, {"task_id": "nope", "attempt": 1, "status": "completed", "execution_time": 0.5,
                                      "result": {"output": "x", "exit_code": 0, "truncated": False, "metrics": {}}},
                 "r2"),  # not_found, as the loose one above
@@ -164,11 +164,12 @@ async def test_a_client_gets_the_same_replies_including_the_rate_limit(tmp_path,
             await peer.ok("cluster_status")  # authenticated (one token): later frames may take the lane
             return peer
 
-        submit = frame("task_submit", "c", {"task": {"task_type": "echo", "payload": {}}}, "s1")
+        # As our clients write a submission (compact): offered to the task-frame gate (main/typed.py).
+        submit = compact("task_submit", "c", {"task": {"task_type": "echo", "payload": {}}}, "s1")
         frames = [
             submit,
             frame("heartbeat", "c", BEAT_DATA, "h1"),  # not registered
-            frame("task_submit", "c", {"task": {"task_type": "echo", "priority": "hgih"}}, "s2"),
+            compact("task_submit", "c", {"task": {"task_type": "echo", "priority": "hgih"}}, "s2"),
             frame("ack", "c", {"original_message_id": "x", "result": {}}, "a1"),  # spends a token too
             submit.replace(b'"s1"', b'"s3"'),  # the last token
             submit.replace(b'"s1"', b'"s4"'),  # overloaded
@@ -237,7 +238,7 @@ async def test_a_compact_task_result_and_ack_are_decoded_once_by_the_gate(node: 
     """Our worker's accept and result never reach codec.loads nor the schema check: msgspec decodes and checks them."""
     from retire_cluster.main import dispatch
 
-    if node.task_end_gate is None:
+    if node.task_frame_gate is None:
         pytest.skip("msgspec is not installed")
     worker = await fake_worker(node, "dev-1")
     client = await Peer.connect(node, "client-1")
@@ -267,6 +268,30 @@ async def test_a_compact_task_result_and_ack_are_decoded_once_by_the_gate(node: 
     record = node.lookup(task["task_id"])
     assert record is not None and record.status.value == "completed" and record.started_at is not None
     assert record.result == {"output": "hi", "exit_code": 0, "truncated": False, "metrics": {"cpu_s": 0.01}}
+
+
+async def test_a_compact_submission_is_decoded_once_by_the_gate(node: MainNode, monkeypatch) -> None:
+    """A client's task_submit as our clients write it never reaches codec.loads nor the schema check."""
+    from retire_cluster.main import dispatch
+
+    if node.task_frame_gate is None:
+        pytest.skip("msgspec is not installed")
+    client = await Peer.connect(node, "client-1")
+    await client.ok("cluster_status")  # its first frame authenticates it: that one takes the general path
+    decoded: List[Any] = []
+    loads, valid, feed = dispatch.loads, node.validator.valid, MessageStream.feed
+    monkeypatch.setattr(dispatch, "loads", lambda data, *rest: decoded.append(data) or loads(data, *rest))
+    monkeypatch.setattr(node.validator, "valid", lambda obj: decoded.append(obj) or valid(obj))
+    monkeypatch.setattr(MessageStream, "feed", lambda stream, data: decoded.append(data) or feed(stream, data))
+    await client.send_raw(compact("task_submit", "client-1", {"task": {
+        "task_type": "echo", "payload": {"message": "hi"}, "priority": "high", "timeout": 30, "max_retries": 1,
+        "idempotency_key": "k-1"}}, "s1") + b"\n")
+    reply = await client.recv()
+    assert (reply["message_type"], reply["data"]["original_message_id"]) == ("ack", "s1")
+    assert decoded == []
+    task = node.lookup(reply["data"]["result"]["task_id"])
+    assert task is not None and task.payload == {"message": "hi"} and task.priority == 10 and task.max_retries == 1
+    assert task.idempotency_key == "k-1" and task.timeout_s == 30
 
 
 async def test_without_msgspec_heartbeats_take_the_rest_of_the_lane(node: MainNode, monkeypatch) -> None:

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 from retire_cluster.main.typed import (
     HEARTBEAT_PREFIX,
-    TASK_END_PREFIXES,
+    TASK_FRAME_PREFIXES,
     HeartbeatGate,
-    TaskEndGate,
+    TaskFrameGate,
     heartbeat_gate,
-    task_end_gate,
+    task_frame_gate,
 )
 from retire_cluster.protocol.codec import encode, loads
 from retire_cluster.protocol.messages import Message
@@ -258,9 +258,9 @@ def test_a_long_decimal_is_read_as_the_general_path_reads_it(number: str) -> Non
     _check(frame)
 
 
-# -- the task-end gate: a worker's ack of an assignment and its task_result ---------------------
+# -- the task-frame gate: a worker's ack of an assignment and its task_result ---------------------
 
-END_GATE = task_end_gate()
+FRAME_GATE = task_frame_gate()
 
 _GOOD_SCALAR = st.one_of(st.integers(-(2**63), 2**63 - 1), _FLOATS, st.booleans(), st.none(), _GOOD_TEXT)
 _RESULT = st.fixed_dictionaries({}, optional={
@@ -284,6 +284,22 @@ _ACK_DATA = st.fixed_dictionaries(
     {"original_message_id": _mostly(st.one_of(_GOOD_TEXT, st.none()), _VALUE)},
     optional={"result": _mostly(st.fixed_dictionaries({"task_id": _GOOD_TEXT}), _VALUE)},
 )
+_NUMBER = st.one_of(st.integers(-2, 4000), st.floats(-1, 4000), st.sampled_from([0, 0.0, 1e-300, 3600, 3600.5]))
+_TASK = st.fixed_dictionaries(
+    {"task_type": _mostly(st.one_of(st.just("echo"), _GOOD_TEXT.filter(bool)), st.one_of(_TEXT, _INTS))},
+    optional={"payload": _mostly(st.dictionaries(_GOOD_TEXT, _GOOD_SCALAR, max_size=4), st.one_of(_METRICS, _VALUE)),
+              "priority": _mostly(st.one_of(st.integers(0, 100), st.sampled_from(["low", "normal", "high", "urgent"])),
+                                  st.one_of(_INTS, _TEXT, _VALUE)),
+              "timeout": _mostly(st.one_of(st.integers(1, 100), st.floats(0.5, 1e5)), st.one_of(_NUMBER, _VALUE)),
+              "max_retries": _mostly(st.integers(0, 100), st.one_of(_INTS, _VALUE)),
+              "retry_on_timeout": _mostly(st.booleans(), _VALUE),
+              "idempotency_key": _mostly(_GOOD_TEXT.filter(bool), st.one_of(_TEXT, _INTS)),
+              "requirements": st.one_of(st.just({}), _VALUE)},  # allowed by the schema; not the gate's
+)
+_SUBMIT_DATA = st.fixed_dictionaries(
+    {"task": _mostly(_TASK, _VALUE)},
+    optional={"wait": _mostly(st.one_of(st.integers(1, 3600), st.floats(0.001, 3600)), st.one_of(_NUMBER, _VALUE))},
+)
 _END_FRAME = st.one_of(*(
     st.fixed_dictionaries(
         {"message_type": _mostly(st.just(kind), st.sampled_from(["heartbeat", "ack", "task_result", "error"])),
@@ -292,23 +308,24 @@ _END_FRAME = st.one_of(*(
          "data": _mostly(data, _VALUE)},
         optional={"timestamp": _mostly(_GOOD_TEXT, st.one_of(_TEXT, _INTS)), "auth_token": _mostly(_GOOD_TEXT, _TEXT),
                   "target_id": _mostly(_GOOD_TEXT.filter(bool), _TEXT)})
-    for kind, data in (("ack", _ACK_DATA), ("task_result", _RESULT_DATA))))
+    for kind, data in (("ack", _ACK_DATA), ("task_result", _RESULT_DATA), ("task_submit", _SUBMIT_DATA))))
 
 
 def _general_end(frame: bytes) -> dict[str, Any] | None:
-    """What the general path makes of the frame: the ack's or result's object, or None when it refuses it."""
+    """What the general path makes of the frame: the submission's, ack's or result's object, or None if refused."""
     try:
         obj = loads(frame)
     except Exception:
         return None
-    if type(obj) is not dict or obj.get("message_type") not in ("ack", "task_result") or not VALIDATOR.valid(obj):
+    if type(obj) is not dict or obj.get("message_type") not in ("ack", "task_result", "task_submit") or \
+            not VALIDATOR.valid(obj):
         return None
     return obj
 
 
 def _check_end(frame: bytes) -> bool:
-    assert END_GATE is not None
-    vouched = END_GATE.vouch(frame)
+    assert FRAME_GATE is not None
+    vouched = FRAME_GATE.vouch(frame)
     if vouched is None:
         return False
     obj = _general_end(frame)
@@ -319,13 +336,13 @@ def _check_end(frame: bytes) -> bool:
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_END_FRAME, st.sampled_from([0, 0, 0, 1, 2]), st.integers(0, 9), st.integers(0, 400))
-def test_what_the_task_end_gate_vouches_for_the_general_path_takes_with_the_same_values(
+def test_what_the_task_frame_gate_vouches_for_the_general_path_takes_with_the_same_values(
         frame_obj: dict[str, Any], encoder: int, mutation: int, cut: int) -> None:
     _check_end(_mutate(_encode(frame_obj, encoder), mutation, cut % 400))
 
 
 @pytest.mark.parametrize("status", ["completed", "failed", "timeout", "cancelled"])
-def test_the_task_end_gate_vouches_for_what_our_worker_sends(tmp_path: Path, status: str) -> None:
+def test_the_task_frame_gate_vouches_for_what_our_worker_sends(tmp_path: Path, status: str) -> None:
     from retire_cluster.protocol.messages import ack
     from retire_cluster.worker.agent import Agent
     from retire_cluster.worker.config import WorkerConfig
@@ -340,8 +357,55 @@ def test_the_task_end_gate_vouches_for_what_our_worker_sends(tmp_path: Path, sta
                        "result": outcome.result()})
     result = encode(agent._message("task_result", data)).rstrip(b"\n")
     for frame in (accepted, result):
-        assert frame.startswith(TASK_END_PREFIXES)
+        assert frame.startswith(TASK_FRAME_PREFIXES)
         assert _check_end(frame), frame
+
+
+@pytest.mark.parametrize("data", [
+    {"task": {"task_type": "echo", "payload": {"message": "hi"}}, "wait": 30},
+    {"task": {"task_type": "sleep", "payload": {"seconds": 0.5}, "priority": "urgent", "timeout": 60.5,
+              "max_retries": 0, "retry_on_timeout": True, "idempotency_key": "nightly: 2026-12-03"}},
+    {"task": {"task_type": "command", "payload": {"cmd": "uptime", "shell": False}, "priority": 7}, "wait": 0.25},
+])
+def test_the_task_frame_gate_vouches_for_submissions_as_our_clients_send_them(data: dict[str, Any]) -> None:
+    from retire_cluster.client.common import encode_request  # how Client and AsyncClient write a request
+
+    frame = encode_request(Message("task_submit", "s-1", "client-1", data, timestamp="2026-12-03T10:00:00.000Z",
+                                   auth_token="t" * 43), 1 << 20).rstrip(b"\n")
+    assert frame.startswith(TASK_FRAME_PREFIXES)
+    assert _check_end(frame)
+
+
+_SUBMIT_BOUNDS = [  # (what, a submission's task and data at the schema's bound, the same one step past it)
+    ("wait", ({}, {"wait": 3600}), ({}, {"wait": 3600.5})),
+    ("wait above zero", ({}, {"wait": 1e-9}), ({}, {"wait": 0})),
+    ("timeout", ({"timeout": 31536000}, {}), ({"timeout": 31536001}, {})),
+    ("timeout above zero", ({"timeout": 0.001}, {}), ({"timeout": 0.0}, {})),
+    ("priority", ({"priority": 100}, {}), ({"priority": 101}, {})),
+    ("priority name", ({"priority": "urgent"}, {}), ({"priority": "hgih"}, {})),
+    ("max_retries", ({"max_retries": 100}, {}), ({"max_retries": 101}, {})),
+    ("task_type", ({"task_type": "t" * 64}, {}), ({"task_type": "t" * 65}, {})),
+    ("empty task_type", ({"task_type": "t"}, {}), ({"task_type": ""}, {})),
+    ("idempotency_key", ({"idempotency_key": "k" * 128}, {}), ({"idempotency_key": "k" * 129}, {})),
+    ("retry_on_timeout", ({"retry_on_timeout": False}, {}), ({"retry_on_timeout": 0}, {})),
+    ("payload", ({"payload": {}}, {}), ({"payload": []}, {})),
+]
+
+
+@pytest.mark.parametrize("what, at, past", _SUBMIT_BOUNDS, ids=[case[0] for case in _SUBMIT_BOUNDS])
+def test_the_task_frame_gate_keeps_each_bound_of_a_submission(what: str, at: tuple[dict[str, Any], dict[str, Any]],
+                                                             past: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    assert FRAME_GATE is not None
+
+    def submit_frame(task: dict[str, Any], data: dict[str, Any]) -> bytes:
+        obj = {"task": {"task_type": "echo", **task}, **data}
+        return json.dumps({"message_type": "task_submit", "message_id": "s-1", "sender_id": "c", "data": obj},
+                          separators=(",", ":"), ensure_ascii=False).encode()
+
+    assert _check_end(submit_frame(*at)), what
+    beyond = submit_frame(*past)
+    assert _general_end(beyond) is None, f"{what}: the schema takes it after all"
+    assert FRAME_GATE.vouch(beyond) is None, what
 
 
 _END_BOUNDS = [  # (what, a result's data at the schema's bound, the same one step past it)
@@ -359,8 +423,8 @@ _END_BOUNDS = [  # (what, a result's data at the schema's bound, the same one st
 
 
 @pytest.mark.parametrize("what, at, past", _END_BOUNDS, ids=[case[0] for case in _END_BOUNDS])
-def test_the_task_end_gate_keeps_each_bound_of_the_schema(what: str, at: dict[str, Any], past: dict[str, Any]) -> None:
-    assert END_GATE is not None
+def test_the_task_frame_gate_keeps_each_bound_of_the_schema(what: str, at: dict[str, Any], past: dict[str, Any]) -> None:
+    assert FRAME_GATE is not None
 
     def result_frame(change: dict[str, Any]) -> bytes:
         data = {"task_id": "t-1", "attempt": 1, "status": "completed", **change}
@@ -370,7 +434,7 @@ def test_the_task_end_gate_keeps_each_bound_of_the_schema(what: str, at: dict[st
     assert _check_end(result_frame(at)), what
     beyond = result_frame(past)
     assert _general_end(beyond) is None, f"{what}: the schema takes it after all"
-    assert END_GATE.vouch(beyond) is None, what
+    assert FRAME_GATE.vouch(beyond) is None, what
 
 
 @pytest.mark.parametrize("frame", [
@@ -394,7 +458,19 @@ def test_the_task_end_gate_keeps_each_bound_of_the_schema(what: str, at: dict[st
     b'{"message_type":"ack","message_id":"a","sender_id":"s","data":{"original_message_id":"\xed\xa0\x80"}}',
     b'{"message_type":"ack","message_id":"a","sender_id":"s","colour":"red","data":{"original_message_id":"m"}}',
     b'{"message_type":"heartbeat","message_id":"a","sender_id":"s","data":{}}',
+    b'{"message_type":"task_submit","message_id":"a","sender_id":"s","data":{"task":{"task_type":"echo",'
+    b'"requirements":{}}}}',  # allowed, but not the gate's
+    b'{"message_type":"task_submit","message_id":"a","sender_id":"s","data":{"task":{"task_type":"echo",'
+    b'"payload":{"deep":{"a":1}}}}}',  # allowed, but not flat
+    b'{"message_type":"task_submit","message_id":"a","sender_id":"s","data":{"task":{"task_type":"echo",'
+    b'"payload":{"n":18446744073709551615}}}}',  # uint64: the general path takes it
+    b'{"message_type":"task_submit","message_id":"a","sender_id":"s","data":{"task":{"task_type":"echo",'
+    b'"payload":{"m":"\\n"}}}}',  # an escape
+    b'{"message_type":"task_submit","message_id":"a","sender_id":"s","data":{"task":{"task_type":"echo"},'
+    b'"task":{"task_type":"sleep"}}}',
+    b'{"message_type":"task_submit","message_id":"a","sender_id":"s","data":{"task":{"task_type":"echo"},'
+    b'"wait":true}}',
 ])
-def test_the_task_end_gate_says_nothing_about_frames_it_cannot_vouch_for(frame: bytes) -> None:
-    assert isinstance(END_GATE, TaskEndGate)
-    assert END_GATE.vouch(frame) is None
+def test_the_task_frame_gate_says_nothing_about_frames_it_cannot_vouch_for(frame: bytes) -> None:
+    assert isinstance(FRAME_GATE, TaskFrameGate)
+    assert FRAME_GATE.vouch(frame) is None

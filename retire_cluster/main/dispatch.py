@@ -21,11 +21,11 @@ from ..protocol.messages import REPLY_TYPES, Message, error_reply, utc_timestamp
 from .typed import (
     HEARTBEAT_PREFIX,
     MAX_NESTING,
-    TASK_END_PREFIXES,
+    TASK_FRAME_PREFIXES,
     HeartbeatGate,
-    TaskEndGate,
+    TaskFrameGate,
     heartbeat_gate,
-    task_end_gate,
+    task_frame_gate,
 )
 
 if TYPE_CHECKING:
@@ -68,8 +68,9 @@ class Dispatcher:
     _loop: asyncio.AbstractEventLoop | None
     #: a device's heartbeat decoded and checked in one call (main/typed.py); None without msgspec
     beat_gate: HeartbeatGate | None = heartbeat_gate()
-    #: a worker's ack of an assignment and its task_result, decoded and checked in one call; None without msgspec
-    task_end_gate: TaskEndGate | None = task_end_gate()
+    #: a task_submit, a worker's ack of an assignment and its task_result, decoded and checked in one call;
+    #: None without msgspec
+    task_frame_gate: TaskFrameGate | None = task_frame_gate()
 
     def spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -172,11 +173,11 @@ class Dispatcher:
 
         Strict JSON, an object of a type in ``EXPRESS_TYPES``, from the
         connection's own device when it has one, valid against its schema:
-        decoded and checked in one call when the task-end gate vouches for it.
+        decoded and checked in one call when the task-frame gate vouches for it.
         """
-        obj = self._vouched_task_end(frame, max_depth) if device_id is not None else None
+        obj = self._vouched_task_frame(frame, max_depth)
         if obj is not None:
-            return obj if obj["sender_id"] == device_id else None
+            return obj if device_id is None or obj["sender_id"] == device_id else None
         try:
             obj = loads(frame, max_depth)
         except Exception:  # not strict JSON (or a bug): the general path says which
@@ -187,10 +188,10 @@ class Dispatcher:
             return None  # forbidden: the general path answers it
         return obj if self.validator.valid(obj) else None
 
-    def _vouched_task_end(self, frame: bytes, max_depth: int) -> dict[str, Any] | None:
-        """A worker's ack of an assignment or its task_result that the gate vouches for, as an object; else None."""
-        gate = self.task_end_gate
-        if gate is None or max_depth < MAX_NESTING or not frame.startswith(TASK_END_PREFIXES):
+    def _vouched_task_frame(self, frame: bytes, max_depth: int) -> dict[str, Any] | None:
+        """A task_submit, or a worker's ack or task_result, that the gate vouches for, as an object; else None."""
+        gate = self.task_frame_gate
+        if gate is None or max_depth < MAX_NESTING or not frame.startswith(TASK_FRAME_PREFIXES):
             return None
         return gate.vouch(frame)
 

@@ -1,4 +1,7 @@
-"""A heartbeat decoded and checked in one C call (msgspec typed structs), for the express lane.
+"""Frames decoded and checked in one C call each (msgspec typed structs), for the express lane.
+
+Heartbeats (:class:`HeartbeatGate`), and a task's submission, its worker's
+accept and its result (:class:`TaskFrameGate`).
 
 A device's heartbeat is the commonest frame the main node reads (one a
 minute from every device, and a load test sends tens of thousands a second).
@@ -32,19 +35,21 @@ What it vouches for:
 whatever the gate vouches for the general path accepts with the same values,
 and that it vouches for the heartbeats our worker sends.
 
-:class:`TaskEndGate` does the same for the two frames a worker sends for each
-task, in one write: its ``ack`` of the ``task_assign`` (the "accepted" reply)
-and its ``task_result`` (``ack.json``, ``task_result.json`` and
-``common.json``'s ``result``). It vouches only for the shapes our worker
-writes: an ack whose ``result`` is ``{"task_id": ...}`` (or absent), and a
-result whose ``result`` object holds the fields ``common.json`` names, with a
-flat ``metrics`` object of numbers, booleans, strings and nulls. The strict
-JSON checks are the heartbeat gate's. It answers with the frame's object as
+:class:`TaskFrameGate` does the same for the other frames of a task's round
+trip: a ``task_submit``, and the two frames a worker sends for each task in
+one write, its ``ack`` of the ``task_assign`` (the "accepted" reply) and its
+``task_result`` (``task_submit.json``, ``ack.json``, ``task_result.json``, and
+``common.json``'s ``priority`` and ``result``). It vouches only for the common
+shapes: a submission with a flat ``payload`` (names to numbers, booleans,
+strings and nulls) and no ``requirements``; an ack whose ``result`` is
+``{"task_id": ...}`` (or absent); a result whose ``result`` object holds the
+fields ``common.json`` names, with a flat ``metrics`` object. The strict JSON
+checks are the heartbeat gate's. It answers with the frame's object as
 ``codec.loads`` makes it (orjson's), so the handlers get the same values.
 ``tests/test_typed_gate.py`` checks it as it checks the heartbeat gate.
 
 msgspec is a main-node dependency; without it (a platform with no wheel)
-there is no gate and heartbeats take the rest of the express lane.
+there are no gates, and these frames take the rest of the express lane.
 """
 
 from __future__ import annotations
@@ -61,15 +66,16 @@ try:
 except ImportError:  # pragma: no cover - orjson is in install_requires
     orjson = None  # type: ignore[assignment]
 
-__all__ = ["HEARTBEAT_PREFIX", "MAX_NESTING", "TASK_END_PREFIXES", "HeartbeatGate", "TaskEndGate",
-           "heartbeat_gate", "task_end_gate"]
+__all__ = ["HEARTBEAT_PREFIX", "MAX_NESTING", "TASK_FRAME_PREFIXES", "HeartbeatGate", "TaskFrameGate",
+           "heartbeat_gate", "task_frame_gate"]
 
 #: How our worker (and most encoders of a dict built in this order) start a heartbeat frame:
 #: only frames that start so are offered to the gate.
 HEARTBEAT_PREFIX = b'{"message_type":"heartbeat"'
 
-#: How our worker starts its ack of an assignment and its task_result: frames offered to TaskEndGate.
-TASK_END_PREFIXES = (b'{"message_type":"ack"', b'{"message_type":"task_result"')
+#: How our clients start a task_submit, and our worker its ack of an assignment and its task_result:
+#: the frames offered to TaskFrameGate.
+TASK_FRAME_PREFIXES = (b'{"message_type":"task_submit"', b'{"message_type":"ack"', b'{"message_type":"task_result"')
 
 #: What Handlers.beat reads from a heartbeat's data (vouch() hands on those the frame has).
 _BEAT_READS = ("system_metrics", "accepting", "reason")
@@ -149,6 +155,30 @@ if msgspec is not None:
                               UnsetType] = UNSET
         result: Union[_Result, UnsetType] = UNSET
 
+    # task_submit.json, with a flat payload and no requirements (common.json's priority).
+    class _Task(Struct, forbid_unknown_fields=True):
+        task_type: Annotated[str, Meta(min_length=1, max_length=64)]
+        payload: Union[dict[str, _Scalar], UnsetType] = UNSET
+        priority: Union[Annotated[int, Meta(ge=0, le=100)], Literal["low", "normal", "high", "urgent"],
+                        UnsetType] = UNSET
+        timeout: Union[Annotated[int, Meta(gt=0, le=31536000)], Annotated[float, Meta(gt=0, le=31536000)],
+                       UnsetType] = UNSET
+        max_retries: Union[Annotated[int, Meta(ge=0, le=100)], UnsetType] = UNSET
+        retry_on_timeout: Union[bool, UnsetType] = UNSET
+        idempotency_key: Union[_Id, UnsetType] = UNSET
+
+    class _SubmitData(Struct, forbid_unknown_fields=True):
+        task: _Task
+        wait: Union[Annotated[int, Meta(gt=0, le=3600)], Annotated[float, Meta(gt=0, le=3600)], UnsetType] = UNSET
+
+    class _TaskSubmit(Struct, forbid_unknown_fields=True, tag_field="message_type", tag="task_submit"):
+        message_id: _Id
+        sender_id: _Id
+        data: _SubmitData
+        target_id: Union[_Id, UnsetType] = UNSET
+        timestamp: Union[Annotated[str, Meta(max_length=64)], UnsetType] = UNSET
+        auth_token: Union[Annotated[str, Meta(max_length=256)], UnsetType] = UNSET
+
     class _TaskResult(Struct, forbid_unknown_fields=True, tag_field="message_type", tag="task_result"):
         message_id: _Id
         sender_id: _Id
@@ -201,11 +231,11 @@ class HeartbeatGate(_Gate):
         return beat.message_id, beat.sender_id, data
 
 
-class TaskEndGate(_Gate):
-    """Vouches for a worker's ack of an assignment or its task_result, or says nothing (see the module docstring)."""
+class TaskFrameGate(_Gate):
+    """Vouches for a task_submit, or a worker's ack of an assignment or task_result, or says nothing (module docstring)."""
 
     def __init__(self) -> None:
-        super().__init__(Union[_Ack, _TaskResult])
+        super().__init__(Union[_TaskSubmit, _Ack, _TaskResult])
         self._loads = orjson.loads
 
     def vouch(self, frame: bytes) -> dict[str, Any] | None:
@@ -224,6 +254,6 @@ def heartbeat_gate() -> HeartbeatGate | None:
     return HeartbeatGate() if msgspec is not None else None
 
 
-def task_end_gate() -> TaskEndGate | None:
+def task_frame_gate() -> TaskFrameGate | None:
     """The gate, or None without msgspec (or orjson)."""
-    return TaskEndGate() if msgspec is not None and orjson is not None else None
+    return TaskFrameGate() if msgspec is not None and orjson is not None else None
