@@ -110,15 +110,28 @@ def _mutate(frame: bytes, how: int, cut: int) -> bytes:
     return frame
 
 
-def _general(frame: bytes) -> dict[str, Any] | None:
-    """What the general path makes of the frame: the heartbeat's object, or None when it refuses it."""
+def _general(frame: bytes, types: tuple[str, ...] = ("heartbeat",)) -> dict[str, Any] | None:
+    """What the general path makes of the frame: its object when of one of ``types``, or None when it refuses it."""
     try:
         obj = loads(frame)
     except Exception:
         return None
-    if type(obj) is not dict or obj.get("message_type") != "heartbeat" or not VALIDATOR.valid(obj):
+    if type(obj) is not dict or obj.get("message_type") not in types or not VALIDATOR.valid(obj):
         return None
     return obj
+
+
+def _both(gate: Any, frame: bytes, types: tuple[str, ...]) -> tuple[Any, dict[str, Any]] | None:
+    """What ``gate`` vouched for and the general path's object; None when the gate says nothing.
+
+    The general path must take every frame the gate vouches for.
+    """
+    vouched = gate.vouch(frame)
+    if vouched is None:
+        return None
+    obj = _general(frame, types)
+    assert obj is not None, f"vouched for a frame the general path refuses: {frame!r}"
+    return vouched, obj
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -128,12 +141,10 @@ def _same(a: Any, b: Any) -> bool:
 
 def _check(frame: bytes) -> bool:
     assert GATE is not None
-    vouched = GATE.vouch(frame)
-    if vouched is None:
+    both = _both(GATE, frame, ("heartbeat",))
+    if both is None:
         return False
-    obj = _general(frame)
-    assert obj is not None, f"vouched for a frame the general path refuses: {frame!r}"
-    message_id, sender_id, data = vouched
+    (message_id, sender_id, data), obj = both
     assert (message_id, sender_id) == (obj["message_id"], obj["sender_id"])
     for key in ("system_metrics", "accepting", "reason"):
         assert (key in data) == (key in obj["data"]), key
@@ -311,25 +322,19 @@ _END_FRAME = st.one_of(*(
     for kind, data in (("ack", _ACK_DATA), ("task_result", _RESULT_DATA), ("task_submit", _SUBMIT_DATA))))
 
 
+_TASK_FRAME_TYPES = ("task_submit", "ack", "task_result")
+
+
 def _general_end(frame: bytes) -> dict[str, Any] | None:
-    """What the general path makes of the frame: the submission's, ack's or result's object, or None if refused."""
-    try:
-        obj = loads(frame)
-    except Exception:
-        return None
-    if type(obj) is not dict or obj.get("message_type") not in ("ack", "task_result", "task_submit") or \
-            not VALIDATOR.valid(obj):
-        return None
-    return obj
+    return _general(frame, _TASK_FRAME_TYPES)
 
 
 def _check_end(frame: bytes) -> bool:
     assert FRAME_GATE is not None
-    vouched = FRAME_GATE.vouch(frame)
-    if vouched is None:
+    both = _both(FRAME_GATE, frame, _TASK_FRAME_TYPES)
+    if both is None:
         return False
-    obj = _general_end(frame)
-    assert obj is not None, f"vouched for a frame the general path refuses: {frame!r}"
+    vouched, obj = both
     assert _same(vouched, obj) and list(vouched) == list(obj), (vouched, obj)
     return True
 

@@ -107,14 +107,18 @@ if msgspec is not None:
         accepting: Union[bool, UnsetType] = UNSET
         reason: Union[_Str256, None, UnsetType] = UNSET
 
-    class _Heartbeat(Struct, forbid_unknown_fields=True):
-        message_type: Literal["heartbeat"]
+    class _Envelope(Struct, forbid_unknown_fields=True, kw_only=True):
+        """common.json's envelope but for message_type and data, which each frame's struct types."""
+
         message_id: _Id
         sender_id: _Id
-        data: _Data
         target_id: Union[_Id, UnsetType] = UNSET
         timestamp: Union[Annotated[str, Meta(max_length=64)], UnsetType] = UNSET
         auth_token: Union[Annotated[str, Meta(max_length=256)], UnsetType] = UNSET
+
+    class _Heartbeat(_Envelope, kw_only=True):
+        message_type: Literal["heartbeat"]
+        data: _Data
 
     # ack.json: original_message_id a string or null, result anything (vouched for in the shape of
     # our worker's "accepted" reply only).
@@ -125,13 +129,8 @@ if msgspec is not None:
         original_message_id: Union[str, None]
         result: Union[_AckResult, UnsetType] = UNSET
 
-    class _Ack(Struct, forbid_unknown_fields=True, tag_field="message_type", tag="ack"):
-        message_id: _Id
-        sender_id: _Id
+    class _Ack(_Envelope, kw_only=True, tag_field="message_type", tag="ack"):
         data: _AckData
-        target_id: Union[_Id, UnsetType] = UNSET
-        timestamp: Union[Annotated[str, Meta(max_length=64)], UnsetType] = UNSET
-        auth_token: Union[Annotated[str, Meta(max_length=256)], UnsetType] = UNSET
 
     # common.json's result: these fields typed as it types them (more are allowed there, and go the
     # general way here); metrics, any object there, vouched for when flat.
@@ -171,21 +170,11 @@ if msgspec is not None:
         task: _Task
         wait: Union[Annotated[int, Meta(gt=0, le=3600)], Annotated[float, Meta(gt=0, le=3600)], UnsetType] = UNSET
 
-    class _TaskSubmit(Struct, forbid_unknown_fields=True, tag_field="message_type", tag="task_submit"):
-        message_id: _Id
-        sender_id: _Id
+    class _TaskSubmit(_Envelope, kw_only=True, tag_field="message_type", tag="task_submit"):
         data: _SubmitData
-        target_id: Union[_Id, UnsetType] = UNSET
-        timestamp: Union[Annotated[str, Meta(max_length=64)], UnsetType] = UNSET
-        auth_token: Union[Annotated[str, Meta(max_length=256)], UnsetType] = UNSET
 
-    class _TaskResult(Struct, forbid_unknown_fields=True, tag_field="message_type", tag="task_result"):
-        message_id: _Id
-        sender_id: _Id
+    class _TaskResult(_Envelope, kw_only=True, tag_field="message_type", tag="task_result"):
         data: _ResultData
-        target_id: Union[_Id, UnsetType] = UNSET
-        timestamp: Union[Annotated[str, Meta(max_length=64)], UnsetType] = UNSET
-        auth_token: Union[Annotated[str, Meta(max_length=256)], UnsetType] = UNSET
 
 
 class _Gate:
