@@ -584,11 +584,7 @@ class MainNode(Dispatcher):
                     timestamp=utc_timestamp(now),
                 )
             )
-            queued = frames.get(conn)
-            if queued is None:
-                frames[conn] = [frame]
-            else:
-                queued.append(frame)
+            frames.setdefault(conn, []).append(frame)
         for conn, batch in frames.items():
             conn.write_now(batch)
 

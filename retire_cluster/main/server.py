@@ -15,10 +15,11 @@ error that is valid against its schema (and, on a device's connection, sent
 under its own id) go straight to their handler; from the first one that does
 not, the rest of the read is fed to the buffer as usual and gets exactly the
 replies it always did (MainNode.express; tests/test_express.py compares both).
-A device's heartbeat written as our worker writes it (compact, message_type
-first) is first offered to a gate that decodes and checks it in one msgspec
-call (main/typed.py); what the gate does not vouch for takes the lane as
-above.
+A device's heartbeat, a task_submit, and a worker's ack of its assignment and
+its task_result, written as our worker and clients write them (compact,
+message_type first), are first offered to a gate that decodes and checks each
+in one msgspec call (main/typed.py); what a gate does not vouch for takes the
+lane as above.
 
 Theory of operation, for a port that anyone on the network can reach (every
 limit is a :class:`~retire_cluster.main.config.MainConfig` field):

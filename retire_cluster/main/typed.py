@@ -232,10 +232,7 @@ class TaskFrameGate(_Gate):
 
         ``frame`` is one frame without its newline.
         """
-        if self._checked(frame) is None:
-            return None
-        obj: dict[str, Any] = self._loads(frame)
-        return obj
+        return None if self._checked(frame) is None else self._loads(frame)
 
 
 def heartbeat_gate() -> HeartbeatGate | None:
