@@ -87,7 +87,9 @@ class Link(asyncio.BufferedProtocol):
         self._read_buffer: Optional[memoryview] = None  # made at the first read
         self._paused = False
         self._drain_waiters: List["asyncio.Future[None]"] = []
-        self.closed: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
+        #: the event loop the connection runs on (asking asyncio for it costs a getpid call each time)
+        self.loop = asyncio.get_running_loop()
+        self.closed: "asyncio.Future[None]" = self.loop.create_future()
         # A connection that ends after its user stopped waiting on it (a worker refusing a pinned
         # certificate never reads from it) must not log "Future exception was never retrieved".
         self.closed.add_done_callback(_retrieve)

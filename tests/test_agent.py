@@ -252,9 +252,10 @@ async def test_unanswered_result_times_out_and_stays_in_the_outbox(tmp_path: Pat
 class RecordingWriter:
     """Stands in for the Link: records each write() (one write is one send on the socket)."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.writes: list[bytes] = []
         self.reading = False  # frames given to the agent directly, not in a Link's read
+        self.loop = loop or asyncio.get_running_loop()  # as a Link's
 
     def write(self, data: bytes) -> None:
         self.writes.append(data)
@@ -473,14 +474,99 @@ async def test_a_result_unanswered_when_the_connection_ends_is_kept_without_nois
     agent._on_message(Message("task_assign", "m-1", "main-node", {"task": {
         "task_id": "t-1", "attempt": 1, "task_type": "echo", "payload": {"message": "hi"}, "timeout": 10}}))
     (waiting,) = agent._pending.values()
-    ((_key, timer),) = agent._results_sent.values()
+    assert list(agent._results_sent) == list(agent._pending)
+    timer = agent._results_timer
+    assert timer is not None
     reported: list = []
     asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx["message"]))
     agent._connection_ended()
     assert waiting.done() and not waiting.cancelled()
-    assert timer.cancelled() and not agent._results_sent and not agent._pending
+    assert timer.cancelled() and agent._results_timer is None and not agent._results_sent and not agent._pending
     assert list(agent.outbox) == [("t-1", 1)]  # sent again after the next register
     del waiting  # the last reference: an unretrieved exception would be reported now
     gc.collect()
     await asyncio.sleep(0)
     assert reported == []
+
+
+class _ManualTimers:
+    """A loop's clock and timers under the test's control (futures come from the running loop)."""
+
+    class Timer:
+        def __init__(self, when: float, callback, args: tuple) -> None:
+            self.when, self.callback, self.args, self.done = when, callback, args, False
+
+        def cancel(self) -> None:
+            self.done = True
+
+        def cancelled(self) -> bool:
+            return self.done
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[_ManualTimers.Timer] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def create_future(self) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
+
+    def call_later(self, delay: float, callback, *args):
+        return self.call_at(self.now + delay, callback, *args)
+
+    def call_at(self, when: float, callback, *args):
+        timer = self.Timer(when, callback, args)
+        self.timers.append(timer)
+        return timer
+
+    def live(self) -> list[float]:
+        return [t.when for t in self.timers if not t.done]
+
+    def advance_to(self, now: float) -> None:
+        self.now = now
+        for timer in [t for t in self.timers if not t.done and t.when <= now]:
+            timer.done = True
+            timer.callback(*timer.args)
+
+
+async def test_one_timer_gives_up_on_unanswered_results_oldest_first(tmp_path: Path) -> None:
+    """Results in flight share one timer, due at the oldest one's deadline: at each deadline the results
+    unanswered for REQUEST_TIMEOUT_S are given up on (kept in the outbox), an answered one is not, and the
+    timer waits for the next oldest. The clock is the test's; nothing sleeps."""
+    from retire_cluster.protocol.messages import Message
+    from retire_cluster.worker.agent import REQUEST_TIMEOUT_S
+
+    timers = _ManualTimers()
+    agent = Agent(WorkerConfig(device_id="x", data_dir=tmp_path))
+    agent._writer = RecordingWriter(loop=timers)  # type: ignore[arg-type,assignment]
+    agent.registered.set()
+    sent: dict[str, str] = {}  # task id -> message id of its result
+
+    def run_echo(task_id: str, at: float) -> None:
+        timers.now = at
+        agent._on_message(Message("task_assign", f"m-{task_id}", "main-node", {"task": {
+            "task_id": task_id, "attempt": 1, "task_type": "echo", "payload": {"message": "hi"}, "timeout": 10}}))
+        sent[task_id] = next(mid for mid, (key, _due) in agent._results_sent.items() if key[0] == task_id)
+
+    run_echo("t-1", 0.0)
+    run_echo("t-2", 10.0)
+    run_echo("t-3", 20.0)
+    assert timers.live() == [REQUEST_TIMEOUT_S]  # one timer for three results
+    futures = {task_id: agent._pending[mid] for task_id, mid in sent.items()}
+    timers.now = 15.0
+    agent._on_message(Message("ack", "a-2", "main-node", {"original_message_id": sent["t-2"],
+                                                          "result": {"task_id": "t-2", "status": "completed"}}))
+    assert ("t-2", 1) not in agent.outbox
+
+    timers.advance_to(REQUEST_TIMEOUT_S)  # t-1's deadline
+    assert isinstance(futures["t-1"].exception(), asyncio.TimeoutError)
+    assert not futures["t-3"].done()
+    assert list(agent._results_sent) == [sent["t-3"]]
+    assert timers.live() == [20.0 + REQUEST_TIMEOUT_S]  # t-2 was answered: next due is t-3's
+
+    timers.advance_to(20.0 + REQUEST_TIMEOUT_S)
+    assert isinstance(futures["t-3"].exception(), asyncio.TimeoutError)
+    assert not agent._results_sent and not agent._pending and agent._results_timer is None
+    assert timers.live() == []
+    assert sorted(agent.outbox) == [("t-1", 1), ("t-3", 1)]  # sent again after the next register
