@@ -83,6 +83,19 @@ def cpu_s(proc: psutil.Process) -> float:
     return total / 1e9
 
 
+def loop_thread_cpu_s(proc: psutil.Process) -> float:
+    """CPU seconds of ``proc``'s first thread (its event loop's, in our processes) so far; 0 where not known.
+
+    With :func:`cpu_s` it splits the main node's CPU into the event loop's and
+    the other threads' (SQLite's: the commits).
+    """
+    try:
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class MainNode:
     """`retire-cluster main` in a subprocess on a free port.
 
@@ -157,17 +170,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn_ready(script: str, *args: str) -> subprocess.Popen[str]:
-    """``python script *args``, once it printed "ready" (the floor benchmarks' servers and relays)."""
-    proc = subprocess.Popen([sys.executable, script, *args], stdout=subprocess.PIPE, text=True, env=env())
+def spawn_ready(script: str, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    """``python script *args`` (after ``prefix``: valgrind, say), once it printed "ready" (the floor
+    benchmarks' servers and relays)."""
+    proc = subprocess.Popen([*prefix, sys.executable, script, *args], stdout=subprocess.PIPE, text=True, env=env())
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     return proc
 
 
-def stop_all(procs: list[subprocess.Popen[str]]) -> None:
+def stop_all(procs: list[subprocess.Popen[str]], timeout_s: float = 10) -> None:
     for p in procs:
         p.terminate()
-        p.wait(10)
+        p.wait(timeout_s)
 
 
 class Lines(asyncio.Protocol):

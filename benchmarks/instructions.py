@@ -14,7 +14,9 @@ hourly) with that one process under `valgrind --tool=cachegrind
 at a time, as tasks.py's), then runs N more, and stops it; then the same
 with no more. The difference over N is the process's instructions per round
 trip (user space only: its threads, SQLite's and the interpreter's included,
-the kernel's not). Under valgrind a process runs 20-50 times slower, so
+the kernel's not). Then the same for durable_floor.py's throwaway main node
+and its worker (the same frames and the same commit, nothing else): what
+the least durable round trip runs, for scale. Under valgrind a process runs 20-50 times slower, so
 timers that fire on wall time (the lease monitor, the lazy commit) fire more
 often per round trip than without it; both runs share that.
 
@@ -31,9 +33,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from _harness import MainNode, Requester, emit, env, run
+import durable_floor
+from _harness import MainNode, Requester, emit, env, free_port, run, spawn_ready, stop_all
 from tasks import waited_round_trips
 
 WARM_UP = 20
@@ -78,6 +82,22 @@ def one_run(role: str, round_trips: int, tmp: Path) -> int:
     return instructions(out)
 
 
+def floor_run(role: str, round_trips: int, tmp: Path) -> int:
+    """The same for durable_floor.py's throwaway main node or its worker: what the least durable round trip runs."""
+    out = tmp / f"floor-{role}-{round_trips}.cg"
+    port = free_port()
+    script = durable_floor.__file__
+    procs = [spawn_ready(script, "--serve", str(port), str(tmp / f"floor-{role}-{round_trips}.db"),
+                         prefix=valgrind(out) if role == "main" else ())]
+    try:
+        procs.append(spawn_ready(script, "--worker", str(port), prefix=valgrind(out) if role == "worker" else ()))
+        time.sleep(1.0)  # its hello is in (the throwaway node has no register reply to wait for)
+        run(durable_floor.floor_client(port, WARM_UP + round_trips))
+    finally:
+        stop_all(procs, timeout_s=300)
+    return instructions(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="200 round trips")
@@ -94,12 +114,19 @@ def main() -> None:
         for role in ("main", "worker"):
             base = one_run(role, 0, tmp)
             per[role] = round((one_run(role, count, tmp) - base) / count)
+        for role in ("main", "worker"):
+            base = floor_run(role, 0, tmp)
+            per[f"floor_{role}"] = round((floor_run(role, count, tmp) - base) / count)
     emit("instructions", [
         ("main node", f"{per['main']:,} instructions per waited round trip"),
         ("worker", f"{per['worker']:,} instructions per waited round trip"),
+        ("throwaway main node", f"{per['floor_main']:,} (durable_floor.py's, same frames and commit)"),
+        ("throwaway worker", f"{per['floor_worker']:,}"),
         ("code measured", f"{os.getcwd()} at {commit}"),
     ], {"round_trips": count, "commit": commit, "main_instructions_per_round_trip": per["main"],
-        "worker_instructions_per_round_trip": per["worker"]})
+        "worker_instructions_per_round_trip": per["worker"],
+        "floor_main_instructions_per_round_trip": per["floor_main"],
+        "floor_worker_instructions_per_round_trip": per["floor_worker"]})
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 import psutil
-from _harness import MainNode, Requester, cpu_s, emit, env, percentile, run
+from _harness import MainNode, Requester, cpu_s, emit, env, loop_thread_cpu_s, percentile, run
 
 #: The round trips run in this many alternating blocks of each kind.
 ROUND_TRIP_BLOCKS = 5
@@ -95,8 +95,9 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
     updated: list[float] = []
     samples: list[float] = []
     through_client: list[float] = []
-    # main node, workers, this process (the submitter): CPU seconds spent during the waited round trips
-    waited_cpu = [0.0, 0.0, 0.0]
+    # main node, workers, this process (the submitter), the main node's event loop thread: CPU seconds
+    # spent during the waited round trips
+    waited_cpu = [0.0, 0.0, 0.0, 0.0]
     me = psutil.Process()
     block = max(1, round_trips // ROUND_TRIP_BLOCKS)
     for done_trips in range(0, round_trips, block):
@@ -107,10 +108,12 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
         client.close()
         waiter = await Requester(node.token, lambda _msg: None, sender_id="bench-wait").open(node.port)
         main_cpu0, worker_cpu0, my_cpu0 = node.cpu_s(), sum(map(cpu_s, workers)), cpu_s(me)
+        loop_cpu0 = loop_thread_cpu_s(node.process)
         samples += await waited_round_trips(waiter.request, echo, count)
         waited_cpu[0] += node.cpu_s() - main_cpu0
         waited_cpu[1] += sum(map(cpu_s, workers)) - worker_cpu0
         waited_cpu[2] += cpu_s(me) - my_cpu0
+        waited_cpu[3] += loop_thread_cpu_s(node.process) - loop_cpu0
         waiter.close()
         through_client += await client_round_trips(node, echo, count)
     updated.sort()
@@ -122,10 +125,14 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
             "worker_cpu_us_per_task": round(1e6 * worker_cpu / tasks),
             "round_trip_p50_ms": round(1000 * percentile(samples, 0.5), 3),
             "round_trip_p99_ms": round(1000 * percentile(samples, 0.99), 3),
+            # The CPU figures below are per round trip on average: compare them with the mean, not the p50.
+            "round_trip_mean_ms": round(1000 * sum(samples) / len(samples), 3),
             # A round trip's path is serial (client, main node, SQLite's thread, worker), and on a
             # VM that packs tasks onto one vCPU they take turns: it costs about the CPU all of them
             # spend on it (benchmarks/README.md, "Why the round trip follows CPU here").
             "round_trip_main_cpu_us": round(1e6 * waited_cpu[0] / round_trips),
+            # ... of which its event loop's thread (the rest is SQLite's thread: the commits)
+            "round_trip_main_loop_cpu_us": round(1e6 * waited_cpu[3] / round_trips),
             "round_trip_worker_cpu_us": round(1e6 * waited_cpu[1] / round_trips),
             "round_trip_submitter_cpu_us": round(1e6 * waited_cpu[2] / round_trips),
             "round_trip_update_p50_ms": round(1000 * percentile(updated, 0.5), 3),
