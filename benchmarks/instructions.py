@@ -44,7 +44,7 @@ WARM_UP = 20
 
 
 def valgrind(out: Path) -> tuple[str, ...]:
-    return ("valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={out}")
+    return ("valgrind", "-q", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={out}")
 
 
 def instructions(out: Path) -> int:

@@ -161,7 +161,9 @@ if _orjson is not None:
         if shape.count(b"[") > max_depth and not _nesting_ok(data, max_depth):
             raise NestingTooDeep(_TOO_DEEP.format(max_depth))
         obj = _orjson_loads(data)
-        if (b"\\" in shape and b"\\u003" in data) or _LONG_NUMBER in shape:
+        # find() rather than `in`: `needle in data` first tries the needle as an integer
+        # (a byte value) and formats the TypeError it then clears, about 1,700 instructions each.
+        if (shape.find(b"\\") >= 0 and data.find(b"\\u003") >= 0) or shape.find(_LONG_NUMBER) >= 0:
             # Rare: an escaped colon, or a number orjson may have turned into a float.
             _exact_decoder.decode(data.decode("utf-8"))
         else:
