@@ -797,6 +797,42 @@ async def test_wait_with_a_timeout_raises_timeout_even_while_the_main_node_is_do
         blocking.close()
 
 
+async def test_a_cancel_that_meets_a_refused_connection_is_not_lost(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller's timeout cancels a request just as its connection attempt is refused (the race that made
+    ``wait(timeout_s=0.5)`` raise ClientError after the client's own timeout_s, once in a CI run): the
+    request ends cancelled at once, not retrying on. asyncio.wait_for around the attempt swallowed such a
+    cancel on Python 3.11; here the attempt refuses and cancels the request in the same step, every time."""
+    n = MainNode(make_config(tmp_path), run_monitor=False)
+    await n.start()
+    c = AsyncClient(addr(n), n.token, timeout_s=2)
+    await c.connect()
+    await n.stop()
+    for _ in range(1000):  # until the client has read the end of its connection
+        if not c.connected:
+            break
+        await asyncio.sleep(0.01)
+    assert not c.connected
+    loop = asyncio.get_running_loop()
+    attempts: List[int] = []
+    request: asyncio.Task[Any]
+
+    async def refused_as_the_caller_gives_up(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(1)
+        if len(attempts) == 1:
+            request.cancel()  # the caller's timeout, in the same step as the refusal
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(loop, "create_connection", refused_as_the_caller_gives_up)
+    request = asyncio.ensure_future(c.request("task_status", {"task_id": "t-1"}))
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        assert attempts == [1]  # no attempt after the cancel
+    finally:
+        await c.close()
+
+
 async def test_execute_with_a_local_fallback_keeps_to_timeout_s(node: MainNode) -> None:
     nobody = {"requirements": {"role": "nobody"}}
     c = await client_of(node)

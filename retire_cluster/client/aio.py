@@ -106,6 +106,15 @@ async def _by(deadline: Optional[float], late: Callable[[], TimeoutError], aw: A
         raise late() from None
 
 
+def _drop(attempt: "asyncio.Future[Any]") -> None:
+    """A connection attempt nobody waits for any more: stopped, or its connection closed, its error retrieved."""
+    if not attempt.done():
+        attempt.cancel()
+    elif not attempt.cancelled():
+        if attempt.exception() is None:
+            attempt.result()[0].close()
+
+
 def _time_out(fut: "asyncio.Future[Any]") -> None:
     if not fut.done():
         fut.set_exception(asyncio.TimeoutError())
@@ -256,14 +265,23 @@ class AsyncClient:
     async def _open(self, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
         conn = _Connection(self.connections_opened + 1)
+        # asyncio.wait, not wait_for: on Python 3.11 wait_for returns (or raises) what the attempt
+        # ended with when the caller's cancel comes in the same step, and the cancel is lost: the
+        # caller's timeout_s then waited out this client's own, retrying.
+        attempt = asyncio.ensure_future(loop.create_connection(
+            lambda: Link(lambda msg: self._dispatch(conn, msg), self.max_frame_bytes, strict=True),
+            self.host, self.port, ssl=self.ssl,
+        ))
         try:
-            _, link = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: Link(lambda msg: self._dispatch(conn, msg), self.max_frame_bytes, strict=True),
-                    self.host, self.port, ssl=self.ssl,
-                ),
-                max(deadline - loop.time(), 0.001),
-            )
+            done, _ = await asyncio.wait({attempt}, timeout=max(deadline - loop.time(), 0.001))
+        except asyncio.CancelledError:
+            _drop(attempt)
+            raise
+        try:
+            if not done:
+                _drop(attempt)
+                raise asyncio.TimeoutError()
+            _, link = attempt.result()
         except (OSError, asyncio.TimeoutError) as exc:
             errno = getattr(exc, "errno", None)
             reason = os.strerror(errno) if errno else str(exc) or "timed out"
