@@ -73,14 +73,7 @@ def cpu_s(proc: psutil.Process) -> float:
     if not os.path.isdir(tasks):
         t = proc.cpu_times()
         return t.user + t.system
-    total = 0
-    for tid in os.listdir(tasks):
-        try:
-            with open(f"{tasks}/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):  # the thread ended meanwhile
-            continue
-    return total / 1e9
+    return sum(_thread_cpu_ns(proc.pid, tid) for tid in os.listdir(tasks)) / 1e9
 
 
 def loop_thread_cpu_s(proc: psutil.Process) -> float:
@@ -89,11 +82,16 @@ def loop_thread_cpu_s(proc: psutil.Process) -> float:
     With :func:`cpu_s` it splits the main node's CPU into the event loop's and
     the other threads' (SQLite's: the commits).
     """
+    return _thread_cpu_ns(proc.pid, str(proc.pid)) / 1e9
+
+
+def _thread_cpu_ns(pid: int, tid: str) -> int:
+    """The scheduler's count of a thread's CPU time (ns); 0 when it ended meanwhile, or off Linux."""
     try:
-        with open(f"/proc/{proc.pid}/task/{proc.pid}/schedstat") as f:
-            return int(f.read().split()[0]) / 1e9
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            return int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
-        return 0.0
+        return 0
 
 
 class MainNode:
