@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 __all__ = [
     "DRAIN_S",
+    "SWEEP_PASSES",
     "ChildResult",
     "child_env",
     "default_scratch_base",
@@ -56,6 +57,8 @@ __all__ = [
 DRAIN_S = 0.5
 #: After the group is killed, how long to wait for the main child to be reaped.
 REAP_S = 5.0
+#: At most this many scans of ``/proc`` per :func:`kill_leftovers` (another only after one that killed).
+SWEEP_PASSES = 5
 _POSIX = os.name == "posix"
 
 _SAFE_ENV_KEYS = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TERMUX_VERSION", "PREFIX", "ANDROID_ROOT",
@@ -132,22 +135,35 @@ def kill_leftovers(scratch_dir: Path) -> int:
     TMPDIR, and what they start inherits them: a process whose cwd is in it,
     or whose HOME or TMPDIR is it, was started by that task. The directory is
     private (0700) to this user, and another user's processes cannot be read.
+
+    ``/proc`` is scanned again after any pass that killed something, up to
+    :data:`SWEEP_PASSES` times: a leftover may have forked while it was
+    being scanned, and a process caught in the middle of an ``exec`` shows
+    an empty environment for that moment. Each process is counted once.
     """
     if not os.path.isdir("/proc/self"):
         return 0
     target = os.path.realpath(scratch_dir)
     marks = (b"HOME=" + os.fsencode(target), b"TMPDIR=" + os.fsencode(target))
-    killed = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        if _works_in(entry.path, target, marks):
+    own = os.getpid()
+    done: Set[int] = set()
+    for _ in range(SWEEP_PASSES):
+        found = 0
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            if pid == own or pid in done or not _works_in(entry.path, target, marks):
+                continue
             try:
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed += 1
+                os.kill(pid, signal.SIGKILL)
             except OSError:  # gone meanwhile, or not ours
-                pass
-    return killed
+                continue
+            done.add(pid)
+            found += 1
+        if not found:
+            break
+    return len(done)
 
 
 def _works_in(proc_dir: str, target: str, marks: Tuple[bytes, bytes]) -> bool:
