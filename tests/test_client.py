@@ -833,6 +833,47 @@ async def test_a_cancel_that_meets_a_refused_connection_is_not_lost(tmp_path: Pa
         await c.close()
 
 
+class _ItemAsTheCallerGivesUp:
+    """A queue whose get() hands over an item and, in the same step, cancels the task reading it."""
+
+    def __init__(self) -> None:
+        self.reader: Optional[asyncio.Task[Any]] = None
+
+    async def get(self) -> Dict[str, Any]:
+        assert self.reader is not None
+        self.reader.cancel()
+        return {"task_id": "t-1", "status": "completed"}
+
+
+async def test_a_cancel_that_comes_as_a_pushed_record_arrives_is_not_lost() -> None:
+    """``execute`` reads pushed records with a deadline; its caller's cancel must win over a record read in
+    the same step. asyncio.wait_for on Python 3.11 returned the record instead, and the caller went on."""
+    from retire_cluster.client.aio import AsyncClient as Async
+
+    queue = _ItemAsTheCallerGivesUp()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.ensure_future(Async._next_record(queue, {}, loop.time() + 60))  # type: ignore[arg-type]
+    queue.reader = reader
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+
+
+async def test_within_keeps_a_cancel_and_times_out_what_does_not_end() -> None:
+    from retire_cluster.client.common import within
+
+    queue = _ItemAsTheCallerGivesUp()
+    reader = asyncio.ensure_future(within(queue.get(), 60))
+    queue.reader = reader
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    with pytest.raises(asyncio.TimeoutError):
+        await within(never, 0)
+    assert never.cancelled()  # not left waiting
+    assert await within(asyncio.sleep(0, "done"), None) == "done"
+    assert await within(asyncio.sleep(0, "in time"), 60) == "in time"
+
+
 async def test_execute_with_a_local_fallback_keeps_to_timeout_s(node: MainNode) -> None:
     nobody = {"requirements": {"role": "nobody"}}
     c = await client_of(node)

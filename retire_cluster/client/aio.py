@@ -62,6 +62,7 @@ from .common import (
     run_locally,
     task_spec,
     waited_submit,
+    within,
 )
 
 __all__ = ["AsyncClient", "UpdateStream"]
@@ -101,7 +102,7 @@ async def _by(deadline: Optional[float], late: Callable[[], TimeoutError], aw: A
     if deadline is None:
         return await aw
     try:
-        return await asyncio.wait_for(aw, max(deadline - asyncio.get_running_loop().time(), 0))
+        return await within(aw, max(deadline - asyncio.get_running_loop().time(), 0))
     except asyncio.TimeoutError:
         raise late() from None
 
@@ -605,7 +606,7 @@ class AsyncClient:
                 if timeout is not None and timeout <= 0:
                     raise late()
                 try:
-                    item = await asyncio.wait_for(queue.get(), timeout)
+                    item = await within(queue.get(), timeout)
                 except asyncio.TimeoutError:
                     continue
                 if isinstance(item, BaseException):
@@ -672,7 +673,7 @@ class AsyncClient:
         """The next pushed record, or ``last`` when the deadline passes first."""
         timeout = None if deadline is None else max(deadline - asyncio.get_running_loop().time(), 0)
         try:
-            item = await asyncio.wait_for(queue.get(), timeout)
+            item = await within(queue.get(), timeout)
         except asyncio.TimeoutError:
             return last
         if isinstance(item, BaseException):

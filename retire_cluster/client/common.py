@@ -20,7 +20,7 @@ import concurrent.futures
 import logging
 import math
 import random
-from typing import Any, Callable, Coroutine, Dict, Iterable, Iterator, List, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Dict, Iterable, Iterator, List, Optional, TypeVar
 
 from ..protocol.codec import encode
 from ..protocol.errors import FrameTooLarge, error_from_code
@@ -54,6 +54,7 @@ __all__ = [
     "run_locally",
     "task_spec",
     "waited_submit",
+    "within",
 ]
 
 
@@ -138,6 +139,39 @@ class TaskFailed(Exception):
         super().__init__(f"task {self.task_id} {self.status}: {reason}")
 
 
+async def within(aw: Awaitable[T], timeout_s: Optional[float]) -> T:
+    """``await aw`` for at most ``timeout_s`` seconds (None: no limit), else cancel it and raise asyncio.TimeoutError.
+
+    Unlike ``asyncio.wait_for`` on Python 3.11, a cancel of the caller is
+    never lost: ``wait_for`` returns what ``aw`` ended with when the cancel
+    comes in the same step, and the caller goes on as if not cancelled (a
+    ``wait()`` past its deadline, a queue item handed to a caller going away).
+    """
+    if timeout_s is None:
+        return await aw
+    fut = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait({fut}, timeout=max(timeout_s, 0))
+    except asyncio.CancelledError:
+        _abandon(fut)
+        raise
+    if not done:
+        _abandon(fut)
+        raise asyncio.TimeoutError()
+    return fut.result()
+
+
+def _abandon(fut: "asyncio.Future[Any]") -> None:
+    """A future nobody waits for any more: cancelled, and what it ended with retrieved (no "never retrieved")."""
+    fut.cancel()
+    fut.add_done_callback(_retrieve)
+
+
+def _retrieve(fut: "asyncio.Future[Any]") -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 def run_coroutine(coro: Coroutine[Any, Any, T], timeout_s: Optional[float],
                   late: Callable[[], TimeoutError]) -> T:
     """Run ``coro`` to its end from blocking code, within ``timeout_s`` (``late()`` is raised after).
@@ -148,7 +182,7 @@ def run_coroutine(coro: Coroutine[Any, Any, T], timeout_s: Optional[float],
     """
     async def bounded() -> T:
         try:
-            return await asyncio.wait_for(coro, timeout_s)
+            return await within(coro, timeout_s)
         except asyncio.TimeoutError:
             raise late() from None
 

@@ -21,6 +21,7 @@ from ..tables import (
     task_row,
 )
 from .aio import AsyncClient
+from .common import within
 
 __all__ = ["View", "render", "watch"]
 
@@ -84,14 +85,14 @@ async def watch(client: AsyncClient, view: View, draw: Callable[[View], None], *
             refresh_at = loop.time() + interval_s
             while loop.time() < refresh_at:
                 try:
-                    view.update(await asyncio.wait_for(stream.get(), refresh_at - loop.time()))
+                    view.update(await within(stream.get(), refresh_at - loop.time()))
                 except asyncio.TimeoutError:
                     break
                 if redraw_on_change:
                     settle_at = min(loop.time() + _REDRAW_EVERY_S, refresh_at)
                     while loop.time() < settle_at:  # take the rest of a burst before drawing
                         try:
-                            view.update(await asyncio.wait_for(stream.get(), settle_at - loop.time()))
+                            view.update(await within(stream.get(), settle_at - loop.time()))
                         except asyncio.TimeoutError:
                             break
                     view.connected = client.connected
