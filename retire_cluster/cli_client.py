@@ -15,7 +15,8 @@ import asyncio
 import json
 import math
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import click
 
@@ -34,6 +35,8 @@ from .tables import (
 )
 
 EXIT_ERROR = 1
+#: --wait-timeout ran out before the task (or every task of a batch) ended; as GNU ``timeout`` exits.
+EXIT_WAIT_TIMEOUT = 124
 #: Ctrl-C while waiting (what a shell reports for SIGINT).
 EXIT_INTERRUPTED = 130
 #: `submit --wait` says where the task is when it has not ended after this many seconds.
@@ -73,6 +76,18 @@ def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--main", "main_addr", envvar="RETIRE_CLUSTER_MAIN", default="127.0.0.1:8080",
                       show_default=True, help="Main node HOST[:PORT] [env RETIRE_CLUSTER_MAIN].")(fn)
     return fn
+
+
+def _check_wait_timeout(ctx: click.Context, param: click.Parameter, value: Optional[float]) -> Optional[float]:
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise click.BadParameter("must be a number of seconds more than 0.", ctx=ctx, param=param)
+    return value
+
+
+def wait_timeout_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--wait-timeout", type=float, metavar="SECONDS", callback=_check_wait_timeout,
+                        help=f"Wait at most this long (implies --wait): {what} goes on, and the command "
+                             f"exits {EXIT_WAIT_TIMEOUT}.")
 
 
 def _client(main_addr: str, token: Optional[str]) -> Any:
@@ -169,11 +184,12 @@ def _priority(value: Optional[str]) -> Any:
               help="Also retry (up to --max-retries) when an attempt runs past --timeout.")
 @click.option("--idempotency-key", help="Submitting twice with the same key returns the first task.")
 @click.option("--wait", is_flag=True, help="Wait for the result and print it.")
+@wait_timeout_option("the task")
 @client_options
 def submit_cmd(task_type: str, payload: str, priority: Optional[str], timeout: Optional[float],
                requires: Sequence[str], max_retries: Optional[int], retry_on_timeout: bool,
-               idempotency_key: Optional[str], wait: bool, main_addr: str, token: Optional[str],
-               as_json: bool) -> None:
+               idempotency_key: Optional[str], wait: bool, wait_timeout: Optional[float], main_addr: str,
+               token: Optional[str], as_json: bool) -> None:
     """Submit a task of TASK_TYPE (echo, sleep, python_eval, command, ...)."""
     try:
         body = json.loads(payload)
@@ -192,7 +208,7 @@ def submit_cmd(task_type: str, payload: str, priority: Optional[str], timeout: O
     if not options["requirements"]:
         options["requirements"] = None
     with _client(main_addr, token) as client:
-        if not wait:
+        if not wait and wait_timeout is None:
             task_id = _call(lambda: client.submit(task_type, body, **options))
             if as_json:
                 _emit({"task_id": task_id})
@@ -201,20 +217,67 @@ def submit_cmd(task_type: str, payload: str, priority: Optional[str], timeout: O
             return
         from .client.common import TERMINAL
 
-        # One request: the reply is the end, unless the task is still going after NOTICE_S.
+        # One request: the reply is the end, unless the task is still going after NOTICE_S
+        # (or --wait-timeout, if sooner).
+        started = time.monotonic()
+        first_s = NOTICE_S if wait_timeout is None else min(NOTICE_S, wait_timeout)
         task_id = None
         try:
-            record = _call(lambda: client.run(task_type, body, wait_s=NOTICE_S, **options))
+            record = _call(lambda: client.run(task_type, body, wait_s=first_s, **options))
             if record.get("status") not in TERMINAL:
                 task_id = str(record["task_id"])
-                _say_still_waiting(_call(lambda: client.status(task_id)))
-                record = _call(lambda: client.wait(task_id))
+                record = _wait_on(client, task_id, wait_timeout, started, said=first_s < NOTICE_S)
         except KeyboardInterrupt:
             _stopped_waiting(f"task {task_id} goes on; `retire-cluster task {task_id}` shows it" if task_id else
                              "the task was submitted and goes on; `retire-cluster tasks` lists it")
+    _end_with(record, as_json)
+
+
+def _wait_on(client: Any, task_id: str, wait_timeout: Optional[float], started: float, *,
+             said: bool = False) -> Dict[str, Any]:
+    """Wait for a task that has not ended yet: its end record, or its record now if --wait-timeout runs out.
+
+    Says where the task is first (unless ``said``: the wait ran out before NOTICE_S).
+    """
+    from .client.common import TERMINAL
+
+    record: Dict[str, Any] = _call(lambda: client.status(task_id))
+    if record.get("status") in TERMINAL:
+        return record
+    left = None if wait_timeout is None else wait_timeout - (time.monotonic() - started)
+    if left is not None and left <= 0:
+        return record
+    if not said:
+        _say_still_waiting(record)
+    ended: Optional[Dict[str, Any]] = _call(lambda: _wait_or_none(client, task_id, left))
+    return ended if ended is not None else dict(_call(lambda: client.status(task_id)))
+
+
+def _wait_or_none(client: Any, task_id: str, timeout_s: Optional[float]) -> Optional[Dict[str, Any]]:
+    """The task's end record, or None when ``timeout_s`` ran out first (other timeouts are errors)."""
+    if timeout_s is None:
+        return dict(client.wait(task_id))
+    try:
+        return dict(client.wait(task_id, timeout_s=timeout_s))
+    except TimeoutError:
+        return None
+
+
+def _end_with(record: Dict[str, Any], as_json: bool) -> None:
+    """Print how the task ended (or where it is, when --wait-timeout ran out) and exit with the code that says so."""
+    from .client.common import TERMINAL
+
     if as_json:
         _emit(record)
-    else:
+    if record.get("status") not in TERMINAL:
+        task_id = record.get("task_id")
+        where = ("waiting for a device" if record.get("status") == "pending" else
+                 f"{record.get('status')} on {record.get('assigned_device') or 'a device'}")
+        click.echo(f"task {task_id} did not end within --wait-timeout; it is {where} and goes on "
+                   f"(`retire-cluster task {task_id} --wait` waits again, `retire-cluster cancel {task_id}` "
+                   "drops it).", err=True)
+        sys.exit(EXIT_WAIT_TIMEOUT)
+    if not as_json:
         _print_outcome(record)
     if record.get("status") != "completed":
         sys.exit(EXIT_ERROR)
@@ -332,11 +395,26 @@ def tasks_cmd(status: Optional[str], device: Optional[str], task_type: Optional[
 
 @click.command("task")
 @click.argument("task_id")
+@click.option("--wait", is_flag=True, help="Wait for the task to end and print its result, as submit --wait does.")
+@wait_timeout_option("the task")
 @client_options
-def task_cmd(task_id: str, main_addr: str, token: Optional[str], as_json: bool) -> None:
-    """Show one task: every field, its result, and every attempt (device, times, outcome)."""
+def task_cmd(task_id: str, wait: bool, wait_timeout: Optional[float], main_addr: str, token: Optional[str],
+             as_json: bool) -> None:
+    """Show one task: every field, its result, and every attempt (device, times, outcome).
+
+    With --wait, wait for its end instead and print its result (exit codes as submit --wait).
+    """
+    started = time.monotonic()
     with _client(main_addr, token) as client:
-        record = _call(lambda: client.status(task_id))
+        if not wait and wait_timeout is None:
+            record = _call(lambda: client.status(task_id))
+        else:
+            try:
+                record = _wait_on(client, task_id, wait_timeout, started)
+            except KeyboardInterrupt:
+                _stopped_waiting(f"task {task_id} goes on")
+            _end_with(record, as_json)
+            return
     if as_json:
         _emit(record)
     else:
@@ -364,21 +442,24 @@ def cancel_cmd(task_id: str, main_addr: str, token: Optional[str], as_json: bool
 @click.option("--concurrency", type=click.IntRange(1, 10000), default=64, show_default=True,
               help="Submissions in flight at once on the connection.")
 @click.option("--wait", is_flag=True, help="Wait for every task, then print how each ended.")
+@wait_timeout_option("every task not ended by then")
 @click.option("--on-error", type=click.Choice(["skip", "abort"]), default="skip", show_default=True,
               help="A bad line or a refused task: report it and go on, or stop.")
 @client_options
-def submit_batch_cmd(file: Any, concurrency: int, wait: bool, on_error: str, main_addr: str,
-                     token: Optional[str], as_json: bool) -> None:
+def submit_batch_cmd(file: Any, concurrency: int, wait: bool, wait_timeout: Optional[float], on_error: str,
+                     main_addr: str, token: Optional[str], as_json: bool) -> None:
     """Submit one task per line of FILE (JSON Lines; - reads stdin).
 
     Each line is an object such as {"task_type": "echo", "payload": {"message": "hi"}}, optionally
     with priority, timeout, requirements, max_retries, retry_on_timeout, idempotency_key. Blank lines
     and lines starting with # are skipped. Prints the task ids (with --wait, how each ended) and a
     summary on stderr. Exits 1 if any line was not submitted or any task did not complete; 2 when
-    --on-error abort stops at a bad line (then nothing is sent).
+    --on-error abort stops at a bad line (then nothing is sent); 124 when --wait-timeout ran out
+    before every task ended.
     """
     from .client.batch import read_batch, submit_batch
 
+    started = time.monotonic()
     specs, bad = read_batch(file)
     if bad and on_error == "abort":
         _fail(f"{file.name} line {bad[0][0]}: {bad[0][1]}; nothing was submitted.", 2)
@@ -407,8 +488,11 @@ def submit_batch_cmd(file: Any, concurrency: int, wait: bool, on_error: str, mai
     problems = f"; {len(errors)} {'line' if len(errors) == 1 else 'lines'} refused or skipped" if errors else ""
     if not_sent:
         problems += f"; {not_sent} not sent after the error (--on-error abort)"
-    if wait:
-        done = _wait_and_report(main_addr, token, submitted, report, problems, as_json)
+    if wait or wait_timeout is not None:
+        done, ended = _wait_and_report(main_addr, token, submitted, report, problems, as_json, wait_timeout,
+                                       time.monotonic() - started)
+        if ended < len(submitted):
+            sys.exit(EXIT_WAIT_TIMEOUT)
         sys.exit(EXIT_ERROR if errors or not_sent or done < len(submitted) else 0)
     if as_json:
         _emit(report)
@@ -420,9 +504,17 @@ def submit_batch_cmd(file: Any, concurrency: int, wait: bool, on_error: str, mai
 
 
 def _wait_and_report(main_addr: str, token: Optional[str], submitted: List[Any], report: Dict[str, Any],
-                     problems: str, as_json: bool) -> int:
-    """`submit-batch --wait`: wait for all, print how each ended; return how many completed."""
+                     problems: str, as_json: bool, wait_timeout: Optional[float] = None,
+                     spent_s: float = 0.0) -> Tuple[int, int]:
+    """`submit-batch --wait`: wait for all, print how each ended; return how many completed, and ended.
+
+    ``wait_timeout`` counts from the command's start (``spent_s`` ago); the
+    tasks not ended by then are shown as they are.
+    """
     from .client.batch import summarise, wait_batch
+    from .client.common import TERMINAL
+
+    left = None if wait_timeout is None else max(wait_timeout - spent_s, 0.001)
 
     client = _async_client(main_addr, token)
 
@@ -432,7 +524,8 @@ def _wait_and_report(main_addr: str, token: Optional[str], submitted: List[Any],
             with click.progressbar(length=len(submitted), label="waiting", file=sys.stderr) as bar:
                 notice = asyncio.ensure_future(_notice_stuck(client))
                 try:
-                    return await wait_batch(client, [t for _, t in submitted], progress=bar.update)
+                    return await wait_batch(client, [t for _, t in submitted], progress=bar.update,
+                                            timeout_s=left)
                 finally:
                     notice.cancel()
         finally:
@@ -444,6 +537,7 @@ def _wait_and_report(main_addr: str, token: Optional[str], submitted: List[Any],
         _stopped_waiting(f"the {_tasks(len(submitted))} submitted go on; `retire-cluster tasks` lists them")
     rows, results, counts = summarise(submitted, records)
     done = int(counts.get("completed", 0))
+    ended = sum(n for s, n in counts.items() if s in TERMINAL)
     if as_json:
         report.update(results=results, counts=counts)
         _emit(report)
@@ -451,7 +545,11 @@ def _wait_and_report(main_addr: str, token: Optional[str], submitted: List[Any],
         click.echo(format_table(["line", "task", "status", "output / error"], rows))
     others = "".join(f", {n} {s}" for s, n in sorted(counts.items()) if s != "completed")
     click.echo(f"{_tasks(len(submitted))}: {done} completed{others}{problems}", err=True)
-    return done
+    if ended < len(submitted):
+        click.echo(f"{_tasks(len(submitted) - ended)} did not end within --wait-timeout and "
+                   f"{'goes' if len(submitted) - ended == 1 else 'go'} on; `retire-cluster task ID --wait` "
+                   "waits for one again.", err=True)
+    return done, ended
 
 
 # -- watch ---------------------------------------------------------------------------

@@ -310,6 +310,45 @@ def test_submit_wait_says_why_the_task_waits_and_ends_once_a_device_can_run_it(
     assert json.loads(against(main, "status", "--json").stdout)["stuck"] == []
 
 
+def test_wait_timeout_stops_waiting_with_124_and_the_task_goes_on(main_process, worker_process) -> None:
+    """Before, `submit --wait` for a task no device could run waited until Ctrl-C; there was no bound."""
+    main = main_process()
+    worker_process(main, name="plain")  # echo and sleep only
+    wait_for_devices(main, 1)
+
+    stuck = against(main, "submit", "python_eval", "--payload", '{"expression": "1"}', "--wait-timeout", "0.5")
+    assert stuck.exit_code == 124, stuck.output
+    task_id = stuck.stderr.split()[1]
+    assert stuck.stdout == "" and stuck.stderr == (
+        f"task {task_id} did not end within --wait-timeout; it is waiting for a device and goes on "
+        f"(`retire-cluster task {task_id} --wait` waits again, `retire-cluster cancel {task_id}` drops it).\n")
+    with Client(main.address, main.token) as client:
+        assert client.status(task_id)["status"] == "pending"  # nothing was cancelled
+
+    again = against(main, "task", task_id, "--wait-timeout", "0.3", "--json")  # an existing task, for scripts
+    assert again.exit_code == 124, again.output
+    assert json.loads(again.stdout)["status"] == "pending" and "did not end within --wait-timeout" in again.stderr
+
+    done = against(main, "submit", "echo", "--payload", '{"message": "in time"}', "--wait-timeout", "60")
+    assert (done.exit_code, done.stdout) == (0, "in time\n")
+    later = against(main, "submit", "sleep", "--payload", '{"seconds": 0.2}')
+    ended = against(main, "task", later.stdout.strip(), "--wait")  # waits for the end, as submit --wait does
+    assert (ended.exit_code, ended.stdout) == (0, "slept 0.2 s\n")
+
+    batch = against(main, "submit-batch", "-", "--wait-timeout", "1", input=(
+        '{"task_type": "echo", "payload": {"message": "a"}}\n'
+        '{"task_type": "python_eval", "payload": {"expression": "6 * 7"}}\n'))
+    assert batch.exit_code == 124, batch.output
+    assert [row.split()[2:] for row in batch.stdout.splitlines()[2:]] == [["completed", "a"], ["pending"]]
+    assert batch.stderr.endswith("2 tasks: 1 completed, 1 pending\n1 task did not end within --wait-timeout "
+                                 "and goes on; `retire-cluster task ID --wait` waits for one again.\n")
+
+    for bad in ("0", "-1", "nan"):
+        refused = against(main, "submit", "echo", "--wait-timeout", bad)
+        assert refused.exit_code == 2 and "--wait-timeout': must be a number of seconds more than 0." in \
+            refused.output
+
+
 def test_submit_batch_wait_says_what_is_stuck(main_process, worker_process, monkeypatch: pytest.MonkeyPatch) -> None:
     from retire_cluster import cli_client
 

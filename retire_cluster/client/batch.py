@@ -108,13 +108,26 @@ async def submit_batch(client: AsyncClient, specs: List[Spec], *, concurrency: i
 
 
 async def wait_batch(client: AsyncClient, task_ids: List[str],
-                     progress: Optional[Callable[[int], None]] = None) -> Dict[str, Dict[str, Any]]:
-    """Every task's final record, by task id (``progress(1)`` as each ends)."""
+                     progress: Optional[Callable[[int], None]] = None,
+                     timeout_s: Optional[float] = None) -> Dict[str, Dict[str, Any]]:
+    """Every task's final record, by task id (``progress(1)`` as each ends).
+
+    With ``timeout_s``, the tasks that have not ended by then have their
+    record as it is then (a status that is not terminal).
+    """
     records: Dict[str, Dict[str, Any]] = {}
-    async for record in client.as_completed(task_ids):
-        records[record["task_id"]] = record
-        if progress is not None:
-            progress(1)
+    try:
+        async for record in client.as_completed(task_ids, timeout_s=timeout_s):
+            records[record["task_id"]] = record
+            if progress is not None:
+                progress(1)
+    except TimeoutError:
+        if timeout_s is None:
+            raise
+        rest = [t for t in dict.fromkeys(task_ids) if t not in records]
+        for start in range(0, len(rest), 256):
+            for record in await asyncio.gather(*(client.status(t) for t in rest[start : start + 256])):
+                records[record["task_id"]] = record
     return records
 
 
