@@ -26,7 +26,7 @@ from typing import Any, Callable, List, Optional
 from .protocol.codec import MessageStream
 from .protocol.messages import Message
 
-__all__ = ["ClosedByMainNode", "Link"]
+__all__ = ["AnsweredHttp", "ClosedByMainNode", "Link"]
 
 log = logging.getLogger("retire_cluster.link")
 
@@ -37,6 +37,13 @@ class BadFrameFromPeer(ConnectionError):
     def __init__(self, error: Exception) -> None:
         super().__init__(f"the main node sent a bad frame: {error}")
         self.error = error
+
+
+class AnsweredHttp(ConnectionError):
+    """The peer answered with HTTP before any frame: a web server (the dashboard's port, say), not a main node."""
+
+    def __init__(self) -> None:
+        super().__init__("the peer answered with HTTP, not retire-cluster frames")
 
 
 class ClosedByMainNode(ConnectionError):
@@ -118,6 +125,10 @@ class Link(asyncio.BufferedProtocol):
         """Handle a chunk of the stream (what :meth:`buffer_updated` read, or bytes given directly)."""
         self.reading = self._on_read_end is not None
         try:
+            if not self.messages and data.startswith(b"HTTP/") and not self._stream.decoder.buffered_bytes:
+                # Before, a worker given the dashboard's port logged each header line as a bad frame, and
+                # did so again at every reconnect, for ever.
+                raise AnsweredHttp()
             for event in self._stream.feed(data):
                 if isinstance(event, Message):
                     self.messages += 1

@@ -139,6 +139,23 @@ async def test_wrong_token_is_fatal_with_exit_2(tmp_path: Path, port: int) -> No
         await node.stop()
 
 
+async def test_the_dashboards_port_given_as_main_is_fatal_in_one_sentence(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The main node prints its dashboard's address too; a worker given that port used to log each line of
+    the HTTP answer as a bad frame, at every reconnect, for ever."""
+    node = MainNode(make_config(tmp_path, http_enabled=True, http_port=0), run_monitor=False)
+    await node.start()
+    try:
+        assert node.http_address is not None
+        agent = agent_for(node.http_address[1], node.token, tmp_path / "w")
+        assert await asyncio.wait_for(agent.run(), 20) == 2
+        assert (f"127.0.0.1:{node.http_address[1]} answers HTTP: it is a web server (the main node's dashboard, "
+                "say), not the main node's TCP port") in caplog.text
+        assert "bad frame" not in caplog.text
+    finally:
+        await node.stop()
+
+
 @pytest.mark.parametrize("bad", [{"device_id": "bad\x1bid"}, {"device_id": "a" * 300},
                                  {"capabilities": ("c\x07",)}])
 async def test_a_registration_the_main_node_refuses_is_fatal_not_retried_forever(

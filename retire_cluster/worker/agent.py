@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Optional, Tuple
 
-from ..link import ClosedByMainNode, Link
+from ..link import AnsweredHttp, ClosedByMainNode, Link
 from ..protocol.codec import encode
 from ..protocol.errors import ProtocolError, error_from_code
 from ..protocol.messages import STOPPING_REASON, Message, ack, error_reply, new_message_id, utc_timestamp
@@ -311,7 +311,7 @@ class Agent:
             # came back 16 s after a main-node restart, past a short offline_timeout.)
             failures = 1 if self.registered.is_set() else failures + 1
             if isinstance(exc, ConnectionError):
-                fatal = _replaced(exc, self.device_id)
+                fatal = _replaced(exc, self.device_id) or self._web_server(exc)
                 if fatal is not None:
                     raise fatal from None
                 unanswered = link.messages == 0 and self.config.tls_fingerprint is None
@@ -326,6 +326,15 @@ class Agent:
                 raise fatal
             log.warning("connection to main node lost (the main node closed it before answering)")
         return failures
+
+    def _web_server(self, exc: ConnectionError) -> "Optional[FatalError]":
+        """--main names a web server (the dashboard's port, most likely): no retry can help."""
+        if not isinstance(exc, AnsweredHttp):
+            return None
+        return FatalError(f"{self.config.main_host}:{self.config.main_port} answers HTTP: it is a web server "
+                          "(the main node's dashboard, say), not the main node's TCP port; pass the --main "
+                          "that `retire-cluster main` prints in its `retire-cluster worker` line (port 8080 by "
+                          "default).")
 
     def _connection_ended(self) -> None:
         """The connection is gone: requests waiting for an answer fail, results wait for the next register."""
