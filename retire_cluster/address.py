@@ -5,6 +5,7 @@ Python 3.9 syntax, standard library only.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Tuple
 
 __all__ = ["DEFAULT_MAIN_PORT", "parse_main_address"]
@@ -40,7 +41,24 @@ def parse_main_address(text: str) -> Tuple[str, int]:
         port = _port(port_text, text)
     if not host:
         raise ValueError(f"--main {text!r} has no host; give HOST or HOST:PORT.")
+    if not _host_ok(host) or (text.startswith("[") and ":" not in host):
+        raise ValueError(f"--main {text!r}: {host!r} is not a host name or IP address; give HOST or HOST:PORT "
+                         "(an IPv6 address with a port as [ADDRESS]:PORT).")
     return host, port
+
+
+def _host_ok(host: str) -> bool:
+    """A name (letters, digits, '.', '-', '_'; IDNA letters too) or an IPv6 address (``%zone`` allowed).
+
+    Before, ``--main 'pi 4'`` was looked up as is, and failed as "Name or service not known" at every retry.
+    """
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        return True
+    return all(ch.isalnum() or ch in ".-_" for ch in host)
 
 
 def _port(text: str, whole: str) -> int:

@@ -33,6 +33,8 @@ from retire_cluster.worker.config import (
         ("[::1]", ("::1", 8080)),
         ("[fe80::1%eth0]:81", ("fe80::1%eth0", 81)),
         ("::1", ("::1", 8080)),  # a bare IPv6 address: no port can be told apart
+        ("my_nas.local", ("my_nas.local", 8080)),
+        ("héllo.local:81", ("héllo.local", 81)),  # an IDNA name: the resolver encodes it
     ],
 )
 def test_parse_main_address(text: str, expected: Tuple[str, int]) -> None:
@@ -60,6 +62,13 @@ def test_default_port_is_8080() -> None:
         ("[::1]9000", "expected ':PORT'"),
         (":9000", "has no host"),
         ("[]:9000", "has no host"),
+        # Before, looked up as they are at every retry ("Name or service not known"), for ever.
+        ("pi 4", "'pi 4' is not a host name or IP address"),
+        ("pi 4:8080", "'pi 4' is not a host name or IP address"),
+        ("main/8080", "is not a host name or IP address"),
+        ("1.2.3.4:80:9", "is not a host name or IP address"),
+        ("[main.lan]:81", "an IPv6 address with a port as [ADDRESS]:PORT"),
+        ("[::1:zz]:81", "is not a host name or IP address"),
     ],
 )
 def test_parse_main_address_errors_say_what_to_do(text: str, advice: str) -> None:
