@@ -125,7 +125,8 @@ class Link(asyncio.BufferedProtocol):
         """Handle a chunk of the stream (what :meth:`buffer_updated` read, or bytes given directly)."""
         self.reading = self._on_read_end is not None
         try:
-            if not self.messages and data.startswith(b"HTTP/") and not self._stream.decoder.buffered_bytes:
+            if (not self.messages and not self._strict and data.startswith(b"HTTP/")
+                    and not self._stream.decoder.buffered_bytes):  # (a strict Link's user says so itself)
                 # Before, a worker given the dashboard's port logged each header line as a bad frame, and
                 # did so again at every reconnect, for ever.
                 raise AnsweredHttp()

@@ -56,6 +56,7 @@ from .common import (
     encode_request,
     id_list,
     is_idempotent,
+    not_ended_in_time,
     on_cluster,
     refused_at_first,
     reply_result,
@@ -591,7 +592,7 @@ class AsyncClient:
         remaining = set(ids)
 
         def late() -> TimeoutError:
-            return TimeoutError(f"{len(remaining)} of {len(ids)} tasks did not end within {timeout_s:g} s")
+            return not_ended_in_time(ids, len(remaining), timeout_s)
 
         try:
             # Subscribe first, then read the status: an update cannot fall in between.

@@ -46,6 +46,7 @@ __all__ = [
     "id_list",
     "is_idempotent",
     "local_record",
+    "not_ended_in_time",
     "on_cluster",
     "MAX_WAIT_S",
     "refused_at_first",
@@ -137,6 +138,13 @@ class TaskFailed(Exception):
         result = record.get("result") or {}
         reason = record.get("error") or result.get("error") or "no details"
         super().__init__(f"task {self.task_id} {self.status}: {reason}")
+
+
+def not_ended_in_time(ids: List[str], remaining: int, timeout_s: Optional[float]) -> TimeoutError:
+    """The error of ``wait()`` / ``as_completed()`` when ``timeout_s`` ran out with ``remaining`` not ended."""
+    if len(ids) == 1:
+        return TimeoutError(f"task {ids[0]} did not end within {timeout_s:g} s")
+    return TimeoutError(f"{remaining} of {len(ids)} tasks did not end within {timeout_s:g} s")
 
 
 async def within(aw: Awaitable[T], timeout_s: Optional[float]) -> T:

@@ -50,6 +50,7 @@ from .common import (
     encode_request,
     id_list,
     is_idempotent,
+    not_ended_in_time,
     on_cluster,
     refused_at_first,
     reply_result,
@@ -602,7 +603,7 @@ class Client:
         remaining = set(ids)
 
         def late() -> TimeoutError:
-            return TimeoutError(f"{len(remaining)} of {len(ids)} tasks did not end within {timeout_s:g} s")
+            return not_ended_in_time(ids, len(remaining), timeout_s)
 
         self._watch(ids)
         try:
