@@ -212,6 +212,13 @@ async def test_python_eval_exception_fails_naming_it() -> None:
     assert "ZeroDivisionError" in (outcome.error or "")
     assert outcome.output is None
     assert outcome.exit_code != 0
+    # The traceback starts at the expression (before: a frame of the sandbox's own script first).
+    assert outcome.stderr is not None and "<string>" not in outcome.stderr
+    assert outcome.stderr.startswith('Traceback (most recent call last):\n  File "<expression>", line 1')
+    syntax = await evaluate("import os")
+    assert syntax.status == "failed" and syntax.stderr is not None
+    assert syntax.stderr.startswith('  File "<expression>", line 1\n    import os\n') and "<string>" not in \
+        syntax.stderr
 
 
 async def test_python_eval_print_does_not_corrupt_the_result() -> None:

@@ -116,7 +116,8 @@ try:
 except BaseException as _exc:
     try:
         import traceback
-        traceback.print_exc()
+        # From the expression on: the frame of this script's eval() line means nothing to its author.
+        traceback.print_exception(type(_exc), _exc, _exc.__traceback__.tb_next)
     except BaseException:
         pass
     try:
