@@ -167,6 +167,12 @@ def test_max_tasks_must_be_positive(max_tasks: int) -> None:
         WorkerConfig(max_tasks=max_tasks)
 
 
+@pytest.mark.parametrize("device_id", ["", "  "])
+def test_an_empty_device_id_is_refused_not_taken_as_not_given(device_id: str) -> None:
+    with pytest.raises(ValueError, match="--device-id is empty; give a name, or leave it out"):
+        WorkerConfig(device_id=device_id)
+
+
 def test_max_tasks_sets_the_slots() -> None:
     assert WorkerConfig(max_tasks=3).slots == 3
 

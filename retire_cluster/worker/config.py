@@ -128,6 +128,8 @@ class WorkerConfig:
                 f"--allow {', '.join(sorted(unknown))}: only {', '.join(sorted(OPT_IN_TYPES))} "
                 "need allowing; other types are always on."
             )
+        if self.device_id is not None and not self.device_id.strip():  # was taken as "not given"
+            raise ValueError("--device-id is empty; give a name, or leave it out for the saved hostname-based id.")
         if self.max_tasks is not None and type(self.max_tasks) is not int:  # 3.5 is not 3 slots
             raise ValueError(f"max_tasks must be a whole number, not {self.max_tasks!r}.")
         if self.max_tasks is not None and self.max_tasks < 1:
