@@ -129,6 +129,10 @@ async def test_submit_with_wait_answers_with_the_ended_task(cluster: Cluster) ->
     for bad in ("0", "-1", "3601", "soon"):
         status, body = await cluster.request("POST", f"/api/v1/tasks?wait={bad}", json={"task_type": "echo"})
         assert status == 400 and body["code"] == "invalid_message" and body["path"] == "?wait", (bad, body)
+    # wait in the body, as in task_submit's data: before, "Additional properties are not allowed".
+    status, body = await cluster.request("POST", "/api/v1/tasks", json={"task_type": "echo", "wait": 5})
+    assert (status, body) == (400, {"code": "invalid_message", "path": "$.wait", "error": (
+        "wait is not part of the task; ask for it in the query: POST /api/v1/tasks?wait=SECONDS.")})
 
 
 async def test_submit_is_idempotent_with_a_key(cluster: Cluster) -> None:

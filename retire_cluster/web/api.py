@@ -189,6 +189,9 @@ class Api:
         body = await read_json(request, self.node.config.max_json_depth)
         if not isinstance(body, dict):
             raise InvalidMessage("The request body must be a JSON object: the task.", path="$")
+        if "wait" in body:  # as in task_submit's data, one level up: say where it goes here
+            raise InvalidMessage(f"wait is not part of the task; ask for it in the query: POST {API}/tasks?wait=SECONDS.",
+                                 path="$.wait")
         data["task"] = body
         try:
             result = await self.web.call("task_submit", data, request)
