@@ -525,7 +525,7 @@ def _wait_and_report(main_addr: str, token: Optional[str], submitted: List[Any],
                 notice = asyncio.ensure_future(_notice_stuck(client))
                 try:
                     return await wait_batch(client, [t for _, t in submitted], progress=bar.update,
-                                            timeout_s=left)
+                                            timeout_s=left, brief=True)
                 finally:
                     notice.cancel()
         finally:

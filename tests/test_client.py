@@ -986,3 +986,35 @@ async def test_both_clients_pointed_at_the_dashboards_port_say_so_at_once() -> N
         assert len(answered) == 2
     finally:
         listener.close()
+
+
+class _EndedAndPending:
+    """What wait_batch uses of an AsyncClient: one task ends, the other is still pending at the deadline."""
+
+    RECORD = {"task_id": "t-1", "task_type": "echo", "status": "completed", "payload": {"message": "x" * 500},
+              "attempts": [{"attempt": 1, "device_id": "pi"}], "assigned_device": "pi", "error": None,
+              "result": {"output": "x" * 500, "exit_code": 0, "metrics": {"cpu": 1}}, "created_at": "2027-01-01"}
+
+    async def as_completed(self, task_ids: List[str], timeout_s: Optional[float] = None) -> Any:
+        yield dict(self.RECORD)
+        raise TimeoutError("1 of 2 tasks did not end")
+
+    async def status(self, task_id: str) -> Dict[str, Any]:
+        return {"task_id": task_id, "status": "pending", "result": None, "payload": {}, "attempts": []}
+
+
+async def test_wait_batch_keeps_brief_records_when_asked() -> None:
+    """submit-batch --wait kept every whole record (payload, attempts, times, metrics) to the end."""
+    from retire_cluster.client.batch import brief_record, summarise, wait_batch
+
+    client: Any = _EndedAndPending()
+    whole = await wait_batch(client, ["t-1", "t-2"], timeout_s=1)
+    brief = await wait_batch(client, ["t-1", "t-2"], timeout_s=1, brief=True)
+    assert whole["t-1"] == _EndedAndPending.RECORD and whole["t-2"]["status"] == "pending"
+    assert brief == {"t-1": brief_record(_EndedAndPending.RECORD), "t-2": {
+        "task_id": "t-2", "status": "pending", "error": None, "assigned_device": None, "result": None}}
+    assert brief["t-1"]["result"] == {"output": "x" * 500, "error": None} and "payload" not in brief["t-1"]
+    submitted = [(1, "t-1"), (2, "t-2")]
+    assert summarise(submitted, brief) == summarise(submitted, whole)  # the same table, JSON and counts
+    with pytest.raises(TimeoutError):
+        await wait_batch(client, ["t-1", "t-2"])  # no timeout_s of its own: not for it to swallow
