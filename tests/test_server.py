@@ -81,6 +81,10 @@ async def test_unknown_message_type_and_invalid_message(node: MainNode) -> None:
     peer = await Peer.connect(node)
     reply = await peer.request("make_coffee")
     assert reply["data"]["code"] == "unknown_message_type"
+    assert reply["data"]["error"] == "Unknown message_type 'make_coffee'; see protocol/PROTOCOL.md for the list."
+    reply = await peer.request("task_sumbit", {})  # a typo is told the type it is close to
+    assert reply["data"]["error"] == ("Unknown message_type 'task_sumbit'; did you mean 'task_submit'? "
+                                      "see protocol/PROTOCOL.md for the list.")
     reply = await peer.request("task_status", {})
     assert reply["data"]["code"] == "invalid_message" and reply["data"]["path"] == "$.data"
     await peer.send_raw(b'{"message_type": "task_status", "sender_id": "c", "data": {}}\n')

@@ -10,6 +10,7 @@ jsonschema is needed here; the worker never imports this module.
 
 from __future__ import annotations
 
+import difflib
 import json
 from functools import lru_cache
 from math import isfinite
@@ -97,8 +98,10 @@ class MessageValidator:
         mtype = obj.get("message_type")
         fast = self._fast.get(mtype) if isinstance(mtype, str) else None
         if fast is None:
+            close = difflib.get_close_matches(mtype, self._fast, n=1) if isinstance(mtype, str) else []
+            hint = f"did you mean {close[0]!r}? " if close else ""
             raise UnknownMessageType(
-                f"Unknown message_type {mtype!r}; see protocol/PROTOCOL.md for the list."
+                f"Unknown message_type {mtype!r}; {hint}see protocol/PROTOCOL.md for the list."
             )
         if fast(obj):
             return
