@@ -274,6 +274,10 @@ def test_explain_says_why_no_known_device_can_run_a_task() -> None:
     s = scheduler(device("pi", types=("echo", "sleep")), device("nas", types=("echo",), mem_gb=7.5))
     assert s.explain(queued(s, task(1, task_type="frobnicate")), NOW) == (
         "no device runs 'frobnicate' tasks (they run echo, sleep); start a worker that offers it.")
+    typo = scheduler(device("pi", types=("echo", "sleep")))
+    assert typo.explain(queued(typo, task(5, task_type="ecoh")), NOW) == (  # told the type it is close to
+        "no device runs 'ecoh' tasks (they run echo, sleep); did you mean 'echo'? "
+        "Otherwise start a worker that offers it.")
     assert "`retire-cluster worker --allow command`" in s.explain(queued(s, task(2, task_type="command")), NOW)
     assert s.explain(queued(s, task(3, min_memory_gb=64.0, platform="linux")), NOW) == (
         "none of the 2 devices that run 'echo' meets min_memory_gb=64; "

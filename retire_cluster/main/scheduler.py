@@ -31,6 +31,7 @@ tasks submitted one at a time do not pay the O(devices) step each.
 
 from __future__ import annotations
 
+import difflib
 import heapq
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -290,8 +291,13 @@ class Scheduler:
         runners = [d for d in devices if kind in d.task_types]
         if not runners:
             offered = sorted({t for d in devices for t in d.task_types})
-            hint = (f"its owner must allow it with `retire-cluster worker --allow {kind}`"
-                    if kind in ("python_eval", "command") else "start a worker that offers it")
+            close = difflib.get_close_matches(kind, offered, n=1)
+            if kind in ("python_eval", "command"):
+                hint = f"its owner must allow it with `retire-cluster worker --allow {kind}`"
+            elif close:  # most likely a typo
+                hint = f"did you mean {close[0]!r}? Otherwise start a worker that offers it"
+            else:
+                hint = "start a worker that offers it"
             return (f"no device runs {kind!r} tasks (they run {', '.join(offered) or 'nothing'}); "
                     f"{hint}.")
         unmet = [_pair(key, value) for key, value in sorted(cls.requirements.items())
