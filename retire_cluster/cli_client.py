@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import secrets
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -203,7 +204,10 @@ def submit_cmd(task_type: str, payload: str, priority: Optional[str], timeout: O
     options = {
         "priority": _priority(priority), "timeout": timeout, "requirements": parse_requirements(requires),
         "max_retries": max_retries, "retry_on_timeout": retry_on_timeout or None,
-        "idempotency_key": idempotency_key,
+        # A key of its own: a connection lost before the answer (a main node restart, a Wi-Fi drop) is
+        # then sent again on a new one and finds the same task, instead of failing with "check whether
+        # it took effect".
+        "idempotency_key": idempotency_key or f"cli-{secrets.token_hex(12)}",
     }  # fmt: skip
     if not options["requirements"]:
         options["requirements"] = None

@@ -349,6 +349,35 @@ def test_wait_timeout_stops_waiting_with_124_and_the_task_goes_on(main_process, 
             refused.output
 
 
+@pytest.mark.slow
+def test_submit_wait_outlives_a_main_node_restart_and_runs_the_task_once(main_process, worker_process) -> None:
+    """Before, `submit --wait` said "task_submit was sent but not answered, check whether it took effect" and
+    exited 1 when the main node restarted under it; now each submission has a key of its own, so the
+    client sends it again on a new connection and the main node answers with the same task."""
+    main = main_process()
+    worker_process(main)
+    wait_for_devices(main, 1)
+    outcome: dict = {}
+    waiting = threading.Thread(target=lambda: outcome.setdefault("result", against(
+        main, "submit", "sleep", "--payload", '{"seconds": 2}', "--wait")))
+    waiting.start()
+    try:
+        deadline = time.monotonic() + 30
+        with Client(main.address, main.token) as client:
+            while not client.tasks(status="running"):
+                assert time.monotonic() < deadline, "the task did not start"
+                time.sleep(0.05)
+        main.kill9()
+        again = main_process(data_dir=main.data_dir, port=main.port)
+    finally:
+        waiting.join(120)
+    result = outcome["result"]
+    assert (result.exit_code, result.stdout) == (0, "slept 2 s\n"), result.output
+    with Client(again.address, again.token) as client:
+        assert [t["status"] for t in client.tasks()] == ["completed"]  # one task, run once
+        assert client.tasks()[0]["attempt"] == 1
+
+
 def test_submit_batch_wait_says_what_is_stuck(main_process, worker_process, monkeypatch: pytest.MonkeyPatch) -> None:
     from retire_cluster import cli_client
 
