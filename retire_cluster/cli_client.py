@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import secrets
+import os
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -207,7 +207,7 @@ def submit_cmd(task_type: str, payload: str, priority: Optional[str], timeout: O
         # A key of its own: a connection lost before the answer (a main node restart, a Wi-Fi drop) is
         # then sent again on a new one and finds the same task, instead of failing with "check whether
         # it took effect".
-        "idempotency_key": idempotency_key or f"cli-{secrets.token_hex(12)}",
+        "idempotency_key": idempotency_key or f"cli-{os.urandom(12).hex()}",
     }  # fmt: skip
     if not options["requirements"]:
         options["requirements"] = None
