@@ -409,20 +409,24 @@ def task_cmd(task_id: str, wait: bool, wait_timeout: Optional[float], main_addr:
     With --wait, wait for its end instead and print its result (exit codes as submit --wait).
     """
     started = time.monotonic()
+    device = None
     with _client(main_addr, token) as client:
-        if not wait and wait_timeout is None:
-            record = _call(lambda: client.status(task_id))
-        else:
+        if wait or wait_timeout is not None:
             try:
                 record = _wait_on(client, task_id, wait_timeout, started)
             except KeyboardInterrupt:
                 _stopped_waiting(f"task {task_id} goes on")
             _end_with(record, as_json)
             return
+        record = _call(lambda: client.status(task_id))
+        held_by = record.get("assigned_device")
+        if not as_json and held_by and record.get("status") in ("assigned", "running"):
+            # Is the device that holds it still there? A task of a device gone looks stuck otherwise.
+            device = next((d for d in _call(client.devices) if d.get("device_id") == held_by), None)
     if as_json:
         _emit(record)
     else:
-        click.echo(task_detail(record))
+        click.echo(task_detail(record, device))
 
 
 @click.command("cancel")

@@ -251,14 +251,23 @@ def _attempt_took(record: Dict[str, Any], attempt: Dict[str, Any]) -> str:
     return "-"
 
 
-def task_detail(record: Dict[str, Any]) -> str:
-    """Every field of a task record, then its attempts (device, times, outcome)."""
+def task_detail(record: Dict[str, Any], device: Optional[Dict[str, Any]] = None) -> str:
+    """Every field of a task record, then its attempts (device, times, outcome).
+
+    ``device``: the record of the device that holds the task, when known: if
+    it is not connected, the device line says so (the task looks stuck until
+    the device comes back or the main node gives up on it).
+    """
     result = record.get("result") or {}
+    held_by = record.get("assigned_device") or "-"
+    if device is not None and not device.get("connected") and record.get("status") in ("assigned", "running"):
+        held_by += (f" (not connected, last seen {format_ago(device.get('last_seen'))}: the task goes back to "
+                    "the queue unless the device returns within the main node's --offline-timeout)")
     fields: List[Any] = [
         ("task", record.get("task_id")), ("type", record.get("task_type")), ("status", record.get("status")),
         ("priority", record.get("priority")), ("timeout", f"{record.get('timeout')} s"),
         ("attempt", attempt_text(record)),
-        ("device", record.get("assigned_device") or "-"),
+        ("device", held_by),
         ("requirements", json.dumps(record.get("requirements") or {}, ensure_ascii=False, sort_keys=True)),
         ("payload", json.dumps(record.get("payload"), ensure_ascii=False, sort_keys=True)),
         ("created", record.get("created_at") or "-"), ("assigned", record.get("assigned_at") or "-"),

@@ -378,6 +378,31 @@ def test_submit_wait_outlives_a_main_node_restart_and_runs_the_task_once(main_pr
         assert client.tasks()[0]["attempt"] == 1
 
 
+def test_task_says_when_the_device_holding_it_is_gone(main_process, worker_process) -> None:
+    """Before, a task of a worker killed with -9 showed as running on it, with nothing to say why it did not move."""
+    main = main_process()
+    worker = worker_process(main)
+    wait_for_devices(main, 1)
+    task_id = against(main, "submit", "sleep", "--payload", '{"seconds": 60}').stdout.strip()
+    deadline = time.monotonic() + 30
+    with Client(main.address, main.token) as client:
+        while client.status(task_id)["status"] != "running":
+            assert time.monotonic() < deadline, "the task did not start"
+            time.sleep(0.05)
+        assert "not connected" not in against(main, "task", task_id).stdout  # there, and working on it
+        worker.kill()
+        worker.wait(10)
+        while any(d["connected"] for d in client.devices()):
+            assert time.monotonic() < deadline, "the main node did not see the worker go"
+            time.sleep(0.05)
+    shown = against(main, "task", task_id)
+    assert shown.exit_code == 0
+    device_line = next(line for line in shown.stdout.splitlines() if line.startswith("device "))
+    assert re.fullmatch(r"device +w1 \(not connected, last seen \d+s ago: the task goes back to the queue "
+                        r"unless the device returns within the main node's --offline-timeout\)", device_line), \
+        device_line
+
+
 def test_submit_batch_wait_says_what_is_stuck(main_process, worker_process, monkeypatch: pytest.MonkeyPatch) -> None:
     from retire_cluster import cli_client
 
