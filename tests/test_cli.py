@@ -80,7 +80,10 @@ def test_insecure_defaults_to_loopback_unless_host_given() -> None:
 def test_bad_settings_are_refused(tmp_path: Path) -> None:
     conf = tmp_path / "bad.json"
     conf.write_text(json.dumps({"prot": 1}))
-    with pytest.raises(ConfigError, match="unknown setting 'prot'"):
+    with pytest.raises(ConfigError, match="unknown setting 'prot' in .*; did you mean 'port'\\? known: "):
+        build_main_config(str(conf), {})
+    conf.write_text(json.dumps({"heartbeat": 2}))  # the flag's name, less a word: named too
+    with pytest.raises(ConfigError, match="did you mean 'heartbeat_interval'\\?"):
         build_main_config(str(conf), {})
     with pytest.raises(ConfigError, match="offline_timeout must be longer"):
         build_main_config(None, {"heartbeat_interval": 60.0, "offline_timeout": 30.0})

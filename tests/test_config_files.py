@@ -157,6 +157,10 @@ def test_the_worker_command_refuses_a_bad_file_with_exit_2(tmp_path: Path) -> No
     conf = write(tmp_path, {"main": "127.0.0.1:1", "colour": "blue"})
     result = CliRunner().invoke(cli, ["worker", "--config", str(conf)])
     assert result.exit_code == 2 and result.output.startswith(f"Error: unknown setting 'colour' in {conf}; known: ")
+    conf = write(tmp_path, {"main": "127.0.0.1:1", "alow": ["python_eval"]})  # a typo is told the setting
+    result = CliRunner().invoke(cli, ["worker", "--config", str(conf)])
+    assert result.exit_code == 2 and result.output.startswith(
+        f"Error: unknown setting 'alow' in {conf}; did you mean 'allow'? known: ")
     conf.write_text("{oops")
     result = CliRunner().invoke(cli, ["worker", "--config", str(conf)])
     assert result.exit_code == 2 and result.output.startswith(f"Error: config file {conf} is not valid JSON")

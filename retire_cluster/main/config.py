@@ -7,6 +7,7 @@ variables and command-line flags; tests build one directly.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -281,7 +282,9 @@ def normalise_keys(raw: dict[str, Any], *, source: str) -> dict[str, Any]:
         else:
             name = _ALIASES.get(plain, plain)
         if name not in names:
-            raise ConfigError(f"unknown setting {key!r} in {source}; known: {', '.join(sorted(names))}.")
+            close = difflib.get_close_matches(name, [*names, *_ALIASES], n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"unknown setting {key!r} in {source}; {hint}known: {', '.join(sorted(names))}.")
         if name in out and out[name] != value:
             raise ConfigError(f"{given_as[name]!r} and {key!r} in {source} disagree; give only one of them.")
         out[name] = value
