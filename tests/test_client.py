@@ -573,6 +573,54 @@ async def test_tls_with_a_pinned_fingerprint(tls_node: MainNode) -> None:
 # -- run(): task_submit with wait -----------------------------------------------------------
 
 
+def test_run_gives_its_task_a_key_of_its_own_unless_one_is_given() -> None:
+    """run() is one request whose reply can take an hour: a key makes it safe to send again after a drop."""
+    from retire_cluster.client.common import is_idempotent, waited_submit
+
+    first, second = (waited_submit("echo", {"message": "x"}, {}, 5) for _ in range(2))
+    assert first["task"]["idempotency_key"].startswith("run-") and len(first["task"]["idempotency_key"]) == 28
+    assert first["task"]["idempotency_key"] != second["task"]["idempotency_key"]
+    assert is_idempotent("task_submit", first)  # so the client sends it again on a new connection
+    given = waited_submit("echo", None, {"idempotency_key": "mine", "priority": None}, 5)
+    assert given["task"] == {"task_type": "echo", "payload": {}, "idempotency_key": "mine"}
+
+
+@pytest.mark.slow
+def test_blocking_run_outlives_a_main_node_restart_and_runs_the_task_once(main_process, worker_process) -> None:
+    """Before, run() raised ConnectionLost ("task_submit was sent but not answered, check whether it took
+    effect") when the main node restarted under it, though the task went on."""
+    import threading
+    import time
+
+    main = main_process()
+    worker_process(main)
+    with Client(main.address, main.token, timeout_s=30) as client:
+        deadline = time.monotonic() + 30
+        while not client.devices():
+            assert time.monotonic() < deadline, "the worker did not register"
+            time.sleep(0.05)
+    outcome: Dict[str, Any] = {}
+
+    def run() -> None:
+        with Client(main.address, main.token, timeout_s=60) as client:
+            outcome["record"] = client.run("sleep", {"seconds": 2}, wait_s=60)
+
+    running = threading.Thread(target=run)
+    running.start()
+    try:
+        with Client(main.address, main.token) as client:
+            while not client.tasks(status="running"):
+                assert time.monotonic() < deadline, "the task did not start"
+                time.sleep(0.05)
+        main.kill9()
+        again = main_process(data_dir=main.data_dir, port=main.port)
+    finally:
+        running.join(120)
+    assert outcome["record"]["status"] == "completed" and outcome["record"]["result"]["output"] == "slept 2 s"
+    with Client(again.address, again.token) as client:
+        assert [(t["status"], t["attempt"]) for t in client.tasks()] == [("completed", 1)]
+
+
 async def test_run_returns_the_final_record_in_one_request(node: MainNode) -> None:
     worker = await fake_worker(node, "dev-1")
     client = AsyncClient(addr(node), node.token, timeout_s=0.5)  # the reply may take longer: run() allows for it

@@ -515,7 +515,9 @@ class AsyncClient:
         The main node replies when the task's end is committed, or after
         ``wait_s`` (at most 3600) with the record so far: a ``status`` that is
         not terminal means the wait ran out (:meth:`wait` goes on waiting).
-        The fastest way to run one task. Options as for :meth:`submit`.
+        The fastest way to run one task. Options as for :meth:`submit`; without
+        an ``idempotency_key`` it gets one of its own, so a connection lost
+        before the reply is retried on a new one and finds the same task.
 
         Raises:
             ValueError: ``wait_s`` out of range.

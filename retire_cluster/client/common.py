@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import os
 import random
 from typing import Any, Awaitable, Callable, Coroutine, Dict, Iterable, Iterator, List, Optional, TypeVar
 
@@ -271,7 +272,11 @@ def waited_submit(task_type: str, payload: Optional[Dict[str, Any]], options: Di
     if not 0 < wait_s <= MAX_WAIT_S:
         raise ValueError(f"wait_s must be more than 0 and at most {MAX_WAIT_S:g} s; "
                          "for longer, call wait(task_id) with the record's task_id")
-    return {"task": task_spec(task_type, payload, options), "wait": wait_s}
+    spec = task_spec(task_type, payload, options)
+    # A key of its own unless one was given: a connection lost before the one reply (a main node
+    # restart, a Wi-Fi drop) is then retried on a new connection and finds the same task.
+    spec.setdefault("idempotency_key", f"run-{os.urandom(12).hex()}")
+    return {"task": spec, "wait": wait_s}
 
 
 def reply_result(reply: Message) -> Dict[str, Any]:

@@ -500,7 +500,8 @@ class Client:
         """Submit a task and return its record once it has ended, in one request.
 
         As :meth:`AsyncClient.run <retire_cluster.client.aio.AsyncClient.run>`:
-        a ``status`` that is not terminal means ``wait_s`` ran out.
+        a ``status`` that is not terminal means ``wait_s`` ran out. Without an
+        ``idempotency_key`` the task gets one of its own (a lost connection is retried).
         """
         body = waited_submit(task_type, payload, options, wait_s)
         return dict((self._request("task_submit", body, extra_s=wait_s))["task"])
