@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from retire_cluster.web.commands import Commands, parse_value
-from retire_cluster.web.render import box_table, device_grid, devices_table, progress_bar, task_progress
+from retire_cluster.web.render import (
+    box_table,
+    device_grid,
+    devices_table,
+    progress_bar,
+    task_progress,
+    task_text,
+)
 
 
 def test_box_table() -> None:
@@ -121,3 +128,16 @@ def test_the_cli_devices_table_says_why_too(monkeypatch: pytest.MonkeyPatch) -> 
     result = CliRunner().invoke(cli, ["devices", "--main", "127.0.0.1:1"])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-1] == "phone is paused: outside the owner's hours 09:00-17:00"
+
+
+def test_the_dashboards_task_view_says_when_the_device_holding_it_is_gone() -> None:
+    """As `retire-cluster task` does: a running task of a device not connected looked stuck, with no reason."""
+    task = {"task_id": "t1", "task_type": "sleep", "status": "running", "assigned_device": "pi", "progress": 40,
+            "attempts": [{"attempt": 1, "device_id": "pi"}], "attempt": 1, "max_retries": 3}
+    away = {"device_id": "pi", "connected": False, "last_seen": None}
+    shown = task_text(task, away)
+    assert ("device        pi (not connected, last seen -: the task goes back to the queue unless the device "
+            "returns within the main node's --offline-timeout)") in shown
+    assert "not connected" not in task_text(task, dict(away, connected=True))
+    assert "not connected" not in task_text(task)
+    assert "not connected" not in task_text(dict(task, status="completed"), away)  # ended: nothing to wait for

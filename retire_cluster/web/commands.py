@@ -232,7 +232,8 @@ class Commands:
             raise _usage("task", "give one task id")
         _stray("task", args, 1)
         task = (await self._call("task_status", {"task_id": args[0]}))["task"]
-        return task_text(task), {"task": task}, None
+        holder = self.web.node.registry.get(task.get("assigned_device") or "")  # as the CLI's `task` shows it
+        return task_text(task, holder.to_record() if holder is not None else None), {"task": task}, None
 
     async def cmd_cancel(self, args: list[str]) -> tuple[str, Any, Any]:
         if not args:

@@ -151,11 +151,14 @@ def status_text(status: dict[str, Any], version: str) -> str:
     return "\n".join([key_values(pairs), *stuck_lines(status)])
 
 
-def task_text(task: dict[str, Any]) -> str:
-    """The head of the ``task ID`` command: its bar, then every field (see tables.task_detail)."""
+def task_text(task: dict[str, Any], device: dict[str, Any] | None = None) -> str:
+    """The head of the ``task ID`` command: its bar, then every field (see tables.task_detail).
+
+    ``device``: the record of the device that holds it, to say so when it is not connected.
+    """
     from ..tables import task_detail
 
-    return f"{task_progress(task)}  {task.get('status')}\n\n{task_detail(task)}"
+    return f"{task_progress(task)}  {task.get('status')}\n\n{task_detail(task, device)}"
 
 
 def device_grid(devices: Sequence[dict[str, Any]], columns: int = 4) -> str:
