@@ -318,6 +318,24 @@ def main_process(tmp_path: Path):
             mp.terminate()
 
 
+def restart_while_a_task_runs(main: MainProcess, start_main: Any, waiting: threading.Thread) -> MainProcess:
+    """Once a task runs on ``main``, kill -9 it and start it again (same port and data dir) while the
+    started thread ``waiting`` waits on it; return the new main node once ``waiting`` has ended."""
+    from retire_cluster.client import Client
+
+    try:
+        deadline = time.monotonic() + 30
+        with Client(main.address, main.token) as client:
+            while not client.tasks(status="running"):
+                assert time.monotonic() < deadline, "the task did not start"
+                time.sleep(0.05)
+        main.kill9()
+        again: MainProcess = start_main(data_dir=main.data_dir, port=main.port)
+    finally:
+        waiting.join(120)
+    return again
+
+
 @pytest.fixture
 def worker_process(tmp_path: Path):
     procs: List[subprocess.Popen[str]] = []

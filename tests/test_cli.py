@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import MainProcess, cli_cmd, cli_env
+from conftest import MainProcess, cli_cmd, cli_env, restart_while_a_task_runs
 
 from retire_cluster.cli import build_main_config, cli, parse_requirements
 from retire_cluster.client import Client
@@ -364,16 +364,7 @@ def test_submit_wait_outlives_a_main_node_restart_and_runs_the_task_once(main_pr
     waiting = threading.Thread(target=lambda: outcome.setdefault("result", against(
         main, "submit", "sleep", "--payload", '{"seconds": 2}', "--wait")))
     waiting.start()
-    try:
-        deadline = time.monotonic() + 30
-        with Client(main.address, main.token) as client:
-            while not client.tasks(status="running"):
-                assert time.monotonic() < deadline, "the task did not start"
-                time.sleep(0.05)
-        main.kill9()
-        again = main_process(data_dir=main.data_dir, port=main.port)
-    finally:
-        waiting.join(120)
+    again = restart_while_a_task_runs(main, main_process, waiting)
     result = outcome["result"]
     assert (result.exit_code, result.stdout) == (0, "slept 2 s\n"), result.output
     with Client(again.address, again.token) as client:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, List, Optional
 
 import pytest
-from conftest import Peer, fake_worker, make_config, settle
+from conftest import Peer, fake_worker, make_config, restart_while_a_task_runs, settle
 
 from retire_cluster.client import (
     AsyncClient,
@@ -607,15 +607,7 @@ def test_blocking_run_outlives_a_main_node_restart_and_runs_the_task_once(main_p
 
     running = threading.Thread(target=run)
     running.start()
-    try:
-        with Client(main.address, main.token) as client:
-            while not client.tasks(status="running"):
-                assert time.monotonic() < deadline, "the task did not start"
-                time.sleep(0.05)
-        main.kill9()
-        again = main_process(data_dir=main.data_dir, port=main.port)
-    finally:
-        running.join(120)
+    again = restart_while_a_task_runs(main, main_process, running)
     assert outcome["record"]["status"] == "completed" and outcome["record"]["result"]["output"] == "slept 2 s"
     with Client(again.address, again.token) as client:
         assert [(t["status"], t["attempt"]) for t in client.tasks()] == [("completed", 1)]
