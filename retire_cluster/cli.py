@@ -23,6 +23,7 @@ import click
 
 from . import __version__
 from .cli_client import COMMANDS, _fail, parse_requirements
+from .protocol.errors import did_you_mean
 
 # -- the group ---------------------------------------------------------------
 
@@ -310,10 +311,7 @@ def _load_default_map(ctx: click.Context, param: click.Parameter, value: Optiona
     for key, val in raw.items():
         p = params.get(key.replace("-", "_"))
         if p is None:
-            import difflib  # only on this error: the worker imports this module
-
-            close = difflib.get_close_matches(key.replace("-", "_"), flags, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint = did_you_mean(key.replace("-", "_"), flags)
             _fail(f"unknown setting {key!r} in {value}; {hint}known: {', '.join(sorted(flags))}.", 2)
         refused = _file_type_error(key, p, val) or _file_value_error(key, p, val, ctx)
         if refused is not None:

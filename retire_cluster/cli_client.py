@@ -25,6 +25,7 @@ from .protocol.errors import ProtocolError
 from .protocol.messages import PRIORITY_NAMES, REQUIREMENT_KEYS, TaskStatus
 from .tables import (
     DEVICE_HEADERS,
+    HELD_STATUSES,
     TASK_HEADERS,
     cut,
     device_row,
@@ -420,7 +421,7 @@ def task_cmd(task_id: str, wait: bool, wait_timeout: Optional[float], main_addr:
             return
         record = _call(lambda: client.status(task_id))
         held_by = record.get("assigned_device")
-        if not as_json and held_by and record.get("status") in ("assigned", "running"):
+        if not as_json and held_by and record.get("status") in HELD_STATUSES:
             # Is the device that holds it still there? A task of a device gone looks stuck otherwise.
             device = next((d for d in _call(client.devices) if d.get("device_id") == held_by), None)
     if as_json:

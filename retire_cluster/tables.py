@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 __all__ = [
     "DEVICE_HEADERS",
     "HANDBACK_OUTCOMES",
+    "HELD_STATUSES",
     "TASK_HEADERS",
     "attempt_text",
     "cut",
@@ -251,6 +252,10 @@ def _attempt_took(record: Dict[str, Any], attempt: Dict[str, Any]) -> str:
     return "-"
 
 
+#: The states in which a device holds the task (task_detail says when that device is not connected).
+HELD_STATUSES = ("assigned", "running")
+
+
 def task_detail(record: Dict[str, Any], device: Optional[Dict[str, Any]] = None) -> str:
     """Every field of a task record, then its attempts (device, times, outcome).
 
@@ -260,7 +265,7 @@ def task_detail(record: Dict[str, Any], device: Optional[Dict[str, Any]] = None)
     """
     result = record.get("result") or {}
     held_by = record.get("assigned_device") or "-"
-    if device is not None and not device.get("connected") and record.get("status") in ("assigned", "running"):
+    if device is not None and not device.get("connected") and record.get("status") in HELD_STATUSES:
         held_by += (f" (not connected, last seen {format_ago(device.get('last_seen'))}: the task goes back to "
                     "the queue unless the device returns within the main node's --offline-timeout)")
     fields: List[Any] = [

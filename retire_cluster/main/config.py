@@ -7,7 +7,6 @@ variables and command-line flags; tests build one directly.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from ..protocol.errors import did_you_mean
 from ..protocol.framing import DEFAULT_MAX_FRAME_BYTES
 
 __all__ = ["DEFAULT_PORT", "ConfigError", "MainConfig"]
@@ -282,8 +282,7 @@ def normalise_keys(raw: dict[str, Any], *, source: str) -> dict[str, Any]:
         else:
             name = _ALIASES.get(plain, plain)
         if name not in names:
-            close = difflib.get_close_matches(name, [*names, *_ALIASES], n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint = did_you_mean(name, [*names, *_ALIASES])
             raise ConfigError(f"unknown setting {key!r} in {source}; {hint}known: {', '.join(sorted(names))}.")
         if name in out and out[name] != value:
             raise ConfigError(f"{given_as[name]!r} and {key!r} in {source} disagree; give only one of them.")

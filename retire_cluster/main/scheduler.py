@@ -31,12 +31,12 @@ tasks submitted one at a time do not pay the O(devices) step each.
 
 from __future__ import annotations
 
-import difflib
 import heapq
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
+from ..protocol.errors import did_you_mean
 from ..protocol.messages import TaskStatus
 from .registry import Device, device_matches
 from .strategies import Strategy, make_strategy
@@ -291,11 +291,11 @@ class Scheduler:
         runners = [d for d in devices if kind in d.task_types]
         if not runners:
             offered = sorted({t for d in devices for t in d.task_types})
-            close = difflib.get_close_matches(kind, offered, n=1)
+            typo = did_you_mean(kind, offered)
             if kind in ("python_eval", "command"):
                 hint = f"its owner must allow it with `retire-cluster worker --allow {kind}`"
-            elif close:  # most likely a typo
-                hint = f"did you mean {close[0]!r}? Otherwise start a worker that offers it"
+            elif typo:
+                hint = f"{typo}Otherwise start a worker that offers it"
             else:
                 hint = "start a worker that offers it"
             return (f"no device runs {kind!r} tasks (they run {', '.join(offered) or 'nothing'}); "

@@ -28,7 +28,7 @@ Clients turn an ``error`` reply back into the same class with
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Iterable
 
 __all__ = [
     "ERROR_CODES",
@@ -46,8 +46,21 @@ __all__ = [
     "RemoteProtocolError",
     "Unauthorized",
     "UnknownMessageType",
+    "did_you_mean",
     "error_from_code",
 ]
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"did you mean 'X'? "`` for the choice closest to a mistyped ``word``, or ``""`` when none is close.
+
+    For error sentences (an unknown message type, setting or task type). difflib is imported only
+    here, on an error: the worker imports this module, and keeps what it loads at start small.
+    """
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
 
 
 class ProtocolError(Exception):

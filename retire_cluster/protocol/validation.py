@@ -10,14 +10,13 @@ jsonschema is needed here; the worker never imports this module.
 
 from __future__ import annotations
 
-import difflib
 import json
 from functools import lru_cache
 from math import isfinite
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidMessage, UnknownMessageType
+from .errors import InvalidMessage, UnknownMessageType, did_you_mean
 from .fastcheck import compile_schema
 from .messages import Message
 
@@ -98,8 +97,7 @@ class MessageValidator:
         mtype = obj.get("message_type")
         fast = self._fast.get(mtype) if isinstance(mtype, str) else None
         if fast is None:
-            close = difflib.get_close_matches(mtype, self._fast, n=1) if isinstance(mtype, str) else []
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint = did_you_mean(mtype, self._fast) if isinstance(mtype, str) else ""
             raise UnknownMessageType(
                 f"Unknown message_type {mtype!r}; {hint}see protocol/PROTOCOL.md for the list."
             )
