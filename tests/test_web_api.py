@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import webutil
-from conftest import REPO, cli_cmd, cli_env, make_config
+from conftest import REPO, cli_cmd, cli_env, fake_worker, make_config
 from webutil import WORKER_ID, Cluster, eventually, open_stream, start_cluster
 
 from retire_cluster.cli import build_main_config
@@ -244,6 +244,29 @@ async def test_a_task_no_device_can_run_says_why_in_every_view(cluster: Cluster)
     assert 'stuck: 1 echo {"min_cpu_cores": 512} task: the one device that runs' in text["text"]
     _, text = await command(cluster, f"task {task_id}")
     assert "waiting" in text["text"] and why in text["text"]
+
+
+async def test_the_dashboards_task_command_says_when_the_device_holding_it_is_gone(tmp_path: Path) -> None:
+    """As `retire-cluster task` does. Before, a task of a device that dropped off looked stuck as running."""
+    cluster = await start_cluster(tmp_path, worker=False)
+    try:
+        device = await fake_worker(cluster.node, "phone")
+        task_id = await cluster.submit("sleep", {"seconds": 60})
+        assign = await device.next_push("task_assign")
+        await device.send("ack", {"original_message_id": assign["message_id"], "result": {}})  # running
+        await cluster.wait_task(task_id, "running")
+        _, body = await command(cluster, f"task {task_id}")
+        assert "not connected" not in body["text"]
+        await device.close()  # the phone left the Wi-Fi; the task stays with it until --offline-timeout
+
+        async def said() -> bool:
+            _, body = await command(cluster, f"task {task_id}")
+            return "phone (not connected, last seen" in body["text"]
+
+        await eventually(said)
+        assert (await cluster.ok("GET", f"/api/v1/tasks/{task_id}"))["task"]["status"] == "running"
+    finally:
+        await cluster.close()
 
 
 # -- POST /api/v1/command ------------------------------------------------------------------
