@@ -39,7 +39,82 @@ async def test_new_database_is_wal_with_schema_version(store: Store) -> None:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-    assert {"tasks_status", "tasks_device", "tasks_seq"} <= indexes
+    assert {"tasks_status", "tasks_idempotency"} <= indexes
+    assert not {"tasks_device", "tasks_type", "tasks_seq"} & indexes  # migration 3 dropped them
+
+
+def _wal_frames(path: Path) -> int:
+    """Frames (pages) in the WAL file: its 32-byte header, then (24-byte header + page) each."""
+    wal = path.with_name(path.name + "-wal")
+    page_size = sqlite3.connect(path).execute("PRAGMA page_size").fetchone()[0]
+    return (wal.stat().st_size - 32) // (24 + page_size) if wal.exists() and wal.stat().st_size else 0
+
+
+async def test_a_tasks_commit_writes_four_pages(store: Store) -> None:
+    """A finished task's row and its attempt in one commit: 4 b-tree pages (8 before schema 3).
+
+    The table (keyed by seq), the task_id index, the status index and the
+    attempts table (no rowid: its key is its only b-tree); the WAL gets one
+    frame per page. Before schema 3 the seq, assigned_device and task_type
+    indexes and the attempts' rowid and autoindex made it 8.
+    """
+    for n in range(1, 4):  # the first commits also write the pages that were empty
+        await store.write([Store.insert_task(make_task(n))])
+    task = make_task(4, status=TaskStatus.COMPLETED, attempt=1, assigned_device="d", assigned_at=5.0,
+                     finished_at=6.0, result={"output": "ok"})
+    task.attempts.append(Attempt(1, "d", 5.0, 5.5, 6.0, "completed"))
+    before = _wal_frames(store.path)
+    await store.write([Store.insert_task(task), *Store.update_task(task)])
+    assert _wal_frames(store.path) - before == 4
+
+
+def _v2_database(path: Path) -> None:
+    """A database as schema 2 left it, with two tasks that share a seq (nothing stopped that then)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    for script in store_module.MIGRATIONS[:2]:
+        db.executescript(script)
+    db.execute("PRAGMA user_version=2")
+    cols = ("task_id, seq, task_type, payload, priority, timeout_s, requirements, max_retries, idempotency_key, "
+            "status, attempt, assigned_device, result, created_at, assigned_at, finished_at")
+    rows = [("a", 1, "echo", '{"message":"1"}', 5, 60.0, "{}", 3, None, "completed", 1, "d1", '{"output":"1"}',
+             1.0, 1.5, 2.0),
+            ("b", 2, "sleep", '{"seconds":1}', 5, 60.0, "{}", 3, "key-b", "running", 1, "d2", None, 2.0, 2.5, None),
+            ("c", 2, "echo", '{"message":"3"}', 9, 60.0, "{}", 3, None, "pending", 0, None, None, 3.0, None, None)]
+    db.executemany(f"INSERT INTO tasks ({cols}) VALUES ({', '.join('?' * 16)})", rows)
+    db.executemany("INSERT INTO task_attempts (task_id, attempt, device_id, assigned_at, started_at, finished_at, "
+                   "outcome) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   [("a", 1, "d1", 1.5, 1.6, 2.0, "completed"), ("b", 1, "d2", 2.5, 2.6, None, None)])
+    db.commit()
+    db.close()
+
+
+async def test_a_schema_2_database_is_migrated_with_every_task_and_attempt(tmp_path: Path) -> None:
+    path = tmp_path / "db" / "cluster.db"
+    _v2_database(path)
+    s = Store(path)
+    await s.open()
+    try:
+        assert [t.task_id for t in await s.list_tasks()] == ["c", "b", "a"]  # newest first, as before
+        assert await s.max_seq() == 3  # the shared seq was renumbered in order
+        assert [t.task_id for t in await s.list_tasks(device_id="d2")] == ["b"]
+        assert [t.task_id for t in await s.list_tasks(task_type="echo")] == ["c", "a"]
+        unfinished = await s.load_unfinished_tasks()
+        assert [(t.task_id, [a.device_id for a in t.attempts]) for t in unfinished] == [("b", ["d2"]), ("c", [])]
+        a = await s.get_task("a")
+        assert a is not None and a.result == {"output": "1"} and a.attempts[0].outcome == "completed"
+        found = await s.find_idempotent("key-b")
+        assert found is not None and found.task_id == "b"
+        await s.write([Store.insert_task(make_task(4, task_id="d", seq=4))])  # the store goes on
+        with pytest.raises(Exception):  # foreign keys are on again: no attempt of a task that is not there
+            await s.write([(store_module._UPSERT_ATTEMPT, ("nope", 1, "d1", 1.0, None, None, None))])
+    finally:
+        await s.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert tables == {"devices", "tasks", "task_attempts"}
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
 async def test_reopen_does_not_migrate_again(tmp_path: Path) -> None:
