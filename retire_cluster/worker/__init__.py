@@ -1,7 +1,8 @@
 """The worker: agent (connection, heartbeat, reconnect), profiler, executor.
 
 Standard library and click only; uvloop, orjson and psutil are used when
-importable. Python 3.9 syntax.
+importable (psutil only where /proc does not answer: see profiler). Python 3.9
+syntax.
 """
 
 from __future__ import annotations

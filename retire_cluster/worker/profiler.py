@@ -1,11 +1,12 @@
 """What this device is and how busy it is: register and heartbeat contents.
 
-psutil is used when it imports and works (Termux often cannot build it, and
-psutil 7 refuses Android); otherwise the answers come from ``os``,
-``platform``, ``shutil`` and ``/proc``. A reading that cannot be made is left
-out or reported as None (unknown), never as a made-up 0. Nothing here blocks:
-CPU usage is the difference between two samples taken at successive
-heartbeats, never a sleep between samples.
+Where ``/proc`` answers (Linux and Android), the answers come from it and
+from ``os``, ``platform`` and ``shutil``, as psutil's own would on Linux:
+psutil is not imported there (it would cost the worker almost 1 MiB at rest).
+Elsewhere psutil is used when it imports and works. A reading that cannot be
+made is left out or reported as None (unknown), never as a made-up 0.
+Nothing here blocks: CPU usage is the difference between two samples taken
+at successive heartbeats, never a sleep between samples.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-try:  # optional
-    import psutil as _psutil
+#: /proc has what psutil would read on Linux: CPU times, memory and (sysfs) the battery.
+PROC_ANSWERS = all(os.access(path, os.R_OK) for path in ("/proc/stat", "/proc/meminfo"))
 
-    _psutil.virtual_memory()
-except Exception:  # ImportError, or psutil present but broken on this platform
-    _psutil = None
+_psutil: Any = None
+if not PROC_ANSWERS:
+    try:  # optional
+        import psutil as _psutil
+
+        _psutil.virtual_memory()
+    except Exception:  # ImportError, or psutil present but broken on this platform
+        _psutil = None
 
 __all__ = ["Profiler", "detect_platform"]
 
