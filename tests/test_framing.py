@@ -175,3 +175,27 @@ def test_feed_after_failure_raises_local_protocol_error(after: bytes) -> None:
         decoder.feed(b"x" * (MAX + 1))
     with pytest.raises(LocalProtocolError):
         decoder.feed(after)
+
+
+@pytest.mark.parametrize("chunk", [
+    b'{"a":1}\n',
+    b'{"a":1}\r\n\n  \n{"b":2}\n',
+    b"\r\n\n",
+    b'{"a":1}\n{"b":"\\r"}\r\n' * 3,
+    b'not json\n{"message_type":"x"}\n',
+])
+def test_a_read_of_whole_frames_splits_as_the_decoder_does(chunk: bytes) -> None:
+    """MessageStream splits a bytes read that ends a frame (the commonest) without the decoder's buffer:
+    the same events as the decoder's way (a memoryview read takes that way)."""
+    from retire_cluster.protocol.codec import BadFrame, MessageStream
+
+    def events(data: bytes | memoryview) -> list[object]:
+        stream = MessageStream(max_frame_bytes=1024)
+        got = stream.feed(b'{"message_type":"ping"')  # a partial frame first: the decoder's way
+        got += stream.feed(b"}\n")
+        got += stream.feed(data)  # nothing buffered now: bytes take the split
+        return [(e.error.message if isinstance(e, BadFrame) else e) for e in got]
+
+    assert events(chunk) == events(memoryview(chunk))
+    stream = MessageStream(max_frame_bytes=8)
+    assert isinstance(stream.feed(b'{"a":"0123456789"}\n')[-1], BadFrame)  # too large: the decoder says so

@@ -83,7 +83,7 @@ def _install_worker():
     from retire_cluster import link
     from retire_cluster.worker import agent
 
-    received, on_message, send = link.Link.data_received, agent.Agent._on_message, agent.Agent._send
+    received, on_message, send = link.Link.data_received, agent.Agent._on_message, agent.Agent._send_frame
 
     def data_received(self, data):
         _mark("transport-recv", _types(data))
@@ -93,13 +93,13 @@ def _install_worker():
         _mark("recv", msg.message_type)
         on_message(self, msg)
 
-    def sent(self, msg):
-        _mark("send", msg.message_type)
-        send(self, msg)
+    def sent(self, frame):
+        _mark("send", _types(frame))
+        send(self, frame)
 
     link.Link.data_received = data_received
     agent.Agent._on_message = handled
-    agent.Agent._send = sent
+    agent.Agent._send_frame = sent
 
 
 if _DIR and _ROLE:

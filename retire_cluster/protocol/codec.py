@@ -396,11 +396,17 @@ class MessageStream:
         if self.closed:
             return []
         too_large: FrameTooLarge | None = None
-        try:
-            frames = self.decoder.feed(data)
-        except FrameTooLarge as exc:
-            self.closed = True
-            frames, too_large = exc.frames, exc
+        decoder = self.decoder
+        if (type(data) is bytes and data.endswith(b"\n") and not decoder.buffered_bytes
+                and len(data) <= decoder.max_frame_bytes):
+            # Whole frames, none of them too large (the commonest read): split at once, as the decoder would.
+            frames = [f[:-1] if f.endswith(b"\r") else f for f in data.split(b"\n") if f.strip()]
+        else:
+            try:
+                frames = decoder.feed(data)
+            except FrameTooLarge as exc:
+                self.closed = True
+                frames, too_large = exc.frames, exc
         if not data:
             self.closed = True
         events: list[Event] = []

@@ -26,9 +26,9 @@ from functools import partial
 from typing import Any, Dict, Optional, Tuple
 
 from ..link import AnsweredHttp, ClosedByMainNode, Link
-from ..protocol.codec import encode
+from ..protocol.codec import dumps, encode, encode_ack
 from ..protocol.errors import ProtocolError, error_from_code
-from ..protocol.messages import STOPPING_REASON, Message, ack, error_reply, new_message_id, utc_timestamp
+from ..protocol.messages import STOPPING_REASON, Message, error_reply, new_message_id, utc_timestamp
 from ..tls import FingerprintMismatch, check_fingerprint, client_context, speaks_plain, speaks_tls
 from .config import WorkerConfig, load_or_create_device_id
 from .executor import Executor, Outcome
@@ -493,12 +493,20 @@ class Agent:
         handled go out at the end of that read (:meth:`_read_ended`), the
         others at the end of the loop pass.
         """
+        self._send_frame(encode(message))
+
+    def _send_frame(self, frame: bytes) -> None:
+        """:meth:`_send` for a frame already encoded (the hot ones: an ack, a result)."""
         writer = self._writer
         if writer is None or writer.is_closing():
             raise ConnectionError("not connected")
         if not self._out and not writer.reading:
             asyncio.get_running_loop().call_soon(self._flush, writer)
-        self._out.append(encode(message))
+        self._out.append(frame)
+
+    def _accept(self, message_id: str, task_id: str) -> None:
+        """The ``ack`` of a task_assign ("accepted"), encoded as ``ack(...)`` would be, without a Message."""
+        self._send_frame(encode_ack(message_id, {"task_id": task_id}, None, sender_id=self.device_id))
 
     def _flush(self, writer: Link) -> None:
         out, self._out = self._out, []
@@ -576,7 +584,7 @@ class Agent:
         task_id, attempt = str(task["task_id"]), int(task["attempt"])
         held = self.running.get(task_id)
         if held is not None and held.attempt == attempt or (task_id, attempt) in self.outbox:
-            self._send(ack(msg.message_id, {"task_id": task_id}, sender_id=self.device_id))
+            self._accept(msg.message_id, task_id)
             return
         if not self.executor.can_run(str(task.get("task_type"))):
             self._send(error_reply(msg.message_id, "forbidden",
@@ -594,13 +602,13 @@ class Agent:
         if held is not None:  # an older attempt of the same task: it was taken from us
             held.stop()
         if self.executor.instant(task):  # echo: ack and result leave in this pass, no Task for it
-            self._send(ack(msg.message_id, {"task_id": task_id}, sender_id=self.device_id))
+            self._accept(msg.message_id, task_id)
             self._finished(task, self.executor.run_instant(task))
             return
         job = asyncio.ensure_future(self._run_task(task))  # its first step runs before the flush of the ack
         self.running[task_id] = Running(task, job)
         job.add_done_callback(partial(self._never_started, task))
-        self._send(ack(msg.message_id, {"task_id": task_id}, sender_id=self.device_id))
+        self._accept(msg.message_id, task_id)
 
     def busy_slots(self) -> int:
         """Slots taken: running tasks, not counting those told to stop.
@@ -699,15 +707,19 @@ class Agent:
         data = self.outbox.get(key)
         if data is None:
             return None
-        msg = self._message("task_result", data)
+        mid = new_message_id()
+        # The frame encode(self._message("task_result", data, mid)) makes, without the Message.
+        frame = {"message_type": "task_result", "message_id": mid, "sender_id": self.device_id, "data": data,
+                 "timestamp": utc_timestamp()}
+        if self.config.token is not None:
+            frame["auth_token"] = self.config.token
         try:
-            self._send(msg)
+            self._send_frame(dumps(frame) + b"\n")
         except ConnectionError:
             return None  # re-sent after the next register
         assert self._writer is not None
         loop = self._writer.loop
         fut: "asyncio.Future[Message]" = loop.create_future()
-        mid = msg.message_id
         self._pending[mid] = fut
         self._results_sent[mid] = (key, loop.time() + REQUEST_TIMEOUT_S)
         if self._results_timer is None:
