@@ -949,6 +949,8 @@ class MainNode(Dispatcher):
                 answer()
         if self._listeners:
             self._notify("task", task)
+        if not self._subs_all and task.task_id not in self._subs:  # nobody subscribed (the common case)
+            return
         targets = self._subs_all | self._subs.get(task.task_id, set())
         if not targets:
             return

@@ -36,7 +36,7 @@ TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class Attempt:
     """One assignment of a task to a device."""
 
@@ -76,7 +76,7 @@ def _ts(epoch_s: float | None) -> str | None:
     return text
 
 
-@dataclass
+@dataclass(slots=True)
 class Task:
     """A task as the main node holds it. Times are epoch seconds."""
 
