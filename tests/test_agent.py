@@ -101,6 +101,33 @@ async def test_result_finished_while_main_node_was_down_is_delivered(tmp_path: P
         await node.stop()
 
 
+async def test_a_main_node_that_stops_says_so_and_the_worker_logs_it_as_news_not_a_loss(
+        tmp_path: Path, port: int, caplog: pytest.LogCaptureFixture) -> None:
+    """Before, a graceful stop closed every connection without a word, and each worker logged a
+    WARNING "connection to main node lost" as for a crash or a network fault."""
+    from retire_cluster.main.server import STOPPING_SENTENCE
+
+    node = await start_node(tmp_path, port)
+    client = await Peer.connect(node)
+    agent = agent_for(port, node.token, tmp_path / "w")
+    runner = asyncio.ensure_future(agent.run())
+    try:
+        await wait_until(agent.registered.is_set)
+        await client.ok("list_devices", {})  # authenticated: only those hear it
+        with caplog.at_level("INFO", logger="retire_cluster.worker"):
+            await node.stop()
+            farewell = await client.next_push("error")  # a client hears it too, unasked
+            assert farewell["data"]["original_message_id"] is None
+            assert (farewell["data"]["code"], farewell["data"]["error"]) == ("overloaded", STOPPING_SENTENCE)
+            await wait_until(lambda: any("main node is stopping" in r.getMessage() for r in caplog.records))
+        lost = [r.getMessage() for r in caplog.records if "connection to main node lost" in r.getMessage()]
+        assert lost == []
+    finally:
+        await client.close()
+        agent.stop()
+        await runner
+
+
 async def test_result_spooled_before_a_worker_restart_is_delivered(tmp_path: Path, port: int) -> None:
     node = await start_node(tmp_path, port)
     try:

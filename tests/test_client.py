@@ -259,14 +259,17 @@ async def test_idempotent_reads_are_sent_again_on_a_new_connection() -> None:
 
 
 async def test_a_submit_is_not_repeated_unless_it_has_an_idempotency_key() -> None:
-    flaky = Flaky(drops=2)
+    flaky = Flaky(drops=3)
     client = AsyncClient(await flaky.start(), None, timeout_s=10, backoff_initial_s=0.01)
     try:
         with pytest.raises(ConnectionLost, match="task_submit was sent but not answered"):
-            await client.submit("echo")
+            await client.request("task_submit", {"task": {"task_type": "echo", "payload": {}}})  # no key
+        assert await client.submit("echo") == "t1"  # submit() gives it a key of its own: sent again
         assert await client.submit("echo", idempotency_key="k1") == "t1"
-        assert [m["message_type"] for m in flaky.received] == ["task_submit"] * 3
-        assert flaky.received[2]["data"]["task"]["idempotency_key"] == "k1"
+        assert [m["message_type"] for m in flaky.received] == ["task_submit"] * 5
+        keys = [m["data"]["task"].get("idempotency_key") for m in flaky.received]
+        assert keys[0] is None and keys[4] == "k1"
+        assert len(set(keys[1:4])) == 1 and keys[1].startswith("sub-")  # the same key, three times
     finally:
         await client.close()
         await flaky.stop()
@@ -333,17 +336,20 @@ def test_the_blocking_client_also_raises_the_overloaded_sentence_at_its_timeout(
     asyncio.run(scenario())
 
 
-def test_the_blocking_client_also_retries_reads_but_not_submits() -> None:
+def test_the_blocking_client_also_retries_reads_and_keyed_submits_but_not_others() -> None:
     async def scenario() -> None:
-        flaky = Flaky(drops=2)
+        flaky = Flaky(drops=3)
         address = await flaky.start()
 
         def blocking() -> None:
             with Client(address, None, timeout_s=10, backoff_initial_s=0.01) as client:
                 with pytest.raises(ConnectionLost):
-                    client.submit("echo")
+                    client.request("task_submit", {"task": {"task_type": "echo", "payload": {}}})  # no key
+                assert client.submit("echo") == "t1"  # a key of its own: sent again after two drops
                 assert client.status("t1")["status"] == "pending"
-                assert client.connections_opened == 3
+                assert client.connections_opened == 4
+                keys = [m["data"]["task"].get("idempotency_key") for m in flaky.received[1:4]]
+                assert len(set(keys)) == 1 and keys[0].startswith("sub-")
 
         try:
             await asyncio.to_thread(blocking)
@@ -583,6 +589,33 @@ def test_run_gives_its_task_a_key_of_its_own_unless_one_is_given() -> None:
     assert is_idempotent("task_submit", first)  # so the client sends it again on a new connection
     given = waited_submit("echo", None, {"idempotency_key": "mine", "priority": None}, 5)
     assert given["task"] == {"task_type": "echo", "payload": {}, "idempotency_key": "mine"}
+
+
+async def test_submit_gives_its_task_a_key_of_its_own_so_it_may_be_sent_again(node: MainNode) -> None:
+    """Before, submit() without a key raised ConnectionLost ("check whether it took effect") when the
+    connection broke before the answer; with a key of its own it is sent again and finds the same task."""
+    from retire_cluster.client.common import is_idempotent, keyed_submit
+
+    body = keyed_submit("echo", {"message": "x"}, {})
+    key = body["task"]["idempotency_key"]
+    assert key.startswith("sub-") and len(key) == 28 and is_idempotent("task_submit", body)
+    assert keyed_submit("echo", None, {"idempotency_key": "mine"})["task"]["idempotency_key"] == "mine"
+    client = await client_of(node)
+    try:
+        task_id = await client.submit("echo", {"message": "x"})
+        mine = await client.submit("echo", {"message": "y"}, idempotency_key="mine")
+        assert await client.submit("echo", {"message": "y"}, idempotency_key="mine") == mine  # the same task
+    finally:
+        await client.close()
+    keys = {tid: k for k, tid in node._idempotency.items()}
+    assert keys[task_id].startswith("sub-") and keys[mine] == "mine"
+
+    def blocking() -> str:
+        with Client(addr(node), node.token) as sync_client:
+            return sync_client.submit("echo", {"message": "z"})
+
+    from_sync = await asyncio.to_thread(blocking)
+    assert {tid: k for k, tid in node._idempotency.items()}[from_sync].startswith("sub-")
 
 
 @pytest.mark.slow

@@ -56,12 +56,12 @@ from .common import (
     encode_request,
     id_list,
     is_idempotent,
+    keyed_submit,
     not_ended_in_time,
     on_cluster,
     refused_at_first,
     reply_result,
     run_locally,
-    task_spec,
     waited_submit,
     within,
 )
@@ -504,8 +504,10 @@ class AsyncClient:
 
         Options: ``priority`` (low, normal, high, urgent or 0-100), ``timeout`` (s),
         ``requirements`` (dict), ``max_retries``, ``retry_on_timeout``, ``idempotency_key``.
+        Without an ``idempotency_key`` it gets one of its own, so a connection lost
+        before the answer is retried on a new one and finds the same task.
         """
-        result = await self.request("task_submit", {"task": task_spec(task_type, payload, options)})
+        result = await self.request("task_submit", keyed_submit(task_type, payload, options))
         return str(result["task_id"])
 
     async def run(self, task_type: str, payload: Optional[Dict[str, Any]] = None, *,

@@ -262,6 +262,19 @@ def _non_finite_at(value: Any) -> Optional[List[Any]]:
     return None
 
 
+def keyed_submit(task_type: str, payload: Optional[Dict[str, Any]], options: Dict[str, Any]) -> Dict[str, Any]:
+    """``task_submit.data`` for ``submit()``: the task, with a key of its own unless one was given.
+
+    Without a key a submission whose connection broke before the answer could not be
+    sent again (it might have been stored: "check whether it took effect"); with one,
+    the client sends it again on a new connection and the main node answers with the
+    task it already has (README: "What the cluster promises").
+    """
+    spec = task_spec(task_type, payload, options)
+    spec.setdefault("idempotency_key", f"sub-{os.urandom(12).hex()}")
+    return {"task": spec}
+
+
 def waited_submit(task_type: str, payload: Optional[Dict[str, Any]], options: Dict[str, Any],
                   wait_s: float) -> Dict[str, Any]:
     """``task_submit.data`` for ``run()``: the task and how long the main node may wait before replying.

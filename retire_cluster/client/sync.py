@@ -50,13 +50,13 @@ from .common import (
     encode_request,
     id_list,
     is_idempotent,
+    keyed_submit,
     not_ended_in_time,
     on_cluster,
     refused_at_first,
     reply_result,
     run_coroutine,
     run_locally,
-    task_spec,
     waited_submit,
 )
 
@@ -491,8 +491,10 @@ class Client:
 
         Options: ``priority`` (low, normal, high, urgent or 0-100), ``timeout`` (s),
         ``requirements`` (dict), ``max_retries``, ``retry_on_timeout``, ``idempotency_key``.
+        Without an ``idempotency_key`` it gets one of its own, so a connection lost
+        before the answer is retried on a new one and finds the same task.
         """
-        return str(self._request("task_submit", {"task": task_spec(task_type, payload, options)})["task_id"])
+        return str(self._request("task_submit", keyed_submit(task_type, payload, options))["task_id"])
 
     @_one_call
     def run(self, task_type: str, payload: Optional[Dict[str, Any]] = None, *,

@@ -77,6 +77,8 @@ LINGER_S = 2.0
 #: How long a reply nobody waits on (the ack of a device's task_result) may wait for the next
 #: frame to its peer, so that both leave in one write (Connection.send_lazy).
 LAZY_REPLY_S = 0.005
+#: The farewell each authenticated connection hears when the main node stops (code ``overloaded``).
+STOPPING_SENTENCE = "The main node is stopping; connect again when it is back (a worker does so by itself)."
 
 #: How an HTTP request starts (RFC 9110 methods, then a space): never a JSON frame.
 HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"CONNECT ", b"OPTIONS ", b"TRACE ",
@@ -560,6 +562,10 @@ class Server:
     async def close(self) -> None:
         self.stop_accepting()
         for conn in list(self.connections):
+            if conn.authenticated and not conn.closed:
+                # Said before the close (PROTOCOL.md: an error sent unasked), so that a worker logs
+                # that the main node stopped, not that its connection was lost.
+                conn.send_error(None, Overloaded(STOPPING_SENTENCE))
             conn.close()
         if self._server is not None:
             # Python 3.12+ waits for the connections here; 3.11 returns at once.

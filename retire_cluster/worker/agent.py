@@ -315,7 +315,9 @@ class Agent:
                 if fatal is not None:
                     raise fatal from None
                 unanswered = link.messages == 0 and self.config.tls_fingerprint is None
-            if not unanswered:
+            if isinstance(exc, ClosedByMainNode) and exc.code == "overloaded":  # its farewell: it is stopping
+                log.info("the main node is stopping; connecting again when it is back")
+            elif not unanswered:
                 log.warning("connection to main node lost (%s)", exc or type(exc).__name__)
         finally:
             self._connection_ended()
