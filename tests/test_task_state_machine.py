@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from retire_cluster.main import MainNode
 from retire_cluster.protocol.codec import loads
-from retire_cluster.protocol.messages import ACTIVE_STATUSES, TERMINAL_STATUSES, Message
+from retire_cluster.protocol.messages import ACTIVE_STATUSES, TERMINAL_STATUSES, Message, error_reply
 
 DEVICES = ["d1", "d2", "d3"]
 
@@ -50,6 +50,9 @@ class FakeConn:
             self.received.append(loads(frame))
 
     send_now = send_bytes  # a reply that waited for a commit (written at once on a real connection)
+
+    def send_error(self, message_id: Optional[str], exc: Any) -> None:  # the farewell when the node stops
+        self.send(error_reply(message_id, exc.code, exc.message))
     send_lazy = send_bytes  # the ack of a result (with the next frame, on a real connection)
 
     def close(self) -> None:

@@ -454,7 +454,11 @@ class Connection(asyncio.Protocol):
             return
         self._cancel_timers()
         if transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # the peer is gone already (its reset came in): nothing to linger for
+                transport.abort()
+                return
             if not self._write_paused:
                 transport.resume_reading()  # so that the peer's EOF (or reset) is seen
         else:
