@@ -26,11 +26,12 @@ PROC_ANSWERS = all(os.access(path, os.R_OK) for path in ("/proc/stat", "/proc/me
 _psutil: Any = None
 if not PROC_ANSWERS:
     try:  # optional
-        import psutil as _psutil
+        import psutil
 
-        _psutil.virtual_memory()
+        psutil.virtual_memory()
+        _psutil = psutil
     except Exception:  # ImportError, or psutil present but broken on this platform
-        _psutil = None
+        pass
 
 __all__ = ["Profiler", "detect_platform"]
 
