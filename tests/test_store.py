@@ -89,11 +89,25 @@ def _v2_database(path: Path) -> None:
     db.close()
 
 
-async def test_a_schema_2_database_is_migrated_with_every_task_and_attempt(tmp_path: Path) -> None:
+async def test_a_new_database_says_so_in_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before, a first start logged "database schema migrated to version 1", 2 and 3: news of nothing."""
+    s = Store(tmp_path / "cluster.db")
+    with caplog.at_level("INFO", logger="retire_cluster.store"):
+        await s.open()
+    await s.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"created the database {tmp_path / 'cluster.db'} (schema {SCHEMA_VERSION})"]
+
+
+async def test_a_schema_2_database_is_migrated_with_every_task_and_attempt(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "db" / "cluster.db"
     _v2_database(path)
     s = Store(path)
-    await s.open()
+    with caplog.at_level("INFO", logger="retire_cluster.store"):
+        await s.open()
+    assert [r.getMessage() for r in caplog.records] == [
+        "migrating the database from schema 2 to 3 (once)", "database schema migrated to version 3"]
     try:
         assert [t.task_id for t in await s.list_tasks()] == ["c", "b", "a"]  # newest first, as before
         assert await s.max_seq() == 3  # the shared seq was renumbered in order

@@ -432,7 +432,10 @@ class Store:
                 except BaseException:
                     await db.execute("ROLLBACK")
                     raise
-                log.info("database schema migrated to version %d", number + 1)
+                if version:  # a new database's steps are not news
+                    log.info("database schema migrated to version %d", number + 1)
+            if not version:
+                log.info("created the database %s (schema %d)", self.path, SCHEMA_VERSION)
         finally:
             await db.execute("PRAGMA foreign_keys=ON")
 
