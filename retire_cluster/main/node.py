@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..protocol.codec import encode
+from ..protocol.codec import dumps
 from ..protocol.errors import (
     Overloaded,
 )
@@ -574,16 +574,10 @@ class MainNode(Dispatcher):
             if len(pending) >= PENDING_ASSIGNS_MAX:  # a peer that never answers: forget its oldest
                 del pending[next(iter(pending))]
             pending[mid] = (task.task_id, attempt)
-            frame = encode(
-                Message(
-                    "task_assign",
-                    mid,
-                    NODE_ID,
-                    {"task": task.assignment()},
-                    target_id=device.device_id,
-                    timestamp=utc_timestamp(now),
-                )
-            )
+            # The frame encode(Message("task_assign", ...)) makes, without the frozen Message.
+            frame = dumps({"message_type": "task_assign", "message_id": mid, "sender_id": NODE_ID,
+                           "data": {"task": task.assignment()}, "target_id": device.device_id,
+                           "timestamp": utc_timestamp(now)}) + b"\n"
             frames.setdefault(conn, []).append(frame)
         for conn, batch in frames.items():
             conn.write_now(batch)
@@ -954,15 +948,9 @@ class MainNode(Dispatcher):
         targets = self._subs_all | self._subs.get(task.task_id, set())
         if not targets:
             return
-        frame = encode(
-            Message(
-                "task_update",
-                new_message_id(),
-                NODE_ID,
-                {"task": task.to_record()},
-                timestamp=utc_timestamp(self.clock()),
-            )
-        )
+        # The frame encode(Message("task_update", ...)) makes, without the frozen Message.
+        frame = dumps({"message_type": "task_update", "message_id": new_message_id(), "sender_id": NODE_ID,
+                       "data": {"task": task.to_record()}, "timestamp": utc_timestamp(self.clock())}) + b"\n"
         for conn in targets:
             conn.send_bytes(frame)
         if task.terminal:
