@@ -43,6 +43,24 @@ async def test_new_database_is_wal_with_schema_version(store: Store) -> None:
     assert not {"tasks_device", "tasks_type", "tasks_seq"} & indexes  # migration 3 dropped them
 
 
+async def test_a_listing_is_read_apart_from_the_commit_thread(tmp_path: Path) -> None:
+    """A filter no index serves walks the table; before, it did so in the commit thread, holding every
+    commit up meanwhile. Here the commit thread is held up on purpose while a listing runs."""
+    import threading
+
+    s = Store(tmp_path / "cluster.db")
+    await s.open()
+    release = threading.Event()
+    try:
+        await s.write([Store.insert_task(make_task(n)) for n in range(1, 4)])
+        s._conn()._tx.put_nowait((None, lambda: release.wait(30)))  # aiosqlite's thread is busy now
+        listed = await asyncio.wait_for(s.list_tasks(task_type="echo"), 20)  # a hang guard, not a timing
+        assert [t.task_id for t in listed] == ["t3", "t2", "t1"] and not release.is_set()
+    finally:
+        release.set()
+        await s.close()
+
+
 def _wal_frames(path: Path) -> int:
     """Frames (pages) in the WAL file: its 32-byte header, then (24-byte header + page) each."""
     wal = path.with_name(path.name + "-wal")

@@ -790,8 +790,15 @@ class Store:
         task_type: str | None = None,
         limit: int = 100,
     ) -> list[Task]:
-        """Tasks newest first, filtered."""
-        await self.flush()
+        """Tasks newest first, filtered.
+
+        Read on a connection of its own in a worker thread, not in the commit
+        thread: a filter that no index serves (device, type) walks the table,
+        and that walk must not hold up the commits meanwhile. WAL lets that
+        reader and the writer go on side by side.
+        """
+        self._conn()  # open
+        await self.flush()  # what was written before is committed, so this reader sees it
         where, args = [], []
         if status is not None:
             where.append("status=?")
@@ -803,11 +810,17 @@ class Store:
             where.append("task_type=?")
             args.append(task_type)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = await self._conn().execute_fetchall(
-            f"SELECT {_TASK_COLUMNS} FROM tasks {clause} ORDER BY seq DESC LIMIT ?",
-            (*args, int(limit)),
-        )
+        sql = f"SELECT {_TASK_COLUMNS} FROM tasks {clause} ORDER BY seq DESC LIMIT ?"
+        rows = await asyncio.to_thread(self._read_apart, sql, (*args, int(limit)))
         return [_task_from_row(r) for r in rows]
+
+    def _read_apart(self, sql: str, args: Sequence[Any]) -> list[Any]:
+        """Runs in a worker thread: ``sql`` on a read-only connection of its own, closed after."""
+        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        try:
+            return db.execute(sql, args).fetchall()
+        finally:
+            db.close()
 
     async def count_tasks(self) -> dict[str, int]:
         await self.flush()
