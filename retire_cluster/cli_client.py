@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -202,13 +201,15 @@ def submit_cmd(task_type: str, payload: str, priority: Optional[str], timeout: O
         raise click.BadParameter("must be a JSON object such as '{\"message\": \"hi\"}'.", param_hint="--payload")
     if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
         raise click.BadParameter("must be a number of seconds more than 0.", param_hint="--timeout")
+    from .client.common import fresh_key
+
     options = {
         "priority": _priority(priority), "timeout": timeout, "requirements": parse_requirements(requires),
         "max_retries": max_retries, "retry_on_timeout": retry_on_timeout or None,
         # A key of its own: a connection lost before the answer (a main node restart, a Wi-Fi drop) is
         # then sent again on a new one and finds the same task, instead of failing with "check whether
         # it took effect".
-        "idempotency_key": idempotency_key or f"cli-{os.urandom(12).hex()}",
+        "idempotency_key": idempotency_key or fresh_key("cli"),
     }  # fmt: skip
     if not options["requirements"]:
         options["requirements"] = None

@@ -579,6 +579,22 @@ async def test_tls_with_a_pinned_fingerprint(tls_node: MainNode) -> None:
 # -- run(): task_submit with wait -----------------------------------------------------------
 
 
+def test_a_fresh_key_puts_the_time_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys made one after the other sort together, so the main node's unique index of keys grows at
+    one end (a page or two per group commit) instead of taking a random page per key."""
+    import re
+    import time
+
+    from retire_cluster.client import common
+
+    keys = []
+    for now_ns in (1_764_800_000_000_000_000, 1_764_800_000_000_001_000, 1_764_800_001_000_000_000):
+        monkeypatch.setattr(time, "time_ns", lambda now_ns=now_ns: now_ns)
+        keys.append(common.fresh_key("sub"))
+    assert keys == sorted(keys) and len(set(keys)) == 3
+    assert all(re.fullmatch(r"sub-[0-9a-f]{24}", key) for key in keys)
+
+
 def test_run_gives_its_task_a_key_of_its_own_unless_one_is_given() -> None:
     """run() is one request whose reply can take an hour: a key makes it safe to send again after a drop."""
     from retire_cluster.client.common import is_idempotent, waited_submit

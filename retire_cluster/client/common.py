@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import time
 from typing import Any, Awaitable, Callable, Coroutine, Dict, Iterable, Iterator, List, Optional, TypeVar
 
 from ..protocol.codec import encode
@@ -262,6 +263,16 @@ def _non_finite_at(value: Any) -> Optional[List[Any]]:
     return None
 
 
+def fresh_key(prefix: str) -> str:
+    """A new idempotency key: ``prefix-``, then the time in microseconds (13 hex digits), then 44 random bits.
+
+    Time first, so that keys made one after the other sort together: the main
+    node's unique index of keys then grows at one end, a page or two per group
+    commit, instead of a random page for each key.
+    """
+    return f"{prefix}-{time.time_ns() // 1000:013x}{os.urandom(6).hex()[:11]}"
+
+
 def keyed_submit(task_type: str, payload: Optional[Dict[str, Any]], options: Dict[str, Any]) -> Dict[str, Any]:
     """``task_submit.data`` for ``submit()``: the task, with a key of its own unless one was given.
 
@@ -271,7 +282,7 @@ def keyed_submit(task_type: str, payload: Optional[Dict[str, Any]], options: Dic
     task it already has (README: "What the cluster promises").
     """
     spec = task_spec(task_type, payload, options)
-    spec.setdefault("idempotency_key", f"sub-{os.urandom(12).hex()}")
+    spec.setdefault("idempotency_key", fresh_key("sub"))
     return {"task": spec}
 
 
@@ -288,7 +299,7 @@ def waited_submit(task_type: str, payload: Optional[Dict[str, Any]], options: Di
     spec = task_spec(task_type, payload, options)
     # A key of its own unless one was given: a connection lost before the one reply (a main node
     # restart, a Wi-Fi drop) is then retried on a new connection and finds the same task.
-    spec.setdefault("idempotency_key", f"run-{os.urandom(12).hex()}")
+    spec.setdefault("idempotency_key", fresh_key("run"))
     return {"task": spec, "wait": wait_s}
 
 
