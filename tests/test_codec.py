@@ -587,3 +587,14 @@ def test_the_main_nodes_ack_template_gives_the_bytes_of_the_generic_encoding(ori
                      "timestamp": timestamp}) + b"\n"  # fmt: skip
     assert fast == generic
     assert encode_ack(original, result, timestamp, sender_id="dev-1").startswith(b'{"message_type":"ack"')
+
+
+def test_encode_frame_makes_the_bytes_encode_makes_of_a_message() -> None:
+    """The round trip's frames skip the frozen Message (codec.encode_frame); the bytes must not change."""
+    from retire_cluster.protocol.codec import encode_frame
+
+    for optional in ({}, {"target_id": "w1"}, {"timestamp": "2026-12-04T08:00:00.000Z", "auth_token": "tok"},
+                     {"target_id": "w1", "timestamp": "2026-12-04T08:00:00.000Z", "auth_token": "tok"}):
+        data = {"task": {"task_id": "t", "payload": {"message": "é"}}}
+        assert encode_frame("task_assign", "m-1", "main-node", data, **optional) == encode(
+            Message("task_assign", "m-1", "main-node", data, **optional))

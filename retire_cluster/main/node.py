@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..protocol.codec import dumps
+from ..protocol.codec import encode_frame
 from ..protocol.errors import (
     Overloaded,
 )
@@ -574,10 +574,8 @@ class MainNode(Dispatcher):
             if len(pending) >= PENDING_ASSIGNS_MAX:  # a peer that never answers: forget its oldest
                 del pending[next(iter(pending))]
             pending[mid] = (task.task_id, attempt)
-            # The frame encode(Message("task_assign", ...)) makes, without the frozen Message.
-            frame = dumps({"message_type": "task_assign", "message_id": mid, "sender_id": NODE_ID,
-                           "data": {"task": task.assignment()}, "target_id": device.device_id,
-                           "timestamp": utc_timestamp(now)}) + b"\n"
+            frame = encode_frame("task_assign", mid, NODE_ID, {"task": task.assignment()},
+                                 target_id=device.device_id, timestamp=utc_timestamp(now))
             frames.setdefault(conn, []).append(frame)
         for conn, batch in frames.items():
             conn.write_now(batch)
@@ -948,9 +946,8 @@ class MainNode(Dispatcher):
         targets = self._subs_all | self._subs.get(task.task_id, set())
         if not targets:
             return
-        # The frame encode(Message("task_update", ...)) makes, without the frozen Message.
-        frame = dumps({"message_type": "task_update", "message_id": new_message_id(), "sender_id": NODE_ID,
-                       "data": {"task": task.to_record()}, "timestamp": utc_timestamp(self.clock())}) + b"\n"
+        frame = encode_frame("task_update", new_message_id(), NODE_ID, {"task": task.to_record()},
+                             timestamp=utc_timestamp(self.clock()))
         for conn in targets:
             conn.send_bytes(frame)
         if task.terminal:

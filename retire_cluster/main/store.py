@@ -414,10 +414,10 @@ class Store:
         # table): foreign keys are off meanwhile (it cannot change inside a transaction), and
         # each migration must leave none broken before it commits.
         await db.execute("PRAGMA foreign_keys=OFF")
+        if version:
+            log.info("migrating the database from schema %d to %d (once)", version, SCHEMA_VERSION)
         try:
             for number in range(version, SCHEMA_VERSION):
-                if version and number == version:
-                    log.info("migrating the database from schema %d to %d (once)", version, SCHEMA_VERSION)
                 await db.execute("BEGIN IMMEDIATE")
                 try:
                     for statement in MIGRATIONS[number].split(";"):
@@ -797,7 +797,7 @@ class Store:
         and that walk must not hold up the commits meanwhile. WAL lets that
         reader and the writer go on side by side.
         """
-        self._conn()  # open
+        self._conn()  # raises when the store is closed, as the other reads do
         await self.flush()  # what was written before is committed, so this reader sees it
         where, args = [], []
         if status is not None:

@@ -26,7 +26,7 @@ from functools import partial
 from typing import Any, Dict, Optional, Tuple
 
 from ..link import AnsweredHttp, ClosedByMainNode, Link
-from ..protocol.codec import dumps, encode, encode_ack
+from ..protocol.codec import encode, encode_ack, encode_frame
 from ..protocol.errors import ProtocolError, error_from_code
 from ..protocol.messages import STOPPING_REASON, Message, error_reply, new_message_id, utc_timestamp
 from ..tls import FingerprintMismatch, check_fingerprint, client_context, speaks_plain, speaks_tls
@@ -710,13 +710,9 @@ class Agent:
         if data is None:
             return None
         mid = new_message_id()
-        # The frame encode(self._message("task_result", data, mid)) makes, without the Message.
-        frame = {"message_type": "task_result", "message_id": mid, "sender_id": self.device_id, "data": data,
-                 "timestamp": utc_timestamp()}
-        if self.config.token is not None:
-            frame["auth_token"] = self.config.token
         try:
-            self._send_frame(dumps(frame) + b"\n")
+            self._send_frame(encode_frame("task_result", mid, self.device_id, data, timestamp=utc_timestamp(),
+                                          auth_token=self.config.token))
         except ConnectionError:
             return None  # re-sent after the next register
         assert self._writer is not None
