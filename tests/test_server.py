@@ -301,3 +301,31 @@ async def test_a_stopping_node_reads_nothing_more_even_when_writing_resumes(node
     conn.pause_writing()
     conn.resume_writing()
     assert not transport.reading
+
+
+async def test_a_submission_is_assigned_and_a_commit_started_before_its_read_returns(node: MainNode) -> None:
+    """The work a read brings is placed, and its commit handed over, when the read ends (MainNode.after_read).
+
+    Not at the end of the loop pass: the assignment leaves, and the commit
+    starts, before the loop runs anything else it queued meanwhile.
+    """
+    from conftest import fake_worker, settle
+
+    worker = await fake_worker(node, "dev-1")
+    await settle(node)
+    device = node.registry.get("dev-1")
+    assert device is not None and device.conn is not None and not device.conn.pending_assigns
+    conn, _transport = recorded_connection(node)
+
+    def submit(mid: str, **data: object) -> bytes:
+        return json.dumps({"message_type": "task_submit", "message_id": mid, "sender_id": "c", "auth_token": node.token,
+                           "data": {"task": {"task_type": "echo", "payload": {"m": mid}}, **data}}).encode() + b"\n"
+
+    conn.data_received(submit("s1", wait=30))  # no await in between: nothing else of the loop ran
+    assert len(device.conn.pending_assigns) == 1  # the task_assign is written already
+    assert not node.store._in_flight  # a waited submission's insert waits for its result's commit
+    conn.data_received(submit("s2"))
+    assert node.store._in_flight  # without wait: committed at once
+    assert (await worker.next_push("task_assign"))["data"]["task"]["payload"] == {"m": "s1"}
+    await settle(node)
+    await worker.close()

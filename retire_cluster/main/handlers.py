@@ -373,7 +373,7 @@ class Handlers:
         # transaction, and is sent to the device while that commit runs.
         node.hold(task)
         node.scheduler.push(task, now)
-        node.schedule_soon()
+        node.schedule_after_read()
         task.insert_batch = node.store.next_batch
         # A client that waits for the end hears nothing before it, so the
         # insert may wait for the result's commit (MainNode.wait_hold_s at most).

@@ -164,6 +164,9 @@ class MainNode(Dispatcher):
         self._run_monitor = run_monitor
         self._monitor_task: asyncio.Task[None] | None = None
         self._schedule_pending = False
+        self._schedule_handle: asyncio.Handle | None = None
+        #: work arrived in the read being handled (a task, a free slot): place it when that read ends
+        self._place_after_read = False
         self._dirty_devices: set[str] = set()  # heartbeats to write
         self._heartbeats_written_at = 0.0
         self._changed_devices: set[str] = set()  # to re-index in the scheduler
@@ -469,7 +472,29 @@ class MainNode(Dispatcher):
         """Run a scheduling pass at the end of this loop pass (coalesced)."""
         if not self._schedule_pending and not self._stopping:
             self._schedule_pending = True
-            (self._loop or asyncio.get_running_loop()).call_soon(self._schedule)
+            self._schedule_handle = (self._loop or asyncio.get_running_loop()).call_soon(self._schedule)
+
+    def schedule_after_read(self) -> None:
+        """Work arrived (a task, a free slot): run the scheduling pass when the read being handled ends."""
+        self._place_after_read = True
+        self.schedule_soon()
+
+    def after_read(self) -> None:
+        """A read was handled: place the work it brought and start its commit now, not at the end of the pass.
+
+        The assignment of a submitted task then leaves before anything else
+        the loop has queued, and a result's commit starts at once. Reads that
+        only change devices (heartbeats) keep their pass at the end of the
+        loop pass, so a thousand of them still cost one scheduling pass.
+        """
+        if self._place_after_read:
+            self._place_after_read = False
+            if self._schedule_pending:
+                handle = self._schedule_handle
+                if handle is not None:
+                    handle.cancel()
+                self._schedule()
+        self.store.start_now()
 
     def hold_insert(self, task: Task) -> None:
         """``task`` was submitted with ``wait``: its insert waits for the next scheduling pass.
@@ -482,6 +507,7 @@ class MainNode(Dispatcher):
 
     def _schedule(self) -> None:
         self._schedule_pending = False
+        self._schedule_handle = None
         held, self._held = self._held, []
         self._place({task.task_id for task in held})
         for task in held:
@@ -673,6 +699,7 @@ class MainNode(Dispatcher):
                     device.breaker.trial_running = False
             self.touch(device)
             self.device_changed(device)
+            self.schedule_after_read()  # a free slot: the next task may go to it at once
         self.monitor.release(task)
         current = task.current_attempt()
         if current is not None and current.finished_at is None:

@@ -150,6 +150,7 @@ class Connection(asyncio.Protocol):
                 return
         if not self.authenticated:
             self._receive_preauth(data)
+            self.node.after_read()
             return
         # The replies to what this read brought are written once, right after
         # it (no call_soon per connection); pushes queued later in the pass
@@ -162,6 +163,7 @@ class Connection(asyncio.Protocol):
                 self._handle(self._feed(data))
         finally:
             self._reading = False
+        self.node.after_read()  # the tasks it brought are placed, its commit started
         if self._out and not self._flush_scheduled:
             self.flush()
 

@@ -526,6 +526,13 @@ class Store:
             assert self._loop is not None
             self._start_handle = self._loop.call_soon(self._start)
 
+    def start_now(self) -> None:
+        """Start the commit that :meth:`_kick` arranged for the next loop pass now (see MainNode.after_read)."""
+        handle = self._start_handle
+        if handle is not None:
+            handle.cancel()
+            self._start()
+
     def _lazy_due(self) -> None:
         self._lazy_timer = None
         self._urgent = True
