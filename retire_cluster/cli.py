@@ -309,14 +309,14 @@ def _load_default_map(ctx: click.Context, param: click.Parameter, value: Optiona
                     flags.append(opt[2:].replace("-", "_"))
     defaults = {}
     for key, val in raw.items():
-        p = params.get(key.replace("-", "_"))
-        if p is None:
+        option = params.get(key.replace("-", "_"))
+        if option is None:
             hint = did_you_mean(key.replace("-", "_"), flags)
             _fail(f"unknown setting {key!r} in {value}; {hint}known: {', '.join(sorted(flags))}.", 2)
-        refused = _file_type_error(key, p, val) or _file_value_error(key, p, val, ctx)
+        refused = _file_type_error(key, option, val) or _file_value_error(key, option, val, ctx)
         if refused is not None:
             _fail(refused, 2)
-        defaults[str(p.name)] = val
+        defaults[str(option.name)] = val
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 

@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import click
 
@@ -47,7 +47,7 @@ TASK_STATES = [s.value for s in TaskStatus]
 # -- helpers ------------------------------------------------------------------
 
 
-def _fail(message: str, code: int = EXIT_ERROR) -> None:
+def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     click.echo(f"Error: {message}", err=True)
     sys.exit(code)
 

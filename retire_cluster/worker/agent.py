@@ -23,7 +23,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 from ..link import AnsweredHttp, ClosedByMainNode, Link
 from ..protocol.codec import encode, encode_ack, encode_frame
@@ -398,7 +398,7 @@ class Agent:
         """Exponential from reconnect_min_s to reconnect_max_s, with full jitter above the minimum."""
         lo, hi = self.config.reconnect_min_s, self.config.reconnect_max_s
         ceiling = min(hi, lo * (2 ** min(failures - 1, 16)))
-        return lo + random.random() * (ceiling - lo)
+        return float(lo + random.random() * (ceiling - lo))
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         try:
@@ -449,7 +449,8 @@ class Agent:
                 wait_s = max(0.0, next_beat - time.monotonic())
                 if self.config.burst:
                     wait_s = min(wait_s, 0.1)  # notice idleness promptly
-                done, _ = await asyncio.wait({read_task, stop_task}, timeout=wait_s,
+                waiting: Set["asyncio.Future[Any]"] = {read_task, stop_task}
+                done, _ = await asyncio.wait(waiting, timeout=wait_s,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if read_task in done:
                     read_task.result()  # raises what ended the connection

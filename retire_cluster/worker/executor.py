@@ -111,11 +111,12 @@ class Outcome:
         return out
 
 
-def _timed_out(timeout_s: float, child: ChildResult, **texts: Optional[str]) -> "Outcome":
+def _timed_out(timeout_s: float, child: ChildResult, *, output: Optional[str] = None,
+               stdout: Optional[str] = None) -> "Outcome":
     """A child stopped at the task timeout: what it wrote until then is kept (it shows where it hung)."""
-    return Outcome("timeout", error=f"stopped after the task timeout of {timeout_s:g} s",
+    return Outcome("timeout", output=output, stdout=stdout, error=f"stopped after the task timeout of {timeout_s:g} s",
                    stderr=_non_empty(child.text("stderr")),
-                   truncated=child.stdout_truncated or child.stderr_truncated, **texts)
+                   truncated=child.stdout_truncated or child.stderr_truncated)
 
 
 def _clip(text: Optional[str], limit: int) -> "tuple[Optional[str], bool]":

@@ -84,7 +84,7 @@ def entry_points(group: str = ENTRY_POINT_GROUP) -> List[importlib.metadata.Entr
     if hasattr(found, "select"):
         candidates: Iterable[importlib.metadata.EntryPoint] = found.select(group=group)
     else:  # pragma: no cover - Python 3.9
-        candidates = found.get(group, ())  # type: ignore[attr-defined]
+        candidates = found.get(group, ())  # type: ignore[attr-defined,unused-ignore]
     unique: Dict[str, importlib.metadata.EntryPoint] = {}
     for ep in candidates:
         unique.setdefault(ep.name, ep)

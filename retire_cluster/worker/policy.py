@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 __all__ = ["Decision", "OwnerPolicy", "PolicyConfig", "Readings", "parse_hours"]
 
@@ -147,7 +147,8 @@ class OwnerPolicy:
             return Decision(False, "; ".join(reasons))
         return Decision(True)
 
-    def _rule(self, name: str, threshold: Optional[float], value: Optional[float], *, block, release) -> bool:
+    def _rule(self, name: str, threshold: Optional[float], value: Optional[float], *,
+              block: Callable[[float, float], bool], release: Callable[[float, float], bool]) -> bool:
         """Whether rule ``name`` blocks now, updating its hysteresis state."""
         if threshold is None:
             return False
