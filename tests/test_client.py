@@ -1107,3 +1107,29 @@ async def test_wait_batch_keeps_brief_records_when_asked() -> None:
     assert summarise(submitted, brief) == summarise(submitted, whole)  # the same table, JSON and counts
     with pytest.raises(TimeoutError):
         await wait_batch(client, ["t-1", "t-2"])  # no timeout_s of its own: not for it to swallow
+
+
+async def test_as_completed_yields_the_tasks_already_ended_batch_by_batch(node: MainNode) -> None:
+    """Waiting for many tasks that ended already does not first hold every record (a big submit-batch --wait)."""
+    client = await client_of(node)
+    try:
+        ids = [await client.submit("echo", {"message": str(i)}) for i in range(300)]  # no device: pending
+        for task_id in ids:
+            await client.cancel(task_id)
+        asked: List[str] = []
+        status = client.status
+
+        async def counted(task_id: str) -> Dict[str, Any]:
+            asked.append(task_id)
+            return await status(task_id)
+
+        client.status = counted  # type: ignore[method-assign]
+        seen: List[str] = []
+        async for record in client.as_completed(ids, timeout_s=30):
+            if not seen:
+                assert len(asked) == 256  # the first batch of statuses, not all 300
+            seen.append(record["task_id"])
+            assert record["status"] == "cancelled"
+        assert seen == ids and len(asked) == 300
+    finally:
+        await client.close()

@@ -604,8 +604,13 @@ class AsyncClient:
                 await _by(deadline, late, self.request("subscribe", {"task_ids": chunk}))
             for start in range(0, len(ids), 256):
                 batch = ids[start : start + 256]
+                # Those already ended are yielded batch by batch: the records of a hundred thousand tasks
+                # are never all held at once. The others end later: their updates come in the queue.
                 for record in await _by(deadline, late, asyncio.gather(*(self.status(t) for t in batch))):
-                    queue.put_nowait(record)
+                    task_id = record.get("task_id")
+                    if task_id in remaining and record.get("status") in TERMINAL:
+                        remaining.discard(task_id)
+                        yield dict(record)
             while remaining:
                 timeout = None if deadline is None else deadline - loop.time()
                 if timeout is not None and timeout <= 0:
