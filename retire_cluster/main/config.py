@@ -122,6 +122,11 @@ class MainConfig:
         forget_offline_after_s: an offline device last heard from this long ago is forgotten:
             no longer listed, its row and statistics deleted (it registers
             afresh if it comes back). 0 keeps offline devices for good.
+        forget_finished_after_s: a task that ended (completed, failed,
+            cancelled, timed out) this long ago is deleted from the store,
+            with its attempts and result, a batch at a time in the
+            background, so that the database of a node that runs for years
+            stays bounded. 0 (the default) keeps every task for good.
         max_unfinished_tasks, max_unfinished_bytes: how many tasks may be
             held unfinished (pending, assigned or running), and how many
             bytes of payload (as JSON text) they may carry; a submission
@@ -161,6 +166,7 @@ class MainConfig:
     http_enabled: bool = True
     device_weights: dict[str, float] = field(default_factory=dict)
     forget_offline_after_s: float = 7 * 86400.0
+    forget_finished_after_s: float = 0.0
     max_unfinished_tasks: int = 200_000
     max_unfinished_bytes: int = 128 * 1024 * 1024
 
@@ -212,6 +218,8 @@ class MainConfig:
             raise ConfigError("max_send_queue_bytes must be at least 65536.")
         if self.forget_offline_after_s < 0:
             raise ConfigError("forget_offline_after_s must be 0 (never) or more seconds.")
+        if self.forget_finished_after_s < 0:
+            raise ConfigError("forget_finished_after_s must be 0 (never) or more seconds (86400 is a day).")
         if self.max_unfinished_tasks < 1 or self.max_unfinished_bytes < 1024 * 1024:
             raise ConfigError("max_unfinished_tasks must be at least 1 and max_unfinished_bytes at least 1048576.")
         if self.client_rate_per_s <= 0 or self.client_burst < 1:

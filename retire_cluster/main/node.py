@@ -31,6 +31,7 @@ from ..protocol.errors import (
 from ..protocol.messages import (
     ACTIVE_STATUSES,
     STOPPING_REASON,
+    TERMINAL_STATUSES,
     DeviceStatus,
     Message,
     TaskStatus,
@@ -62,6 +63,11 @@ RECENT_TASKS = 10_000
 RECENT_BYTES = 64 * 2**20
 #: Heartbeats change only last_seen and metrics: written behind, at most this often.
 HEARTBEAT_WRITE_INTERVAL_S = 10.0
+#: Finished tasks past forget_finished_after_s: how many stored tasks one pass reads (oldest first), and
+#: how long it waits before the next pass once it has reached the tasks too recent to forget.
+FORGET_BATCH = 250
+FORGET_PAUSE_S = 600.0
+TERMINAL_VALUES = frozenset(status.value for status in TERMINAL_STATUSES)
 #: A submission whose client waits for the end (``task_submit`` with
 #: ``wait``) and that goes to a free device at once has its commit held this
 #: long: an instant task's result then usually comes in time to share it (one
@@ -181,6 +187,10 @@ class MainNode(Dispatcher):
         self._running: list[tuple[Task, int]] = []
         #: tasks whose latest state failed to commit (a full or broken disk): written again at each tick
         self._unstored: dict[str, Task] = {}
+        #: forget_finished: the seq it has read up to, when its next pass may start, whether one runs
+        self._forget_cursor = 0
+        self._forget_next_at = 0.0
+        self._forgetting = False
         self._stopping = False
         self.stopped = asyncio.Event()
         #: callback(kind, obj) on every ("task", Task) publish, ("device", Device) change and ("forget", Device)
@@ -329,6 +339,10 @@ class MainNode(Dispatcher):
         if now - self._heartbeats_written_at >= HEARTBEAT_WRITE_INTERVAL_S:
             self._heartbeats_written_at = now
             self._flush_heartbeats()
+        if (self.config.forget_finished_after_s and not self._forgetting and now >= self._forget_next_at
+                and self.store.is_open):
+            self._forgetting = True
+            self.spawn(self.forget_finished(now))
         if self._unstored and self.store.is_open:
             unstored, self._unstored = self._unstored, {}
             log.warning("writing the state of %d task(s) again after a failed commit", len(unstored))
@@ -856,6 +870,60 @@ class MainNode(Dispatcher):
             self._notify("forget", device)
         self.write([Store.delete_device(device_id)])
 
+    async def forget_finished(self, now: float) -> int:
+        """One pass of forget_finished_after_s: delete up to FORGET_BATCH stored tasks that ended before then.
+
+        Reads the stored tasks oldest first from where the last pass stopped
+        (apart from the commits), and deletes, in one commit, those that ended
+        long enough ago and are no longer held in memory. Once it meets a task
+        created after the cutoff, the rest are newer: it starts over from the
+        oldest FORGET_PAUSE_S later. A pass that read a whole batch lets the
+        next tick run another, so a long history is worked off 250 tasks a
+        second (a pass's commit takes the writer 5-12 ms). Returns how many
+        tasks it deleted.
+        """
+        try:
+            cutoff = now - self.config.forget_finished_after_s
+            rows = await self.store.oldest_tasks(self._forget_cursor, FORGET_BATCH)
+            doomed: list[str] = []
+            done = len(rows) < FORGET_BATCH
+            for seq, task_id, status, created_at, finished_at in rows:
+                if created_at >= cutoff:
+                    done = True
+                    break
+                self._forget_cursor = seq
+                if (status in TERMINAL_VALUES and finished_at is not None and finished_at < cutoff
+                        and self._let_go_of_finished(task_id, cutoff)):
+                    doomed.append(task_id)
+            if done:
+                self._forget_cursor = 0
+                self._forget_next_at = now + FORGET_PAUSE_S
+            if doomed and self.store.is_open:
+                await self.store.write(Store.forget_tasks(doomed))
+                log.info("forgot %d task%s that ended over %s ago (forget_finished_after_s)", len(doomed),
+                         "" if len(doomed) == 1 else "s", _days(self.config.forget_finished_after_s))
+            return len(doomed)
+        except Exception:  # the disk refused, or the store closed meanwhile: the next pass tries again
+            if self.store.is_open:
+                log.exception("could not forget old finished tasks now; trying again in %g s", FORGET_PAUSE_S)
+            self._forget_next_at = now + FORGET_PAUSE_S
+            return 0
+        finally:
+            self._forgetting = False
+
+    def _let_go_of_finished(self, task_id: str, cutoff: float) -> bool:
+        """Drop a task that ended before ``cutoff`` from memory, if it is there; False if it must stay."""
+        if task_id in self.tasks or task_id in self._unstored:
+            return False  # unfinished in memory, or its end still to be written
+        task = self._recent.get(task_id)
+        if task is not None:
+            if not task.terminal or task.finished_at is None or task.finished_at >= cutoff:
+                return False
+            self._forget_recent(task_id)
+            if task.idempotency_key is not None and self._idempotency.get(task.idempotency_key) == task_id:
+                del self._idempotency[task.idempotency_key]
+        return True
+
     def touch(self, device: Device) -> None:
         """Remember to write this device's heartbeat at the next tick."""
         self._dirty_devices.add(device.device_id)
@@ -1037,6 +1105,15 @@ class _EndWaiter:
         self.due = True
         if self.stored.done():
             self.after_store(self.stored)
+
+
+def _days(seconds: float) -> str:
+    """``seconds`` as a person says it: "30 days", "12 hours", "90 s"."""
+    if seconds >= 86400:
+        return f"{seconds / 86400:g} day{'' if seconds == 86400 else 's'}"
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} hour{'' if seconds == 3600 else 's'}"
+    return f"{seconds:g} s"
 
 
 def _held_bytes(task: Task) -> int:

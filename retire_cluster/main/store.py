@@ -193,6 +193,10 @@ _UPSERT_DEVICE = (
 )
 _TOUCH_DEVICE = "UPDATE devices SET status=?, last_seen=?, metrics=?, stats=? WHERE device_id=?"
 _DELETE_DEVICE = "DELETE FROM devices WHERE device_id=?"
+#: A finished task forgotten (MainNode.forget_finished): its attempts first (they refer to it).
+_FINISHED = "status IN ('completed', 'failed', 'cancelled', 'timeout')"
+_FORGET_ATTEMPTS = f"DELETE FROM task_attempts WHERE task_id=? AND EXISTS (SELECT 1 FROM tasks WHERE task_id=? AND {_FINISHED})"
+_FORGET_TASK = f"DELETE FROM tasks WHERE task_id=? AND {_FINISHED}"
 
 
 #: A lazy write (a state nothing acts on, such as assigned -> running) joins
@@ -715,6 +719,12 @@ class Store:
         return (_DELETE_DEVICE, (device_id,))
 
     @staticmethod
+    def forget_tasks(task_ids: Sequence[str]) -> list[Op]:
+        """Delete these finished tasks and their attempts (a task not finished is left alone)."""
+        return [(_FORGET_ATTEMPTS, (task_id, task_id)) for task_id in task_ids] + [
+            (_FORGET_TASK, (task_id,)) for task_id in task_ids]
+
+    @staticmethod
     def touch_device(device: Device) -> Op:
         return (
             _TOUCH_DEVICE,
@@ -820,6 +830,16 @@ class Store:
         sql = f"SELECT {_TASK_COLUMNS} FROM tasks {clause} ORDER BY seq DESC LIMIT ?"
         rows = await asyncio.to_thread(self._read_apart, sql, (*args, int(limit)))
         return [_task_from_row(r) for r in rows]
+
+    async def oldest_tasks(self, after_seq: int, limit: int) -> list[tuple[int, str, str, float, float | None]]:
+        """``(seq, task_id, status, created_at, finished_at)`` of up to ``limit`` tasks after ``after_seq``, oldest first.
+
+        Read apart, as :meth:`list_tasks`: the walk of MainNode.forget_finished holds no commit up.
+        """
+        self._conn()
+        sql = "SELECT seq, task_id, status, created_at, finished_at FROM tasks WHERE seq > ? ORDER BY seq LIMIT ?"
+        rows = await asyncio.to_thread(self._read_apart, sql, (int(after_seq), int(limit)))
+        return [(int(r[0]), str(r[1]), str(r[2]), float(r[3]), None if r[4] is None else float(r[4])) for r in rows]
 
     def _read_apart(self, sql: str, args: Sequence[Any]) -> list[Any]:
         """Runs in a worker thread: ``sql`` on a read-only connection of its own, closed after."""
