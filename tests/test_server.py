@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from conftest import FakeClock, Peer, RecordingTransport, make_config
+from conftest import FakeClock, Peer, RecordingTransport, fake_worker, make_config, settle
 
 from retire_cluster.main import MainNode
 from retire_cluster.main.server import Connection
@@ -309,8 +309,6 @@ async def test_a_submission_is_assigned_and_a_commit_started_before_its_read_ret
     Not at the end of the loop pass: the assignment leaves, and the commit
     starts, before the loop runs anything else it queued meanwhile.
     """
-    from conftest import fake_worker, settle
-
     worker = await fake_worker(node, "dev-1")
     await settle(node)
     device = node.registry.get("dev-1")
@@ -329,3 +327,22 @@ async def test_a_submission_is_assigned_and_a_commit_started_before_its_read_ret
     assert (await worker.next_push("task_assign"))["data"]["task"]["payload"] == {"m": "s1"}
     await settle(node)
     await worker.close()
+
+
+async def test_a_failure_in_the_pass_after_a_read_is_logged_and_the_connection_carries_on(
+        node: MainNode, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    conn, transport = recorded_connection(node)
+
+    def broken() -> None:
+        raise RuntimeError("a bug in the scheduling pass")
+
+    monkeypatch.setattr(node, "_schedule", broken)
+    frame = json.dumps({"message_type": "task_submit", "message_id": "s1", "sender_id": "c", "auth_token": node.token,
+                        "data": {"task": {"task_type": "echo"}}}).encode() + b"\n"
+    conn.data_received(frame)  # an exception out of data_received would make the transport close the connection
+    assert "a bug in the scheduling pass" in caplog.text and not conn.closed
+    monkeypatch.undo()
+    node.schedule_soon()
+    await settle(node)
+    reply = json.loads(b"".join(transport.writes).splitlines()[-1])
+    assert reply["message_type"] == "ack" and reply["data"]["original_message_id"] == "s1"

@@ -500,15 +500,20 @@ class MainNode(Dispatcher):
         the loop has queued, and a result's commit starts at once. Reads that
         only change devices (heartbeats) keep their pass at the end of the
         loop pass, so a thousand of them still cost one scheduling pass.
+        A failure here is logged, as the loop logs a failed callback: it is
+        not the connection's doing, which carries on.
         """
-        if self._place_after_read:
-            self._place_after_read = False
-            if self._schedule_pending:
-                handle = self._schedule_handle
-                if handle is not None:
-                    handle.cancel()
-                self._schedule()
-        self.store.start_now()
+        try:
+            if self._place_after_read:
+                self._place_after_read = False
+                if self._schedule_pending:
+                    handle = self._schedule_handle
+                    if handle is not None:
+                        handle.cancel()
+                    self._schedule()
+            self.store.start_now()
+        except Exception:
+            log.exception("scheduling or starting a commit after a read failed")
 
     def hold_insert(self, task: Task) -> None:
         """``task`` was submitted with ``wait``: its insert waits for the next scheduling pass.
