@@ -55,11 +55,13 @@ PLACEMENTS: dict[str, tuple[set[int] | None, set[int] | None, set[int] | None]] 
     "main node on CPU 0, worker and client on CPU 1": ({0}, {1}, {1}),
 }
 WARM_UP = 200
+#: the CPUs this script may use (free placement: all of them)
+ALL_CPUS = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else {0}
 
 
 def pin(pid: int, cpus: set[int] | None) -> None:
     """Every thread of ``pid`` on ``cpus`` (every CPU when None)."""
-    allowed = cpus if cpus is not None else set(range(os.cpu_count() or 1))
+    allowed = cpus if cpus is not None else ALL_CPUS
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             os.sched_setaffinity(int(tid), allowed)
@@ -136,8 +138,13 @@ def main() -> None:
     ap.add_argument("--round-trips", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3, help="measures of each placement, alternating")
     args = ap.parse_args()
-    if not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2:
-        sys.exit("placement.py needs Linux (it sets CPU affinities) and at least 2 CPUs.")
+    if not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2:
+        sys.exit("placement.py needs Linux (it sets CPU affinities) and at least 2 CPUs to run on.")
+    try:
+        os.sched_setaffinity(0, os.sched_getaffinity(0))
+    except OSError as exc:
+        sys.exit(f"placement.py cannot set CPU affinities here ({exc.strerror}); run it where sched_setaffinity "
+                 "is allowed.")
     count, rounds = (300, 2) if args.quick else (args.round_trips, args.rounds)
     p50s: dict[str, dict[str, list[float]]] = {"ours": {}, "floor": {}}
     for _ in range(rounds):
