@@ -450,7 +450,8 @@ def cancel_cmd(task_id: str, main_addr: str, token: Optional[str], as_json: bool
 @click.command("submit-batch")
 @click.argument("file", type=click.File("r", encoding="utf-8"))
 @click.option("--concurrency", type=click.IntRange(1, 10000), default=64, show_default=True,
-              help="Submissions in flight at once on the connection.")
+              help="Tasks sent one at a time in flight at once, when a request of 500 was refused and its lines "
+                   "are sent one by one to say which was bad.")
 @click.option("--wait", is_flag=True, help="Wait for every task, then print how each ended.")
 @wait_timeout_option("every task not ended by then")
 @click.option("--on-error", type=click.Choice(["skip", "abort"]), default="skip", show_default=True,

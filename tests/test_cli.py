@@ -616,3 +616,21 @@ def test_submit_retry_on_timeout(main_process, worker_process) -> None:
     record = json.loads(result.stdout)
     assert record["status"] == "timeout"
     assert [a["outcome"] for a in record["attempts"]] == ["timeout", "timeout"]
+
+
+def test_submit_batch_goes_a_few_hundred_tasks_per_request_and_is_not_throttled(main_process,
+                                                                                 tmp_path: Path) -> None:
+    """Before, one request per line: past the rate limit (here 50 a second, bursts of 100) the main node
+    refused them as overloaded, and the client said "the main node is busy" and sent them again with backoff."""
+    config = tmp_path / "main.json"
+    config.write_text(json.dumps({"client_rate_per_s": 50, "client_burst": 100}))
+    main = main_process("--config", str(config))
+    batch = tmp_path / "many.jsonl"
+    batch.write_text("".join(f'{{"task_type": "echo", "payload": {{"n": {n}}}}}\n' for n in range(3_000)))
+    result = against(main, "submit-batch", str(batch))
+    assert result.exit_code == 0, result.stderr
+    ids = result.stdout.split()
+    assert len(ids) == 3_000 and len(set(ids)) == 3_000
+    assert "busy" not in result.stderr and result.stderr.endswith("submitted 3000 tasks\n")
+    with Client(main.address, main.token) as client:
+        assert client.status(ids[2_999])["payload"] == {"n": 2_999}

@@ -38,11 +38,12 @@ from typing import Any, AsyncGenerator, Awaitable, Callable, Dict, Iterable, Lis
 
 from ..address import parse_main_address
 from ..link import BadFrameFromPeer, Link
-from ..protocol.errors import Conflict, Overloaded
+from ..protocol.errors import Conflict, FrameTooLarge, Overloaded
 from ..protocol.messages import Message, new_message_id
 from ..tls import check_fingerprint, client_context, normalise_fingerprint
 from .common import (
     DEFAULT_MAX_REQUEST_BYTES,
+    MANY_PER_REQUEST,
     MAX_WAIT_S,
     TERMINAL,
     BusyNote,
@@ -57,6 +58,7 @@ from .common import (
     id_list,
     is_idempotent,
     keyed_submit,
+    many_specs,
     not_ended_in_time,
     on_cluster,
     refused_at_first,
@@ -509,6 +511,37 @@ class AsyncClient:
         """
         result = await self.request("task_submit", keyed_submit(task_type, payload, options))
         return str(result["task_id"])
+
+    async def submit_many(self, tasks: Iterable[Dict[str, Any]]) -> List[str]:
+        """Submit many tasks, a few hundred per request; return their ids in order once all are on disk.
+
+        Each task is a dict such as ``{"task_type": "echo", "payload": {...}}``
+        with any option of :meth:`submit`, and gets an ``idempotency_key`` of
+        its own unless it has one (a repeated key answers with the task it
+        names). A request is refused whole (one bad task refuses its request:
+        the tasks of earlier requests are submitted already); a request too
+        large for a frame is split. One request counts once against the main
+        node's rate limit, so a batch of thousands is not slowed down by it.
+
+        Raises:
+            TypeError, ValueError: a task that is not one (before anything is sent).
+            ProtocolError: a request refused by the main node.
+        """
+        ids: List[str] = []
+        specs = many_specs(tasks)
+        for start in range(0, len(specs), MANY_PER_REQUEST):
+            ids += await self._submit_specs(specs[start : start + MANY_PER_REQUEST])
+        return ids
+
+    async def _submit_specs(self, specs: List[Dict[str, Any]]) -> List[str]:
+        try:
+            result = await self.request("task_submit", {"tasks": specs})
+        except FrameTooLarge:  # refused here, before sending: in halves
+            if len(specs) == 1:
+                raise
+            half = len(specs) // 2
+            return await self._submit_specs(specs[:half]) + await self._submit_specs(specs[half:])
+        return [str(task_id) for task_id in result["task_ids"]]
 
     async def run(self, task_type: str, payload: Optional[Dict[str, Any]] = None, *,
             wait_s: float = MAX_WAIT_S, **options: Any) -> Dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..protocol.errors import FrameTooLarge, ProtocolError
 from .aio import AsyncClient
+from .common import MANY_PER_REQUEST, fresh_key
 
 __all__ = ["BATCH_FIELDS", "brief_record", "parse_batch_line", "read_batch", "submit_batch", "summarise",
            "wait_batch"]
@@ -27,6 +28,8 @@ BATCH_FIELDS = ("task_type", "payload", "priority", "timeout", "requirements", "
                 "retry_on_timeout", "idempotency_key")
 
 Spec = Tuple[int, Dict[str, Any]]
+#: Requests of many tasks in flight at once (each waits for its commit; two or more keep the main node busy).
+REQUESTS_IN_FLIGHT = 4
 
 
 def parse_batch_line(text: str) -> Dict[str, Any]:
@@ -72,40 +75,78 @@ def read_batch(lines: Iterable[str]) -> Tuple[List[Spec], List[Tuple[int, str]]]
 async def submit_batch(client: AsyncClient, specs: List[Spec], *, concurrency: int = 64,
                        stop_on_error: bool = False,
                        progress: Optional[Callable[[int], None]] = None) -> Dict[int, Any]:
-    """Submit the tasks with at most ``concurrency`` requests in flight on the one connection.
+    """Submit the tasks, a few hundred per request (:meth:`AsyncClient.submit_many`), on the one connection.
 
     Returns line -> task id, or line -> ``{"error": sentence}`` for a task the main
-    node refused. With ``stop_on_error`` nothing more is sent after a refusal, and
-    the lines never sent are missing from the result. ``progress(1)`` is called per
-    answered submission.
+    node refused. A request refused whole is sent again one task at a time (at most
+    ``concurrency`` in flight), so that each refusal names its line; every task has
+    its idempotency key before the first request, so nothing is submitted twice.
+    With ``stop_on_error`` nothing more is sent after a refusal, and the lines never
+    sent are missing from the result. ``progress(n)`` is called as tasks are answered.
 
     Raises:
         ClientError: the main node cannot be reached.
     """
-    outcome: Dict[int, Any] = {}
-    pending = iter(specs)
-    stop = False
+    batch = _Batch(client, concurrency, stop_on_error, progress)
+    keyed = [(line, spec if spec.get("idempotency_key") else {**spec, "idempotency_key": fresh_key("sub")})
+             for line, spec in specs]
+    requests = iter([keyed[i : i + MANY_PER_REQUEST] for i in range(0, len(keyed), MANY_PER_REQUEST)])
 
-    async def submitter() -> None:
-        nonlocal stop
-        for line, spec in pending:
-            if stop:
+    async def sender() -> None:
+        for chunk in requests:
+            if batch.stop:
                 return
-            options = {k: v for k, v in spec.items() if k not in ("task_type", "payload")}
             try:
-                outcome[line] = await client.submit(spec["task_type"], spec.get("payload"), **options)
-            except FrameTooLarge as exc:  # refused here, before sending (see encode_request)
-                outcome[line] = {"error": f"too large to send: {exc.message}"}
-                stop = stop or stop_on_error
-            except ProtocolError as exc:
-                outcome[line] = {"error": f"refused by the main node: {exc.message}"}
-                stop = stop or stop_on_error
-            if progress is not None:
-                progress(1)
+                ids = await client.submit_many([spec for _, spec in chunk])
+            except ProtocolError:  # one task refuses its request: one by one, to say which
+                await batch.one_by_one(chunk)
+                continue
+            batch.answered(zip((line for line, _ in chunk), ids))
 
     await client.connect()
-    await asyncio.gather(*(submitter() for _ in range(max(1, min(concurrency, len(specs))))))
-    return outcome
+    await asyncio.gather(*(sender() for _ in range(REQUESTS_IN_FLIGHT)))
+    return batch.outcome
+
+
+class _Batch:
+    """What :func:`submit_batch` has heard so far, and whether it stops."""
+
+    def __init__(self, client: AsyncClient, concurrency: int, stop_on_error: bool,
+                 progress: Optional[Callable[[int], None]]) -> None:
+        self.client, self.concurrency, self.stop_on_error, self.progress = client, concurrency, stop_on_error, progress
+        self.outcome: Dict[int, Any] = {}
+        self.stop = False
+
+    def answered(self, pairs: Iterable[Tuple[int, Any]]) -> None:
+        count = 0
+        for line, answer in pairs:
+            self.outcome[line] = answer
+            count += 1
+        if self.progress is not None:
+            self.progress(count)
+
+    def refused(self, line: int, sentence: str) -> None:
+        self.answered([(line, {"error": sentence})])
+        self.stop = self.stop or self.stop_on_error
+
+    async def one_by_one(self, chunk: List[Spec]) -> None:
+        pending = iter(chunk)
+
+        async def submitter() -> None:
+            for line, spec in pending:
+                if self.stop:
+                    return
+                options = {k: v for k, v in spec.items() if k not in ("task_type", "payload")}
+                try:
+                    task_id = await self.client.submit(spec["task_type"], spec.get("payload"), **options)
+                except FrameTooLarge as exc:  # refused here, before sending (see encode_request)
+                    self.refused(line, f"too large to send: {exc.message}")
+                except ProtocolError as exc:
+                    self.refused(line, f"refused by the main node: {exc.message}")
+                else:
+                    self.answered([(line, task_id)])
+
+        await asyncio.gather(*(submitter() for _ in range(max(1, min(self.concurrency, len(chunk))))))
 
 
 async def wait_batch(client: AsyncClient, task_ids: List[str],

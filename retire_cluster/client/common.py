@@ -48,6 +48,8 @@ __all__ = [
     "id_list",
     "is_idempotent",
     "local_record",
+    "many_specs",
+    "MANY_PER_REQUEST",
     "not_ended_in_time",
     "on_cluster",
     "MAX_WAIT_S",
@@ -212,7 +214,10 @@ def is_idempotent(message_type: str, data: Dict[str, Any]) -> bool:
     """
     if message_type in IDEMPOTENT_TYPES:
         return True
-    return message_type == "task_submit" and bool((data.get("task") or {}).get("idempotency_key"))
+    if message_type != "task_submit":
+        return False
+    tasks = data["tasks"] if "tasks" in data else [data.get("task") or {}]
+    return all(isinstance(task, dict) and task.get("idempotency_key") for task in tasks)
 
 
 def id_list(task_ids: Iterable[str]) -> List[str]:
@@ -284,6 +289,33 @@ def keyed_submit(task_type: str, payload: Optional[Dict[str, Any]], options: Dic
     spec = task_spec(task_type, payload, options)
     spec.setdefault("idempotency_key", fresh_key("sub"))
     return {"task": spec}
+
+
+#: Tasks per ``task_submit`` request of ``submit_many()`` (the protocol allows 1,000 per request; a request
+#: that would be larger than the main node's frame limit is split in two, and so on).
+MANY_PER_REQUEST = 500
+
+
+def many_specs(tasks: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """``task_submit.data.tasks`` entries for ``submit_many()``: each checked as ``submit()`` checks its task,
+    and given a key of its own unless it has one (so a request is sent again safely on a new connection).
+
+    Raises:
+        TypeError, ValueError: what is wrong with which task (``tasks[N]: ...``).
+    """
+    specs: List[Dict[str, Any]] = []
+    for n, task in enumerate(tasks):
+        if not isinstance(task, dict) or not isinstance(task.get("task_type"), str):
+            raise TypeError(f"tasks[{n}] is not a task: give dicts such as "
+                            '{"task_type": "echo", "payload": {"message": "hi"}} (options as for submit())')
+        options = {k: v for k, v in task.items() if k not in ("task_type", "payload")}
+        try:
+            spec = task_spec(task["task_type"], task.get("payload"), options)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"tasks[{n}]: {exc}") from None
+        spec.setdefault("idempotency_key", fresh_key("sub"))
+        specs.append(spec)
+    return specs
 
 
 def waited_submit(task_type: str, payload: Optional[Dict[str, Any]], options: Dict[str, Any],

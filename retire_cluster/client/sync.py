@@ -32,11 +32,12 @@ from typing import Any, Callable, Deque, Dict, Generator, Iterable, List, Option
 
 from ..address import parse_main_address
 from ..protocol.codec import BadFrame, MessageStream
-from ..protocol.errors import Conflict, Overloaded
+from ..protocol.errors import Conflict, FrameTooLarge, Overloaded
 from ..protocol.messages import Message, new_message_id
 from ..tls import check_fingerprint, client_context, normalise_fingerprint
 from .common import (
     DEFAULT_MAX_REQUEST_BYTES,
+    MANY_PER_REQUEST,
     MAX_WAIT_S,
     TERMINAL,
     BusyNote,
@@ -51,6 +52,7 @@ from .common import (
     id_list,
     is_idempotent,
     keyed_submit,
+    many_specs,
     not_ended_in_time,
     on_cluster,
     refused_at_first,
@@ -495,6 +497,25 @@ class Client:
         before the answer is retried on a new one and finds the same task.
         """
         return str(self._request("task_submit", keyed_submit(task_type, payload, options))["task_id"])
+
+    @_one_call
+    def submit_many(self, tasks: Iterable[Dict[str, Any]]) -> List[str]:
+        """Submit many tasks, a few hundred per request; return their ids in order (see AsyncClient.submit_many)."""
+        ids: List[str] = []
+        specs = many_specs(tasks)
+        for start in range(0, len(specs), MANY_PER_REQUEST):
+            ids += self._submit_specs(specs[start : start + MANY_PER_REQUEST])
+        return ids
+
+    def _submit_specs(self, specs: List[Dict[str, Any]]) -> List[str]:
+        try:
+            result = self._request("task_submit", {"tasks": specs})
+        except FrameTooLarge:  # refused here, before sending: in halves
+            if len(specs) == 1:
+                raise
+            half = len(specs) // 2
+            return self._submit_specs(specs[:half]) + self._submit_specs(specs[half:])
+        return [str(task_id) for task_id in result["task_ids"]]
 
     @_one_call
     def run(self, task_type: str, payload: Optional[Dict[str, Any]] = None, *,

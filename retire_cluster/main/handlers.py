@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Union
 
-from ..protocol.errors import Conflict, Forbidden, InvalidMessage, NotFound, NotRegistered
+from ..protocol.errors import Conflict, Forbidden, InvalidMessage, NotFound, NotRegistered, Overloaded
 from ..protocol.messages import (
     ACTIVE_STATUSES,
     DeviceStatus,
@@ -283,6 +283,8 @@ class Handlers:
 
     def task_submit(self, conn: Connection, msg: Message) -> Result:
         node = self.node
+        if "tasks" in msg.data:
+            return self._submit_many(conn, msg.data["tasks"])
         spec = msg.data["task"]
         try:
             priority = parse_priority(spec.get("priority", "normal"))
@@ -294,8 +296,55 @@ class Handlers:
             if key in node._idempotency:
                 return self._existing(node._idempotency[key], wait_s, owner=conn)
             if key in node._old_keys or key in node._key_lookups:
-                return self._submit_seen_key(msg, priority, key, wait_s, conn)
+                return self._submit_seen_key(spec, priority, key, wait_s, conn)
         return self._new_task(spec, priority, key, wait_s, conn)
+
+    def _submit_many(self, conn: Connection, specs: list[dict[str, Any]]) -> Result:
+        """``task_submit`` with ``tasks``: each queued as one ``task`` would be; ``{"task_ids"}`` once all are committed.
+
+        All or nothing before anything is queued: a bad priority anywhere, or
+        more tasks than the main node may hold, refuses the whole request. A
+        task whose idempotency key names a task already answers with that
+        task's id (so does a key repeated within the request). One request
+        takes one token of the rate limit, and its inserts go in one commit.
+        """
+        node = self.node
+        priorities = []
+        for n, spec in enumerate(specs):
+            try:
+                priorities.append(parse_priority(spec.get("priority", "normal")))
+            except ValueError as exc:
+                raise InvalidMessage(str(exc), path=f"$.data.tasks[{n}].priority") from None
+        room = node.config.max_unfinished_tasks - len(node.tasks)
+        if len(specs) > room:
+            raise Overloaded(
+                f"{len(specs)} tasks would take the main node past its limit of {node.config.max_unfinished_tasks:,} "
+                f"unfinished tasks (max_unfinished_tasks; room for {max(room, 0):,} now); submit fewer, or again when "
+                "some have finished."
+            )
+        node.refuse_when_full()
+        if node.unfinished_bytes + node.config.max_frame_bytes > node.config.max_unfinished_bytes:
+            # Each task's payload is counted as it is queued; a request's payloads are at most its frame.
+            raise Overloaded(
+                f"The unfinished tasks carry {node.unfinished_bytes / 2**20:.0f} MiB of payload, near the main "
+                "node's limit (max_unfinished_bytes); submit these one by one, or again when some have finished."
+            )
+        answers: list[Any] = []
+        for spec, priority in zip(specs, priorities):
+            key = spec.get("idempotency_key")
+            if key is not None and key in node._idempotency:
+                answers.append(node._idempotency[key])
+            elif key is not None and (key in node._old_keys or key in node._key_lookups):
+                answers.append(self._submit_seen_key(spec, priority, key, None, conn))
+            else:
+                answers.append(self._new_task(spec, priority, key, None, conn))
+        return self._all_submitted(answers)
+
+    async def _all_submitted(self, answers: list[Any]) -> dict[str, Any]:
+        """``{"task_ids"}`` in order, once each answer (an id, or an awaitable of a submission's result) is in."""
+        pending = [a for a in answers if not isinstance(a, str)]
+        results = iter(await asyncio.gather(*pending)) if pending else iter(())
+        return {"task_ids": [a if isinstance(a, str) else next(results)["task_id"] for a in answers]}
 
     async def _existing(
         self, task_id: str, wait_s: Any, stored: Task | None = None, *, owner: Any = None
@@ -318,7 +367,7 @@ class Handlers:
         return result
 
     async def _submit_seen_key(
-        self, msg: Message, priority: int, key: str, wait_s: Any, owner: Any = None
+        self, spec: dict[str, Any], priority: int, key: str, wait_s: Any, owner: Any = None
     ) -> dict[str, Any]:
         """A key that may name a task no longer in memory: the store's unique index decides.
 
@@ -335,7 +384,7 @@ class Handlers:
         try:
             stored = await node.store.find_idempotent(key)
             # Not there: a new key after all (the filter's "maybe"), in memory before the lookup ends.
-            new = None if stored is not None else self._new_task(msg.data["task"], priority, key, wait_s, owner)
+            new = None if stored is not None else self._new_task(spec, priority, key, wait_s, owner)
         finally:
             del node._key_lookups[key]
             lookup.set_result(None)
