@@ -1088,8 +1088,9 @@ class _EndedAndPending:
         yield dict(self.RECORD)
         raise TimeoutError("1 of 2 tasks did not end")
 
-    async def status(self, task_id: str) -> Dict[str, Any]:
-        return {"task_id": task_id, "status": "pending", "result": None, "payload": {}, "attempts": []}
+    async def statuses(self, task_ids: List[str]) -> List[Optional[Dict[str, Any]]]:
+        return [{"task_id": task_id, "status": "pending", "result": None, "payload": {}, "attempts": []}
+                for task_id in task_ids]
 
 
 async def test_wait_batch_keeps_brief_records_when_asked() -> None:
@@ -1110,26 +1111,32 @@ async def test_wait_batch_keeps_brief_records_when_asked() -> None:
 
 
 async def test_as_completed_yields_the_tasks_already_ended_batch_by_batch(node: MainNode) -> None:
-    """Waiting for many tasks that ended already does not first hold every record (a big submit-batch --wait)."""
+    """Waiting for many tasks that ended already asks for their records 100 per request, and yields them
+    as they come: a big submit-batch --wait neither holds every record at once nor meets the rate limit."""
     client = await client_of(node)
     try:
-        ids = [await client.submit("echo", {"message": str(i)}) for i in range(300)]  # no device: pending
+        ids = await client.submit_many({"task_type": "echo", "payload": {"n": i}} for i in range(250))  # no device
         for task_id in ids:
             await client.cancel(task_id)
-        asked: List[str] = []
-        status = client.status
+        asked: List[int] = []
+        request = client.request
 
-        async def counted(task_id: str) -> Dict[str, Any]:
-            asked.append(task_id)
-            return await status(task_id)
+        async def counted(message_type: str, data: Any = None, **kwargs: Any) -> Any:
+            if message_type == "task_status":
+                asked.append(len(data["task_ids"]))
+            return await request(message_type, data, **kwargs)
 
-        client.status = counted  # type: ignore[method-assign]
+        client.request = counted  # type: ignore[method-assign]
         seen: List[str] = []
         async for record in client.as_completed(ids, timeout_s=30):
             if not seen:
-                assert len(asked) == 256  # the first batch of statuses, not all 300
+                assert asked == [100]  # the first request's records, not all 250
             seen.append(record["task_id"])
             assert record["status"] == "cancelled"
-        assert seen == ids and len(asked) == 300
+        assert seen == ids and asked == [100, 100, 50]
+        assert [r["task_id"] if r else None for r in await client.statuses([ids[0], "no-such-task"])] == [ids[0], None]
+        with pytest.raises(NotFound, match="no-such-task"):
+            async for _ in client.as_completed([ids[0], "no-such-task"], timeout_s=30):
+                pass
     finally:
         await client.close()

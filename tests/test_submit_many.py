@@ -144,3 +144,32 @@ async def test_blocking_client_submits_many(node: MainNode) -> None:
     ids = await asyncio.get_running_loop().run_in_executor(None, blocking)
     stored = {t.task_id: t for t in await node.store.list_tasks(limit=1000)}
     assert [stored[i].payload["n"] for i in ids] == list(range(600))
+
+
+async def test_task_status_with_task_ids_answers_records_in_order_and_null_for_unknown(node: MainNode) -> None:
+    client = await Peer.connect(node, "client")
+    ids = (await client.ok("task_submit", many({"task_type": "echo"}, {"task_type": "sleep"})))["task_ids"]
+    records = (await client.ok("task_status", {"task_ids": [ids[1], "nope", ids[0]]}))["tasks"]
+    assert [r and r["task_id"] for r in records] == [ids[1], None, ids[0]]
+    assert "waiting" in records[0]  # pending: why, as for one task
+    too_many = await client.request("task_status", {"task_ids": [ids[0]] * 101})
+    assert too_many["data"]["code"] == "invalid_message" and too_many["data"]["path"] == "$.data.task_ids"
+
+
+async def test_blocking_client_statuses_and_as_completed_ask_100_at_a_time(node: MainNode) -> None:
+    import asyncio
+
+    from retire_cluster.client import Client
+
+    client = await Peer.connect(node, "client")
+    ids = (await client.ok("task_submit", many(*({"task_type": "sleep"} for _ in range(150)))))["task_ids"]
+    for task_id in ids:
+        await client.ok("task_cancel", {"task_id": task_id})
+
+    def blocking() -> tuple:
+        with Client(addr(node), node.token, timeout_s=30) as c:
+            return c.statuses(ids + ["nope"]), [r["task_id"] for r in c.as_completed(ids, timeout_s=30)]
+
+    records, ended = await asyncio.get_running_loop().run_in_executor(None, blocking)
+    assert [r and r["status"] for r in records] == ["cancelled"] * 150 + [None]
+    assert ended == ids

@@ -45,6 +45,7 @@ from .common import (
     DEFAULT_MAX_REQUEST_BYTES,
     MANY_PER_REQUEST,
     MAX_WAIT_S,
+    STATUSES_PER_REQUEST,
     TERMINAL,
     BusyNote,
     ClientError,
@@ -58,6 +59,7 @@ from .common import (
     id_list,
     is_idempotent,
     keyed_submit,
+    known_records,
     many_specs,
     not_ended_in_time,
     on_cluster,
@@ -564,6 +566,15 @@ class AsyncClient:
         """The whole task record (status, attempts, result, times)."""
         return dict((await self.request("task_status", {"task_id": task_id}))["task"])
 
+    async def statuses(self, task_ids: Iterable[str]) -> List[Optional[Dict[str, Any]]]:
+        """The records of many tasks, in order (None for a task the main node does not know); 100 per request."""
+        ids = list(task_ids)
+        records: List[Optional[Dict[str, Any]]] = []
+        for start in range(0, len(ids), STATUSES_PER_REQUEST):
+            result = await self.request("task_status", {"task_ids": ids[start : start + STATUSES_PER_REQUEST]})
+            records += [None if r is None else dict(r) for r in result["tasks"]]
+        return records
+
     async def cancel(self, task_id: str) -> Dict[str, Any]:
         """Cancel a pending or running task. Raises Conflict when it already ended."""
         return await self.request("task_cancel", {"task_id": task_id})
@@ -635,11 +646,12 @@ class AsyncClient:
             # Subscribe first, then read the status: an update cannot fall in between.
             for chunk in chunks(ids):
                 await _by(deadline, late, self.request("subscribe", {"task_ids": chunk}))
-            for start in range(0, len(ids), 256):
-                batch = ids[start : start + 256]
+            for start in range(0, len(ids), STATUSES_PER_REQUEST):
+                batch = ids[start : start + STATUSES_PER_REQUEST]
                 # Those already ended are yielded batch by batch: the records of a hundred thousand tasks
                 # are never all held at once. The others end later: their updates come in the queue.
-                for record in await _by(deadline, late, asyncio.gather(*(self.status(t) for t in batch))):
+                result = await _by(deadline, late, self.request("task_status", {"task_ids": batch}))
+                for record in known_records(batch, result):
                     task_id = record.get("task_id")
                     if task_id in remaining and record.get("status") in TERMINAL:
                         remaining.discard(task_id)

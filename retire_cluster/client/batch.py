@@ -171,9 +171,9 @@ async def wait_batch(client: AsyncClient, task_ids: List[str],
         if timeout_s is None:
             raise
         rest = [t for t in dict.fromkeys(task_ids) if t not in records]
-        for start in range(0, len(rest), 256):
-            for record in await asyncio.gather(*(client.status(t) for t in rest[start : start + 256])):
-                records[record["task_id"]] = keep(record)
+        for found in await client.statuses(rest):
+            if found is not None:
+                records[found["task_id"]] = keep(found)
     return records
 
 

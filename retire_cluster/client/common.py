@@ -49,6 +49,8 @@ __all__ = [
     "is_idempotent",
     "local_record",
     "many_specs",
+    "STATUSES_PER_REQUEST",
+    "known_records",
     "MANY_PER_REQUEST",
     "not_ended_in_time",
     "on_cluster",
@@ -294,6 +296,24 @@ def keyed_submit(task_type: str, payload: Optional[Dict[str, Any]], options: Dic
 #: Tasks per ``task_submit`` request of ``submit_many()`` (the protocol allows 1,000 per request; a request
 #: that would be larger than the main node's frame limit is split in two, and so on).
 MANY_PER_REQUEST = 500
+
+
+#: Task records per ``task_status`` request of ``statuses()`` and ``as_completed()`` (the protocol's most).
+STATUSES_PER_REQUEST = 100
+
+
+def known_records(task_ids: List[str], result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The records of a ``task_status`` reply for ``task_ids``.
+
+    Raises:
+        NotFound: a task the main node does not know (as ``status()`` raises for it).
+    """
+    records = []
+    for task_id, record in zip(task_ids, result["tasks"]):
+        if record is None:
+            raise error_from_code("not_found", f"No task {task_id!r}; `retire-cluster tasks` lists them.")
+        records.append(dict(record))
+    return records
 
 
 def many_specs(tasks: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:

@@ -39,6 +39,7 @@ from .common import (
     DEFAULT_MAX_REQUEST_BYTES,
     MANY_PER_REQUEST,
     MAX_WAIT_S,
+    STATUSES_PER_REQUEST,
     TERMINAL,
     BusyNote,
     ClientError,
@@ -52,6 +53,7 @@ from .common import (
     id_list,
     is_idempotent,
     keyed_submit,
+    known_records,
     many_specs,
     not_ended_in_time,
     on_cluster,
@@ -535,6 +537,16 @@ class Client:
         return dict(self._request("task_status", {"task_id": task_id})["task"])
 
     @_one_call
+    def statuses(self, task_ids: Iterable[str]) -> List[Optional[Dict[str, Any]]]:
+        """The records of many tasks, in order (None for a task the main node does not know); 100 per request."""
+        ids = list(task_ids)
+        records: List[Optional[Dict[str, Any]]] = []
+        for start in range(0, len(ids), STATUSES_PER_REQUEST):
+            result = self._request("task_status", {"task_ids": ids[start : start + STATUSES_PER_REQUEST]})
+            records += [None if r is None else dict(r) for r in result["tasks"]]
+        return records
+
+    @_one_call
     def cancel(self, task_id: str) -> Dict[str, Any]:
         """Cancel a pending or running task. Raises Conflict when it already ended."""
         return self._request("task_cancel", {"task_id": task_id})
@@ -634,11 +646,13 @@ class Client:
             # Subscribe first, then read the status: an update cannot fall in between.
             for chunk in chunks(ids):
                 self._by(deadline, late, "subscribe", {"task_ids": chunk})
-            for task_id in ids:
-                record = dict(self._by(deadline, late, "task_status", {"task_id": task_id})["task"])
-                if record.get("status") in TERMINAL and task_id in remaining:
-                    remaining.discard(task_id)
-                    yield record
+            for start in range(0, len(ids), STATUSES_PER_REQUEST):
+                batch = ids[start : start + STATUSES_PER_REQUEST]
+                for record in known_records(batch, self._by(deadline, late, "task_status", {"task_ids": batch})):
+                    task_id = str(record.get("task_id"))
+                    if record.get("status") in TERMINAL and task_id in remaining:
+                        remaining.discard(task_id)
+                        yield record
             while remaining:
                 update = self._pull_update(remaining, deadline)
                 if update is None:

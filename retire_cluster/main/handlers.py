@@ -444,14 +444,24 @@ class Handlers:
         return node.wait_for_end(task, float(wait_s), node.then(fut, committed), owner)
 
     async def task_status(self, conn: Connection, msg: Message) -> dict[str, Any]:
+        if "task_ids" in msg.data:  # a few at once: null for those not known
+            records = []
+            for task_id in msg.data["task_ids"]:
+                task = await self.node.fetch(task_id)
+                records.append(None if task is None else self._status_record(task))
+            return {"tasks": records}
         task = await self.node.fetch(msg.data["task_id"])
         if task is None:
             raise NotFound(f"No task {msg.data['task_id']!r}; `retire-cluster tasks` lists them.")
+        return {"task": self._status_record(task)}
+
+    def _status_record(self, task: Task) -> dict[str, Any]:
+        """The task's record, with why it waits while pending."""
         record = task.to_record()
         waiting = self.node.scheduler.explain(task, self.node.clock())
         if waiting is not None:
             record = {**record, "waiting": waiting}
-        return {"task": record}
+        return record
 
     def task_cancel(self, conn: Connection, msg: Message) -> Result:
         node = self.node
