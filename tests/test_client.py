@@ -514,6 +514,43 @@ async def test_executor_map_submit_failure_and_cancel(node: MainNode) -> None:
         ex.submit("echo")
 
 
+async def test_executor_sends_what_map_submits_a_few_hundred_per_request(node: MainNode) -> None:
+    """map() over thousands of payloads was one request per task: past the rate limit's burst, "busy"."""
+    import threading
+
+    ex = await asyncio.to_thread(ClusterExecutor, addr(node), node.token, timeout_s=30)
+    sizes: List[int] = []
+    request = ex.client.request
+
+    async def counted(message_type: str, data: Any = None, **kwargs: Any) -> Any:
+        if message_type == "task_submit":
+            sizes.append(len(data["tasks"]) if "tasks" in data else 1)
+        return await request(message_type, data, **kwargs)
+
+    ex.client.request = counted  # type: ignore[method-assign]
+    go = threading.Event()
+    ex._loop.call_soon_threadsafe(go.wait, 30)  # the loop takes the submissions below in one pass
+    try:
+        futs = [ex.submit("echo", {"m": i}) for i in range(1200)]
+        futs.append(ex.submit("echo", requirements={"min_cpus": 1}))  # refused: its request is sent one by one
+        go.set()
+
+        async def submitted() -> List[Any]:
+            return await asyncio.gather(*(f._submitted for f in futs), return_exceptions=True)
+
+        answers = await asyncio.to_thread(ex._call, submitted())
+        assert all(isinstance(a, str) for a in answers[:1200]) and len(set(answers[:1200])) == 1200
+        assert isinstance(answers[1200], InvalidMessage)
+        assert sorted(n for n in sizes if n > 1) == [201, 500, 500] and sizes.count(1) == 201
+        stored = {t.task_id: t for t in await node.store.list_tasks(limit=2000)}
+        assert [stored[a].payload["m"] for a in answers[:1200]] == list(range(1200))
+        with pytest.raises(InvalidMessage):
+            await asyncio.to_thread(futs[1200].result, 30)
+    finally:
+        go.set()
+        await asyncio.to_thread(lambda: ex.shutdown(True, cancel_futures=True))
+
+
 async def test_executor_shutdown_waits_for_running_tasks(node: MainNode) -> None:
     worker = await fake_worker(node, "dev-1")
     ex = await asyncio.to_thread(ClusterExecutor, addr(node), node.token, timeout_s=10)

@@ -27,7 +27,7 @@ from typing import Any, Coroutine, Dict, List, Optional, Set, TypeVar
 
 from ..protocol.errors import Conflict
 from .aio import AsyncClient
-from .common import TaskFailed, task_spec
+from .common import MANY_PER_REQUEST, TaskFailed, task_spec
 
 __all__ = ["ClusterExecutor", "ClusterFuture"]
 
@@ -102,6 +102,8 @@ class ClusterExecutor(concurrent.futures.Executor):
         self._thread = threading.Thread(target=self._run, name="retire-cluster-executor", daemon=True)
         self._futures: Set[ClusterFuture] = set()
         self._drives: Set[asyncio.Task[None]] = set()
+        #: submissions that came in this loop pass: sent together (_send_submissions)
+        self._to_send: List[Any] = []
         self._lock = threading.Lock()
         self._shutdown = False
         self._stopped = False
@@ -138,10 +140,43 @@ class ClusterExecutor(concurrent.futures.Executor):
 
     def _start(self, fut: ClusterFuture, task_type: str, payload: Optional[Dict[str, Any]],
                options: Dict[str, Any]) -> None:
-        fut._submitted = self._loop.create_task(self._client.submit(task_type, payload, **options))
-        drive = self._loop.create_task(self._drive(fut))
+        fut._submitted = self._loop.create_future()
+        if not self._to_send:
+            self._loop.call_soon(self._send_submissions)
+        self._to_send.append((fut, task_type, payload, options))
+        self._track(self._drive(fut))
+
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        drive = self._loop.create_task(coro)
         self._drives.add(drive)
         drive.add_done_callback(self._drives.discard)
+
+    def _send_submissions(self) -> None:
+        """The submissions of a loop pass (``map()`` makes thousands in a row): a few hundred per request."""
+        pending, self._to_send = self._to_send, []
+        for start in range(0, len(pending), MANY_PER_REQUEST):
+            self._track(self._submit_group(pending[start : start + MANY_PER_REQUEST]))
+
+    async def _submit_group(self, group: List[Any]) -> None:
+        if len(group) > 1:
+            try:
+                ids = await self._client.submit_many(
+                    [{**options, "task_type": task_type, "payload": payload} for _, task_type, payload, options in group])
+            except Exception:  # one of them refuses the request: each alone, so that each future hears its own
+                pass
+            else:
+                for (fut, *_), task_id in zip(group, ids):
+                    fut._submitted.set_result(task_id)
+                return
+        await asyncio.gather(*(self._submit_one(*item) for item in group))
+
+    async def _submit_one(self, fut: ClusterFuture, task_type: str, payload: Optional[Dict[str, Any]],
+                          options: Dict[str, Any]) -> None:
+        assert fut._submitted is not None
+        try:
+            fut._submitted.set_result(await self._client.submit(task_type, payload, **options))
+        except Exception as exc:
+            fut._submitted.set_exception(exc)
 
     async def _drive(self, fut: ClusterFuture) -> None:
         assert fut._submitted is not None
