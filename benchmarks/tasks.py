@@ -5,7 +5,9 @@
 Starts the main node and 2 real `retire-cluster worker` processes, then a
 client (this process) submits `echo` tasks with a window of submissions in
 flight and counts completions from `task_update` pushes: tasks/s from first
-submission to last recorded result. Then one task at a time for the
+submission to last recorded result; then the same tasks again, 500 per
+request (`task_submit` with `tasks`, as `submit_many()` and `submit-batch`
+send them), 4 requests in flight. Then one task at a time for the
 round-trip p50/p99, three ways (in alternating blocks): `task_submit` with
 `wait` from a bare client (one request, one reply with the result: the round
 trip reported), the same through the Python client's `AsyncClient.run()`
@@ -28,6 +30,9 @@ from _harness import MainNode, Requester, cpu_s, emit, env, loop_thread_cpu_s, p
 
 #: The round trips run in this many alternating blocks of each kind.
 ROUND_TRIP_BLOCKS = 5
+#: The batched throughput run: tasks per task_submit request (as submit_many() sends them), requests in flight.
+BATCH = 500
+BATCH_REQUESTS = 4
 
 
 def start_workers(node: MainNode, count: int, slots: int) -> list[subprocess.Popen[bytes]]:
@@ -88,6 +93,23 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
     elapsed = time.perf_counter() - t0
     main_cpu, worker_cpu = node.cpu_s() - main_cpu0, sum(map(cpu_s, workers)) - worker_cpu0
 
+    # The same tasks again, 500 per request (task_submit with tasks, as submit_many() and submit-batch
+    # send them), BATCH_REQUESTS requests in flight: what the end-to-end rate is when submitting is cheap.
+    state["completed"], state["target"] = 0, tasks
+    done.clear()
+    batch_sem = asyncio.Semaphore(BATCH_REQUESTS)
+
+    async def hundreds(count: int) -> None:
+        async with batch_sem:
+            reply = await request("task_submit", {"tasks": [echo["task"]] * count})
+            assert reply["message_type"] == "ack", reply
+
+    t0, main_cpu0 = time.perf_counter(), node.cpu_s()
+    await asyncio.gather(*(hundreds(min(BATCH, tasks - start)) for start in range(0, tasks, BATCH)))
+    await asyncio.wait_for(done.wait(), 600)
+    batched_elapsed = time.perf_counter() - t0
+    batched_main_cpu = node.cpu_s() - main_cpu0
+
     client.close()
     # The two ways in alternating blocks, each on a fresh connection (a
     # subscription to all would add a push to every waited round trip), so a
@@ -120,6 +142,8 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
     samples.sort()
     through_client.sort()
     return {"tasks_per_s": round(tasks / elapsed), "seconds": round(elapsed, 2),
+            "tasks_per_s_batched": round(tasks / batched_elapsed),
+            "main_cpu_us_per_task_batched": round(1e6 * batched_main_cpu / tasks),
             # CPU per task is steadier than wall time on a shared 2-core machine.
             "main_cpu_us_per_task": round(1e6 * main_cpu / tasks),
             "worker_cpu_us_per_task": round(1e6 * worker_cpu / tasks),
@@ -220,7 +244,8 @@ def main() -> None:
     rows = [measure(s, args.tasks, args.round_trips, args.window, args.slots) for s in args.synchronous]
     table = [(f"synchronous={r['synchronous']}",
               f"{r['tasks_per_s']:,} tasks/s (main CPU {r['main_cpu_us_per_task']} µs/task, workers "
-              f"{r['worker_cpu_us_per_task']})  round trip p50 {r['round_trip_p50_ms']} ms  "
+              f"{r['worker_cpu_us_per_task']}; submitted 500 per request: {r['tasks_per_s_batched']:,} tasks/s, main CPU "
+              f"{r['main_cpu_us_per_task_batched']} µs/task)  round trip p50 {r['round_trip_p50_ms']} ms  "
               f"p99 {r['round_trip_p99_ms']} ms (CPU per round trip: main {r['round_trip_main_cpu_us']} µs, "
               f"workers {r['round_trip_worker_cpu_us']}, submitter {r['round_trip_submitter_cpu_us']}; via task_update p50 {r['round_trip_update_p50_ms']} ms, "
               f"via AsyncClient.run() p50 {r['round_trip_client_p50_ms']} ms)  main RSS {r['main_rss_mib']} MiB (rest "
