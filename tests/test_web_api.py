@@ -177,7 +177,10 @@ async def test_bad_submissions_are_400_with_the_body_path(cluster: Cluster) -> N
     cases = [
         (b"{not json", "invalid_json", None),
         (b'{"task_type": "echo", "task_type": "sleep"}', "invalid_json", None),
-        (b"[1, 2]", "invalid_message", "$"),
+        (b"3", "invalid_message", "$"),
+        (b"[1, 2]", "invalid_message", "$[0]"),  # a list of tasks: its first is not one
+        (b'[{"task_type": "echo"}, {"task_type": "echo", "priority": "asap"}]', "invalid_message", "$[1].priority"),
+        (b"[]", "invalid_message", "$"),
         (b'{"payload": {}}', "invalid_message", "$"),
         (b'{"task_type": "echo", "payload": 3}', "invalid_message", "$.payload"),
         (b'{"task_type": "echo", "requirements": {"min_cpu": 2}}', "invalid_message", "$.requirements"),
@@ -191,6 +194,16 @@ async def test_bad_submissions_are_400_with_the_body_path(cluster: Cluster) -> N
         assert body.get("path") == path, (raw, body)
         if path not in (None, "$"):
             assert body["error"].startswith(f"{path}: "), body  # the body's path, not the wire's
+
+
+async def test_a_list_of_tasks_is_submitted_in_one_request(cluster: Cluster) -> None:
+    tasks = [{"task_type": "echo", "payload": {"n": n}} for n in range(300)]
+    status, body = await cluster.request("POST", "/api/v1/tasks", json=tasks)
+    assert status == 201 and len(body["task_ids"]) == 300, body
+    stored = {t.task_id: t for t in await cluster.node.store.list_tasks(limit=1000)}
+    assert [stored[i].payload["n"] for i in body["task_ids"]] == list(range(300))
+    status, body = await cluster.request("POST", "/api/v1/tasks?wait=5", json=tasks[:2])
+    assert status == 400 and body["path"] == "?wait" and "wait is for one task" in body["error"], body
 
 
 async def test_oversized_body_is_413_and_unknown_routes_are_json(cluster: Cluster) -> None:

@@ -175,6 +175,9 @@ class Api:
 
         ``?wait=SECONDS`` answers when the task has ended (or the wait ran
         out), with its record under ``task``, as ``task_submit`` with ``wait``.
+        A list of tasks (at most 1,000) is ``task_submit`` with ``tasks``: one
+        answer, ``{"task_ids": [...]}`` in the same order, counted once against
+        the rate limit.
         """
         check_query(request, {"wait"})
         data: dict[str, Any] = {}
@@ -187,8 +190,10 @@ class Api:
                 raise InvalidMessage("wait must be a number of seconds (more than 0, at most 3600).", path="?wait")
             data["wait"] = wait
         body = await read_json(request, self.node.config.max_json_depth)
+        if isinstance(body, list):
+            return await self._submit_many(data, body, request)
         if not isinstance(body, dict):
-            raise InvalidMessage("The request body must be a JSON object: the task.", path="$")
+            raise InvalidMessage("The request body must be a JSON object (the task) or a list of them.", path="$")
         if "wait" in body:  # as in task_submit's data, one level up: say where it goes here
             raise InvalidMessage(f"wait is not part of the task; ask for it in the query: POST {API}/tasks?wait=SECONDS.",
                                  path="$.wait")
@@ -201,6 +206,16 @@ class Api:
             raise rebase(exc, "$.data.task", "$") from None
         location = f"{API}/tasks/{result['task_id']}"
         return json_response(result, 200 if result.get("existing") else 201, {"Location": location})
+
+    async def _submit_many(self, data: dict[str, Any], tasks: list[Any], request: web.Request) -> web.Response:
+        if "wait" in data:
+            raise InvalidMessage("wait is for one task; submit a list without it and follow the tasks "
+                                 f"(GET {API}/tasks/{{task_id}}).", path="?wait")
+        try:
+            result = await self.web.call("task_submit", {"tasks": tasks}, request)
+        except InvalidMessage as exc:
+            raise rebase(exc, "$.data.tasks", "$") from None
+        return json_response(result, 201)
 
     async def task(self, request: web.Request) -> web.Response:
         check_query(request, set())

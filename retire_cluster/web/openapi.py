@@ -145,15 +145,20 @@ def _paths() -> dict[str, Any]:
                 _param("limit", "query", "1-1000, default 100.", {"type": "integer"}),
                 _param("offset", "query", "Skip this many (next_offset of the previous page); offset + limit "
                        "is at most 10000.", {"type": "integer", "minimum": 0, "maximum": 9999})]),
-            "post": _op("Submit a task (validated exactly as task_submit on TCP).", {
+            "post": _op("Submit a task, or a list of up to 1,000 (validated exactly as task_submit on TCP).", {
                 "201": _json({"type": "object", "properties": {"task_id": {"type": "string"},
-                                                               "task": _ref("task_record")}},
-                             "Submitted (with ?wait, the record once it ended or the wait ran out)."),
+                                                               "task": _ref("task_record"),
+                                                               "task_ids": {"type": "array",
+                                                                            "items": {"type": "string"}}}},
+                             "Submitted (with ?wait, the record once it ended or the wait ran out; for a "
+                             "list, task_ids in the same order)."),
                 "200": _json({"type": "object"}, "Already submitted with this idempotency_key.")},
                 params=[_param("wait", "query", "Answer when the task has ended, waiting at most this many "
                                "seconds (more than 0, at most 3600); the answer then carries its record.",
                                {"type": "number", "exclusiveMinimum": 0, "maximum": 3600})],
-                body=_ref("TaskSpec"), errors=(400, 413, 429)),
+                body={"oneOf": [_ref("TaskSpec"), {"type": "array", "minItems": 1, "maxItems": 1000,
+                                                     "items": _ref("TaskSpec")}]},
+                errors=(400, 413, 429)),
         },
         "/api/v1/tasks/{task_id}": {
             "get": _op("One task: status, attempts, result, and while pending why it waits.",
