@@ -173,3 +173,26 @@ async def test_blocking_client_statuses_and_as_completed_ask_100_at_a_time(node:
     records, ended = await asyncio.get_running_loop().run_in_executor(None, blocking)
     assert [r and r["status"] for r in records] == ["cancelled"] * 150 + [None]
     assert ended == ids
+
+
+async def test_records_that_do_not_fit_in_one_frame_come_in_several_replies(tmp_path: Path, clock: FakeClock) -> None:
+    """A task's result may be nearly a frame itself: a reply of 100 of them would be 100 frames long."""
+    from retire_cluster.client import AsyncClient
+
+    node = MainNode(make_config(tmp_path, max_frame_bytes=64 * 1024), clock=clock, run_monitor=False)
+    await node.start()
+    try:
+        peer = await Peer.connect(node, "client")
+        await peer.ok("cluster_status")
+        ids = [(await peer.ok("task_submit", {"task": {"task_type": "sleep", "payload": {"pad": "x" * 20_000, "n": n}}}))[
+            "task_id"] for n in range(10)]
+        first = (await peer.ok("task_status", {"task_ids": ids}))["tasks"]
+        assert 1 < len(first) < 10 and [r["task_id"] for r in first] == ids[: len(first)]
+        for task_id in ids:
+            await peer.ok("task_cancel", {"task_id": task_id})
+        async with AsyncClient(addr(node), node.token, timeout_s=30, max_request_bytes=64 * 1024) as client:
+            records = await client.statuses(ids + ["nope"])
+            assert [r and r["payload"]["n"] for r in records] == list(range(10)) + [None]
+            assert [r["task_id"] async for r in client.as_completed(ids, timeout_s=30)] == ids
+    finally:
+        await node.stop()

@@ -66,6 +66,7 @@ from .common import (
     refused_at_first,
     reply_result,
     run_locally,
+    some_records,
     waited_submit,
     within,
 )
@@ -570,9 +571,10 @@ class AsyncClient:
         """The records of many tasks, in order (None for a task the main node does not know); 100 per request."""
         ids = list(task_ids)
         records: List[Optional[Dict[str, Any]]] = []
-        for start in range(0, len(ids), STATUSES_PER_REQUEST):
+        while len(records) < len(ids):  # a reply holds as many as fit in a frame: the rest is asked again
+            start = len(records)
             result = await self.request("task_status", {"task_ids": ids[start : start + STATUSES_PER_REQUEST]})
-            records += [None if r is None else dict(r) for r in result["tasks"]]
+            records += [None if r is None else dict(r) for r in some_records(result)]
         return records
 
     async def cancel(self, task_id: str) -> Dict[str, Any]:
@@ -646,11 +648,13 @@ class AsyncClient:
             # Subscribe first, then read the status: an update cannot fall in between.
             for chunk in chunks(ids):
                 await _by(deadline, late, self.request("subscribe", {"task_ids": chunk}))
-            for start in range(0, len(ids), STATUSES_PER_REQUEST):
+            start = 0
+            while start < len(ids):
                 batch = ids[start : start + STATUSES_PER_REQUEST]
                 # Those already ended are yielded batch by batch: the records of a hundred thousand tasks
                 # are never all held at once. The others end later: their updates come in the queue.
                 result = await _by(deadline, late, self.request("task_status", {"task_ids": batch}))
+                start += len(some_records(result))  # as many as fit in a frame: the rest is asked again
                 for record in known_records(batch, result):
                     task_id = record.get("task_id")
                     if task_id in remaining and record.get("status") in TERMINAL:

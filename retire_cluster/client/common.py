@@ -51,6 +51,7 @@ __all__ = [
     "many_specs",
     "STATUSES_PER_REQUEST",
     "known_records",
+    "some_records",
     "MANY_PER_REQUEST",
     "not_ended_in_time",
     "on_cluster",
@@ -302,6 +303,19 @@ MANY_PER_REQUEST = 500
 STATUSES_PER_REQUEST = 100
 
 
+def some_records(result: Dict[str, Any]) -> List[Optional[Dict[str, Any]]]:
+    """The records of a ``task_status`` reply with ``task_ids``: at least one (the main node sends as many as
+    fit in a frame; the caller asks again for the rest).
+
+    Raises:
+        ClientError: a reply with none, which would make the caller ask again for ever.
+    """
+    records = result.get("tasks")
+    if not isinstance(records, list) or not records:
+        raise ClientError("the main node answered task_status without any record; is it older than this client?")
+    return records
+
+
 def known_records(task_ids: List[str], result: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The records of a ``task_status`` reply for ``task_ids``.
 
@@ -309,7 +323,7 @@ def known_records(task_ids: List[str], result: Dict[str, Any]) -> List[Dict[str,
         NotFound: a task the main node does not know (as ``status()`` raises for it).
     """
     records = []
-    for task_id, record in zip(task_ids, result["tasks"]):
+    for task_id, record in zip(task_ids, some_records(result)):  # the reply may hold fewer: those first
         if record is None:
             raise error_from_code("not_found", f"No task {task_id!r}; `retire-cluster tasks` lists them.")
         records.append(dict(record))

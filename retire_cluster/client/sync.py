@@ -61,6 +61,7 @@ from .common import (
     reply_result,
     run_coroutine,
     run_locally,
+    some_records,
     waited_submit,
 )
 
@@ -541,9 +542,10 @@ class Client:
         """The records of many tasks, in order (None for a task the main node does not know); 100 per request."""
         ids = list(task_ids)
         records: List[Optional[Dict[str, Any]]] = []
-        for start in range(0, len(ids), STATUSES_PER_REQUEST):
+        while len(records) < len(ids):  # a reply holds as many as fit in a frame: the rest is asked again
+            start = len(records)
             result = self._request("task_status", {"task_ids": ids[start : start + STATUSES_PER_REQUEST]})
-            records += [None if r is None else dict(r) for r in result["tasks"]]
+            records += [None if r is None else dict(r) for r in some_records(result)]
         return records
 
     @_one_call
@@ -646,9 +648,12 @@ class Client:
             # Subscribe first, then read the status: an update cannot fall in between.
             for chunk in chunks(ids):
                 self._by(deadline, late, "subscribe", {"task_ids": chunk})
-            for start in range(0, len(ids), STATUSES_PER_REQUEST):
+            start = 0
+            while start < len(ids):
                 batch = ids[start : start + STATUSES_PER_REQUEST]
-                for record in known_records(batch, self._by(deadline, late, "task_status", {"task_ids": batch})):
+                result = self._by(deadline, late, "task_status", {"task_ids": batch})
+                start += len(some_records(result))  # as many as fit in a frame: the rest is asked again
+                for record in known_records(batch, result):
                     task_id = str(record.get("task_id"))
                     if record.get("status") in TERMINAL and task_id in remaining:
                         remaining.discard(task_id)

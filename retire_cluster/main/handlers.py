@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Union
 
+from ..protocol.codec import dumps
 from ..protocol.errors import Conflict, Forbidden, InvalidMessage, NotFound, NotRegistered, Overloaded
 from ..protocol.messages import (
     ACTIVE_STATUSES,
@@ -444,16 +445,31 @@ class Handlers:
         return node.wait_for_end(task, float(wait_s), node.then(fut, committed), owner)
 
     async def task_status(self, conn: Connection, msg: Message) -> dict[str, Any]:
-        if "task_ids" in msg.data:  # a few at once: null for those not known
-            records = []
-            for task_id in msg.data["task_ids"]:
-                task = await self.node.fetch(task_id)
-                records.append(None if task is None else self._status_record(task))
-            return {"tasks": records}
+        if "task_ids" in msg.data:
+            return await self._statuses(msg.data["task_ids"])
         task = await self.node.fetch(msg.data["task_id"])
         if task is None:
             raise NotFound(f"No task {msg.data['task_id']!r}; `retire-cluster tasks` lists them.")
         return {"task": self._status_record(task)}
+
+    async def _statuses(self, task_ids: list[str]) -> dict[str, Any]:
+        """``task_status`` with ``task_ids``: the records in order, null for those not known.
+
+        As many as fit in one frame (``max_frame_bytes``), and at least one:
+        a task's result may be nearly a frame itself. The client asks again
+        for the rest.
+        """
+        room = self.node.config.max_frame_bytes - 1024  # the envelope
+        records: list[dict[str, Any] | None] = []
+        for task_id in task_ids:
+            task = await self.node.fetch(task_id)
+            record = None if task is None else self._status_record(task)
+            size = 5 if record is None else len(dumps(record)) + 1
+            if records and size > room:
+                break
+            room -= size
+            records.append(record)
+        return {"tasks": records}
 
     def _status_record(self, task: Task) -> dict[str, Any]:
         """The task's record, with why it waits while pending."""
