@@ -522,9 +522,13 @@ async def test_executor_sends_what_map_submits_a_few_hundred_per_request(node: M
     sizes: List[int] = []
     request = ex.client.request
 
+    other: List[str] = []
+
     async def counted(message_type: str, data: Any = None, **kwargs: Any) -> Any:
         if message_type == "task_submit":
             sizes.append(len(data["tasks"]) if "tasks" in data else 1)
+        else:
+            other.append(message_type)
         return await request(message_type, data, **kwargs)
 
     ex.client.request = counted  # type: ignore[method-assign]
@@ -546,6 +550,13 @@ async def test_executor_sends_what_map_submits_a_few_hundred_per_request(node: M
         assert [stored[a].payload["m"] for a in answers[:1200]] == list(range(1200))
         with pytest.raises(InvalidMessage):
             await asyncio.to_thread(futs[1200].result, 30)
+        # Their ends are followed together: a subscription and a status request per hundred, not two each.
+        peer = await Peer.connect(node, "canceller")
+        for task_id in answers[:1200]:
+            await peer.ok("task_cancel", {"task_id": task_id})
+        done, _ = await asyncio.to_thread(concurrent.futures.wait, futs[:1200], 30)
+        assert len(done) == 1200 and all(f.cancelled() for f in futs[:1200])
+        assert other.count("task_status") <= 15 and other.count("subscribe") <= 6, other  # 1,200 each before
     finally:
         go.set()
         await asyncio.to_thread(lambda: ex.shutdown(True, cancel_futures=True))

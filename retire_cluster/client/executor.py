@@ -27,7 +27,7 @@ from typing import Any, Coroutine, Dict, List, Optional, Set, TypeVar
 
 from ..protocol.errors import Conflict
 from .aio import AsyncClient
-from .common import MANY_PER_REQUEST, TaskFailed, task_spec
+from .common import MANY_PER_REQUEST, ClientError, TaskFailed, task_spec
 
 __all__ = ["ClusterExecutor", "ClusterFuture"]
 
@@ -144,7 +144,6 @@ class ClusterExecutor(concurrent.futures.Executor):
         if not self._to_send:
             self._loop.call_soon(self._send_submissions)
         self._to_send.append((fut, task_type, payload, options))
-        self._track(self._drive(fut))
 
     def _track(self, coro: Coroutine[Any, Any, None]) -> None:
         drive = self._loop.create_task(coro)
@@ -158,6 +157,8 @@ class ClusterExecutor(concurrent.futures.Executor):
             self._track(self._submit_group(pending[start : start + MANY_PER_REQUEST]))
 
     async def _submit_group(self, group: List[Any]) -> None:
+        """Submit the group (in one request when it can), then follow its tasks to their ends together."""
+        submitted = False
         if len(group) > 1:
             try:
                 ids = await self._client.submit_many(
@@ -166,32 +167,41 @@ class ClusterExecutor(concurrent.futures.Executor):
                 pass
             else:
                 for (fut, *_), task_id in zip(group, ids):
+                    fut.task_id = task_id
                     fut._submitted.set_result(task_id)
-                return
-        await asyncio.gather(*(self._submit_one(*item) for item in group))
+                submitted = True
+        if not submitted:
+            await asyncio.gather(*(self._submit_one(*item) for item in group))
+        await self._follow([item[0] for item in group])
+
+    async def _follow(self, futures: List[ClusterFuture]) -> None:
+        """Resolve each future as its task ends: one subscription and a status per hundred, not two requests each."""
+        by_id: Dict[str, List[ClusterFuture]] = {}  # a list: one idempotency key may be given twice
+        for fut in futures:
+            assert fut._submitted is not None
+            if fut._submitted.cancelled() or fut._submitted.exception() is not None:
+                fut._fail(fut._submitted.exception() or ClientError("the submission was cancelled"))
+                continue
+            by_id.setdefault(fut._submitted.result(), []).append(fut)
+        try:
+            async for record in self._client.as_completed(list(by_id)):
+                for fut in by_id[record["task_id"]]:
+                    fut._resolve(record)
+        except Exception as exc:
+            for waiting in by_id.values():
+                for fut in waiting:
+                    fut._fail(exc)
 
     async def _submit_one(self, fut: ClusterFuture, task_type: str, payload: Optional[Dict[str, Any]],
                           options: Dict[str, Any]) -> None:
         assert fut._submitted is not None
         try:
-            fut._submitted.set_result(await self._client.submit(task_type, payload, **options))
+            task_id = await self._client.submit(task_type, payload, **options)
         except Exception as exc:
             fut._submitted.set_exception(exc)
-
-    async def _drive(self, fut: ClusterFuture) -> None:
-        assert fut._submitted is not None
-        try:
-            task_id = await fut._submitted
-        except Exception as exc:
-            fut._fail(exc)
-            return
-        fut.task_id = task_id
-        try:
-            record = await self._client.wait(task_id)
-        except Exception as exc:
-            fut._fail(exc)
-            return
-        fut._resolve(record)
+        else:
+            fut.task_id = task_id
+            fut._submitted.set_result(task_id)
 
     async def _cancel_remote(self, fut: ClusterFuture) -> bool:
         if fut.done():
