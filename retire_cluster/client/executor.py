@@ -27,7 +27,7 @@ from typing import Any, Coroutine, Dict, List, Optional, Set, TypeVar
 
 from ..protocol.errors import Conflict
 from .aio import AsyncClient
-from .common import MANY_PER_REQUEST, ClientError, TaskFailed, task_spec
+from .common import MANY_PER_REQUEST, TaskFailed, task_spec
 
 __all__ = ["ClusterExecutor", "ClusterFuture"]
 
@@ -178,9 +178,10 @@ class ClusterExecutor(concurrent.futures.Executor):
         """Resolve each future as its task ends: one subscription and a status per hundred, not two requests each."""
         by_id: Dict[str, List[ClusterFuture]] = {}  # a list: one idempotency key may be given twice
         for fut in futures:
-            assert fut._submitted is not None
-            if fut._submitted.cancelled() or fut._submitted.exception() is not None:
-                fut._fail(fut._submitted.exception() or ClientError("the submission was cancelled"))
+            assert fut._submitted is not None  # settled by _submit_group, never cancelled
+            refused = fut._submitted.exception()
+            if refused is not None:
+                fut._fail(refused)
                 continue
             by_id.setdefault(fut._submitted.result(), []).append(fut)
         try:

@@ -67,7 +67,6 @@ HEARTBEAT_WRITE_INTERVAL_S = 10.0
 #: how long it waits before the next pass once it has reached the tasks too recent to forget.
 FORGET_BATCH = 250
 FORGET_PAUSE_S = 600.0
-TERMINAL_VALUES = frozenset(status.value for status in TERMINAL_STATUSES)
 #: A submission whose client waits for the end (``task_submit`` with
 #: ``wait``) and that goes to a free device at once has its commit held this
 #: long: an instant task's result then usually comes in time to share it (one
@@ -169,8 +168,7 @@ class MainNode(Dispatcher):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._run_monitor = run_monitor
         self._monitor_task: asyncio.Task[None] | None = None
-        self._schedule_pending = False
-        self._schedule_handle: asyncio.Handle | None = None
+        self._schedule_handle: asyncio.Handle | None = None  # a scheduling pass is due at the end of this loop pass
         #: work arrived in the read being handled (a task, a free slot): place it when that read ends
         self._place_after_read = False
         self._dirty_devices: set[str] = set()  # heartbeats to write
@@ -484,8 +482,7 @@ class MainNode(Dispatcher):
 
     def schedule_soon(self) -> None:
         """Run a scheduling pass at the end of this loop pass (coalesced)."""
-        if not self._schedule_pending and not self._stopping:
-            self._schedule_pending = True
+        if self._schedule_handle is None and not self._stopping:
             self._schedule_handle = (self._loop or asyncio.get_running_loop()).call_soon(self._schedule)
 
     def schedule_after_read(self) -> None:
@@ -506,10 +503,9 @@ class MainNode(Dispatcher):
         try:
             if self._place_after_read:
                 self._place_after_read = False
-                if self._schedule_pending:
-                    handle = self._schedule_handle
-                    if handle is not None:
-                        handle.cancel()
+                handle = self._schedule_handle
+                if handle is not None:
+                    handle.cancel()
                     self._schedule()
             self.store.start_now()
         except Exception:
@@ -525,7 +521,6 @@ class MainNode(Dispatcher):
         self.schedule_soon()
 
     def _schedule(self) -> None:
-        self._schedule_pending = False
         self._schedule_handle = None
         held, self._held = self._held, []
         self._place({task.task_id for task in held})
@@ -897,7 +892,7 @@ class MainNode(Dispatcher):
                     done = True
                     break
                 self._forget_cursor = seq
-                if (status in TERMINAL_VALUES and finished_at is not None and finished_at < cutoff
+                if (status in TERMINAL_STATUSES and finished_at is not None and finished_at < cutoff
                         and self._let_go_of_finished(task_id, cutoff)):
                     doomed.append(task_id)
             if done:

@@ -194,7 +194,7 @@ _UPSERT_DEVICE = (
 _TOUCH_DEVICE = "UPDATE devices SET status=?, last_seen=?, metrics=?, stats=? WHERE device_id=?"
 _DELETE_DEVICE = "DELETE FROM devices WHERE device_id=?"
 #: A finished task forgotten (MainNode.forget_finished): its attempts first (they refer to it).
-_FINISHED = "status IN ('completed', 'failed', 'cancelled', 'timeout')"
+_FINISHED = f"status IN ({', '.join(sorted(repr(s.value) for s in TERMINAL_STATUSES))})"
 _FORGET_ATTEMPTS = f"DELETE FROM task_attempts WHERE task_id=? AND EXISTS (SELECT 1 FROM tasks WHERE task_id=? AND {_FINISHED})"
 _FORGET_TASK = f"DELETE FROM tasks WHERE task_id=? AND {_FINISHED}"
 
