@@ -177,13 +177,13 @@ async def test_open_files_limit_is_visible_in_the_child(tmp_path: Path) -> None:
     assert outcome.output == str((expected, expected))
 
 
-async def test_cpu_limit_defaults_to_the_timeout_rounded_up(tmp_path: Path) -> None:
+async def test_cpu_limit_defaults_to_the_timeout_rounded_up_plus_a_second(tmp_path: Path) -> None:
     expression = "__import__('resource').getrlimit(__import__('resource').RLIMIT_CPU)"
     outcome = await evaluate(make(tmp_path), expression, timeout=2.5)
-    assert outcome.output == "(3, 4)"
+    assert outcome.output == "(4, 5)"
     capped = make(tmp_path, python_eval_timeout_s=2)
     outcome = await evaluate(capped, expression, timeout=600)
-    assert outcome.output == "(2, 3)"
+    assert outcome.output == "(3, 4)"
 
 
 async def test_cpu_limit_stops_a_busy_loop(tmp_path: Path) -> None:
@@ -204,9 +204,13 @@ async def test_python_eval_timeout_cap(tmp_path: Path) -> None:
 
 def test_limits_table() -> None:
     assert Limits().rlimits(2.5) == {
-        "RLIMIT_CORE": (0, 0), "RLIMIT_CPU": (3, 4), "RLIMIT_AS": (1024**3, 1024**3),
+        "RLIMIT_CORE": (0, 0), "RLIMIT_CPU": (4, 5), "RLIMIT_AS": (1024**3, 1024**3),
         "RLIMIT_NOFILE": (256, 256), "RLIMIT_FSIZE": (64 * 1024**2, 64 * 1024**2),
     }
+    # Derived from the timeout, the CPU limit is a second late so the wall-clock timeout wins;
+    # set by the owner, it is the owner's number.
+    assert Limits().rlimits(1)["RLIMIT_CPU"] == (2, 3)
+    assert Limits(cpu_s=2).rlimits(10)["RLIMIT_CPU"] == (2, 3)
     assert Limits(cpu_s=0, memory_bytes=None, open_files=0, file_size_bytes=None).rlimits(10) == {
         "RLIMIT_CORE": (0, 0)
     }

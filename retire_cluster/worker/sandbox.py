@@ -421,7 +421,7 @@ async def run_child(argv: List[str], *, cwd: Path, env: Dict[str, str], stdin: O
     """
     loop = asyncio.get_running_loop()
     # From now, not from when the child is up: a CPU-bound child then meets its CPU rlimit
-    # (SIGXCPU at the same number of seconds) after this deadline, not before it.
+    # (SIGXCPU a second later than the timeout: DERIVED_CPU_SLACK_S) after this deadline.
     deadline = None if timeout_s is None else loop.time() + timeout_s
     capture = _Capture(output_limit_bytes, loop)
     channel = _ReplyChannel.open(cwd) if reply_limit_bytes is not None else None

@@ -138,12 +138,20 @@ finally:
 """
 
 
+#: CPU seconds added to a CPU limit derived from the task's timeout: the wall-clock timeout, watched
+#: by the worker, ends a busy task first and reports it as "timeout".
+DERIVED_CPU_SLACK_S = 1
+
+
 @dataclass(frozen=True)
 class Limits:
     """Resource limits for a task's process (and what it starts; they are inherited).
 
     A limit of 0 or None is not set. ``cpu_s`` None means the task's timeout
-    rounded up, so a busy loop ends even if the wall clock is not watched.
+    rounded up plus :data:`DERIVED_CPU_SLACK_S`, so a busy loop ends even if
+    the wall clock is not watched; the slack keeps that backstop from beating
+    the worker's own wall-clock timeout when its event loop wakes late (a
+    race that made such a task end "failed" (SIGXCPU) instead of "timeout").
 
     Attributes:
         cpu_s: CPU seconds (RLIMIT_CPU); SIGXCPU at the limit, SIGKILL a second later.
@@ -168,7 +176,7 @@ class Limits:
         cpu = timeout_s if self.cpu_s is None else self.cpu_s
         out: Dict[str, Tuple[int, int]] = {"RLIMIT_CORE": (0, 0)}
         if cpu and math.isfinite(cpu) and cpu > 0:
-            seconds = max(1, math.ceil(cpu))
+            seconds = max(1, math.ceil(cpu)) + (DERIVED_CPU_SLACK_S if self.cpu_s is None else 0)
             out["RLIMIT_CPU"] = (seconds, seconds + 1)
         for name, value in (("RLIMIT_AS", self.memory_bytes), ("RLIMIT_NOFILE", self.open_files),
                             ("RLIMIT_FSIZE", self.file_size_bytes)):
