@@ -143,17 +143,3 @@ async def test_a_wait_that_runs_out_while_the_end_commits_still_gets_one_reply(n
     assert calls == [(True, True)]
     await settle(node)
     assert not node._end_waiters
-
-
-async def test_only_a_connection_written_to_from_the_thread_carries_its_lock(node: MainNode) -> None:
-    # A device's connection never gets a direct reply: it keeps the class's defaults, so 10,000
-    # of them do not each carry three more attributes (about 1.2 KiB each, benchmarks/registrations.py).
-    client = await Peer.connect(node)
-    worker = await fake_worker(node)
-    mid = await client.send("task_submit", {"task": ECHO, "wait": 30})
-    task = await take_assignment(worker)
-    await report(worker, task)
-    await only_reply(client, mid, task["task_id"])
-    by_role = {("device" if conn.device_id else "client"): conn for conn in node.server.connections}
-    assert "_direct" in vars(by_role["client"])
-    assert not {"_direct", "_fd", "_direct_rest"} & set(vars(by_role["device"]))

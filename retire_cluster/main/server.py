@@ -90,15 +90,6 @@ HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"CONNECT ", b
 class Connection(asyncio.Protocol):
     """One peer: a worker device, a client, or a one-shot script."""
 
-    # Class-level defaults, set on the instance only on a connection that a reply is written to
-    # from the store's thread (a client's, never a device's): three more attributes on each of
-    # 10,000 devices' connections would cost about 1.2 KiB each (a larger attribute table).
-    #: Set once a reply may be written from the store's thread (:meth:`direct_writes`): held
-    #: around every write to the socket from then on, so the two threads' frames never mix.
-    _direct: threading.Lock | None = None
-    _fd = -1
-    _direct_rest = b""  # what the store's thread could not write: the loop writes it first
-
     def __init__(self, node: MainNode) -> None:
         config = node.config
         self.node = node
@@ -136,6 +127,11 @@ class Connection(asyncio.Protocol):
         self._queued_while_paused = 0
         self._stopped_reading = False  # the node is stopping (stop_reading)
         self._fresh = True  # nothing received yet: see _refuse_http
+        #: Set once a reply may be written from the store's thread (:meth:`direct_writes`): held
+        #: around every write to the socket from then on, so the two threads' frames never mix.
+        self._direct: threading.Lock | None = None
+        self._fd = -1
+        self._direct_rest = b""  # what the store's thread could not write: the loop writes it first
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -577,8 +573,7 @@ class Connection(asyncio.Protocol):
         """Close now, discarding whatever is queued."""
         self.closed = True
         self._out.clear()
-        if self._direct_rest:
-            self._direct_rest = b""
+        self._direct_rest = b""
         if self.transport is not None:
             self.transport.abort()
 
