@@ -40,8 +40,7 @@ STEPS = [
     ("decode, validate, queue the result", "main", "commit-start", ""),
     ("commit: hand-off to the SQLite thread", "main", "thread-start", ""),
     ("commit: the task and its result in SQLite", "main", "thread-end", ""),
-    # Written by the SQLite thread right after the commit (Connection.write_from_thread); the
-    # event loop hears of the commit afterwards, off the round trip's path.
+    ("commit: hand-off back to the event loop", "main", "commit-end", ""),
     ("commit -> reply written", "main", "send", "client:ack"),
     ("main node -> client", "client", "recv", ""),
 ]

@@ -48,7 +48,6 @@ def _install_main():
 
     received, flush, start, finish, apply_batch = (server.Connection.data_received, server.Connection.flush,
                                                    store.Store._start, store.Store._finish, store._apply_batch)
-    from_thread = server.Connection.write_from_thread
 
     def data_received(self, data):
         _mark("recv", _types(data))
@@ -58,12 +57,6 @@ def _install_main():
         if self._out:
             _mark("send", (self.device_id or "client") + ":" + _types(b"".join(self._out)))
         flush(self)
-
-    def written_from_thread(self, frame):  # the store's thread writes a waited ack after the commit
-        sent = from_thread(self, frame)
-        if sent:
-            _mark("send", (self.device_id or "client") + ":" + _types(frame))
-        return sent
 
     def started(self):
         if self._queue and not self._in_flight:
@@ -81,7 +74,6 @@ def _install_main():
 
     server.Connection.data_received = data_received
     server.Connection.flush = flushed
-    server.Connection.write_from_thread = written_from_thread
     store.Store._start = started
     store.Store._finish = finished
     store._apply_batch = applied
