@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..protocol.codec import encode_ack, encode_frame
+from ..protocol.codec import encode_frame
 from ..protocol.errors import (
     Overloaded,
 )
@@ -48,7 +48,7 @@ from .monitor import Monitor
 from .registry import Device, Registry
 from .scheduler import Scheduler
 from .server import Connection, Server
-from .store import Op, Reply, Store, StoreUnavailable
+from .store import Op, Store, StoreUnavailable
 from .tasks import Attempt, Task
 
 __all__ = ["MainNode", "load_or_create_token", "tls_context"]
@@ -178,7 +178,7 @@ class MainNode(Dispatcher):
         self._subs_all: set[Connection] = set()
         self._subs: dict[str, set[Connection]] = {}
         #: task_id -> callbacks run when the task's end is committed (task_submit with wait)
-        self._end_waiters: dict[str, list[_EndWaiter]] = {}
+        self._end_waiters: dict[str, list[Callable[[], None]]] = {}
         self.wait_hold_s = WAIT_HOLD_S
         self._held: list[Task] = []  # submissions with wait, until the next scheduling pass
         #: (task, its version) marked running in this loop pass: written at its end (write_running)
@@ -748,10 +748,6 @@ class MainNode(Dispatcher):
         self.let_go(task)
         self._keep_recent(task)
         fut = self.write_task(task)
-        waiters = self._end_waiters.get(task.task_id)
-        if waiters:
-            for waiter in waiters:
-                waiter.ending(fut)
         self.schedule_soon()
         return fut
 
@@ -1005,8 +1001,7 @@ class MainNode(Dispatcher):
                 log.exception("listener %r failed on a %s change", callback, kind)
 
     def wait_for_end(
-        self, task: Task, seconds: float, stored: asyncio.Future[Any], owner: Any = None,
-        reply_id: str | None = None,
+        self, task: Task, seconds: float, stored: asyncio.Future[Any], owner: Any = None
     ) -> asyncio.Future[dict[str, Any]]:
         """A future of ``{"task_id", "task"}`` once ``task``'s end is committed, or after ``seconds``.
 
@@ -1018,12 +1013,8 @@ class MainNode(Dispatcher):
         goes out before the device's own ack in the same pass.
         ``owner`` (a Connection or HttpPeer, with an ``end_waits`` set) is who
         waits: :meth:`abandon_waits` drops its waits once it has gone.
-        ``reply_id`` is the request's message id when the future's answer is the
-        ack to it on ``owner`` (a TCP connection): then that ack may be written
-        by the store's thread the moment the end is committed (see
-        :meth:`_EndWaiter.ending`), and the future is cancelled instead of answered.
         """
-        waiter = _EndWaiter(self, task, stored, seconds, owner, reply_id)
+        waiter = _EndWaiter(self, task, stored, seconds, owner)
         return waiter.out
 
     @staticmethod
@@ -1041,8 +1032,8 @@ class MainNode(Dispatcher):
     def publish(self, task: Task) -> None:
         """Push ``task_update`` to the connections subscribed to this task."""
         if task.terminal and task.task_id in self._end_waiters:
-            for waiter in list(self._end_waiters[task.task_id]):
-                waiter.answer()
+            for answer in list(self._end_waiters[task.task_id]):
+                answer()
         if self._listeners:
             self._notify("task", task)
         if not self._subs_all and task.task_id not in self._subs:  # nobody subscribed (the common case)
@@ -1063,20 +1054,15 @@ class _EndWaiter:
     """One ``task_submit`` with ``wait``: answered at the task's committed end, or when the wait runs out."""
 
     def __init__(
-        self, node: MainNode, task: Task, stored: asyncio.Future[Any], seconds: float, owner: Any = None,
-        reply_id: str | None = None,
+        self, node: MainNode, task: Task, stored: asyncio.Future[Any], seconds: float, owner: Any = None
     ) -> None:
         self.node, self.task, self.stored = node, task, stored
-        self.owner, self.reply_id = owner, reply_id
-        #: the ack handed to the store's thread (ending), and the commit of the end it waits for
-        self.reply: Reply | None = None
-        self.ended: asyncio.Future[None] | None = None
         loop = node._loop or asyncio.get_running_loop()
         self.out: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.due = task.terminal  # answer once stored: it ended (stored carries that end), or the wait ran out
         self.timer = loop.call_later(seconds, self.ran_out)
         if not self.due:
-            node._end_waiters.setdefault(task.task_id, []).append(self)
+            node._end_waiters.setdefault(task.task_id, []).append(self.answer)
         #: the owner's set of waits (MainNode.abandon_waits), None without an owner
         self.owned: set[_EndWaiter] | None = getattr(owner, "end_waits", None)
         if self.owned is not None:
@@ -1093,47 +1079,15 @@ class _EndWaiter:
         if self.owned is not None:
             self.owned.discard(self)
         waiters = self.node._end_waiters.get(self.task.task_id)
-        if waiters is not None and self in waiters:
-            waiters.remove(self)
+        if waiters is not None and self.answer in waiters:
+            waiters.remove(self.answer)
             if not waiters:
                 del self.node._end_waiters[self.task.task_id]
 
-    def ending(self, ended: asyncio.Future[None]) -> None:
-        """The task ended, and ``ended`` commits that end: have the store's thread write the ack after it.
-
-        Only when that commit also stands for the task's insert (in it, or
-        committed before) and the request came on a TCP connection: the ack
-        is then the same frame :meth:`answer` would have sent a loop pass
-        after the commit, written without waiting for the loop to wake up.
-        """
-        if self.reply_id is None or self.reply is not None or self.out.done():
-            return
-        stored, store = self.stored, self.node.store
-        if not (stored.done() and not stored.cancelled() and stored.exception() is None
-                or self.task.insert_batch == store.next_batch):
-            return
-        direct = getattr(self.owner, "direct_writes", None)
-        if direct is None or not direct():
-            return
-        record = {"task_id": self.task.task_id, "task": self.task.to_record()}
-        frame = encode_ack(self.reply_id, record, utc_timestamp(self.node.clock()))
-        self.reply, self.ended = store.reply_after_commit(self.owner, frame), ended
-
     def answer(self) -> None:
-        if self.out.done():
-            self.forget()
-            return
-        reply, ended = self.reply, self.ended
-        if reply is not None and ended is not None:
-            if not ended.done():  # the store's thread may write it yet: answer once that commit is over
-                ended.add_done_callback(lambda _f: self.answer())
-                return
-            if reply.sent:  # the ack is out: nothing more to send
-                self.forget()
-                self.out.cancel()
-                return
         self.forget()
-        self.out.set_result({"task_id": self.task.task_id, "task": self.task.to_record()})
+        if not self.out.done():
+            self.out.set_result({"task_id": self.task.task_id, "task": self.task.to_record()})
 
     def after_store(self, f: asyncio.Future[Any]) -> None:
         if self.out.done():

@@ -56,9 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import resource
-import threading
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -127,11 +125,6 @@ class Connection(asyncio.Protocol):
         self._queued_while_paused = 0
         self._stopped_reading = False  # the node is stopping (stop_reading)
         self._fresh = True  # nothing received yet: see _refuse_http
-        #: Set once a reply may be written from the store's thread (:meth:`direct_writes`): held
-        #: around every write to the socket from then on, so the two threads' frames never mix.
-        self._direct: threading.Lock | None = None
-        self._fd = -1
-        self._direct_rest = b""  # what the store's thread could not write: the loop writes it first
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -390,82 +383,15 @@ class Connection(asyncio.Protocol):
         self._lazy_timer = None
         self.flush()
 
-    def direct_writes(self) -> bool:
-        """Let the store's thread write a reply here right after its commit (:meth:`write_from_thread`).
-
-        Called on the loop. False when the connection cannot take one: closing,
-        TLS (only its layer may write to the socket), or without a socket.
-        """
-        if self._direct is not None:
-            return True
-        transport = self.transport
-        if self.closed or transport is None or transport.is_closing():
-            return False
-        if transport.get_extra_info("sslcontext") is not None or transport.get_extra_info("ssl_object") is not None:
-            return False  # TLS: the bytes on the socket are the TLS layer's to write
-        sock = transport.get_extra_info("socket")
-        try:
-            fd = sock.fileno() if sock is not None else -1
-        except OSError:
-            fd = -1
-        if fd < 0:
-            return False
-        self._fd, self._direct = fd, threading.Lock()
-        return True
-
-    def write_from_thread(self, frame: bytes) -> bool:
-        """Write ``frame`` now, from the store's thread; False when the loop must send it instead.
-
-        The reply to a ``task_submit`` that waited for its task's end is
-        ready before the commit that records that end: written by the thread
-        that ran the commit, as soon as it returns, it does not wait for the
-        event loop to wake up and take it (about a fifth of a round trip).
-        Only onto an idle socket: nothing queued here or in the transport,
-        not closing, not paused, so no frame of the loop's is overtaken. The
-        lock keeps the loop's own writes out meanwhile; the write goes to a
-        duplicate of the socket's descriptor, so a close on the loop cannot
-        hand the number to another connection under it. What the socket does
-        not take at once the loop writes before anything else.
-        """
-        lock = self._direct
-        transport = self.transport
-        if lock is None or transport is None:
-            return False
-        with lock:
-            if (self.closed or self._out or self._direct_rest or self._write_paused or transport.is_closing()
-                    or transport.get_write_buffer_size()):
-                return False
-            try:
-                fd = os.dup(self._fd)
-            except OSError:
-                return False
-            try:
-                sent = os.write(fd, frame)
-            except OSError:  # full (BlockingIOError), or the peer is gone: the loop finds out
-                sent = 0
-            finally:
-                os.close(fd)
-            if sent <= 0:
-                return False
-            if sent < len(frame):
-                self._direct_rest = frame[sent:]
-                self._loop.call_soon_threadsafe(self._write_rest)
-            return True
-
-    def _write_rest(self) -> None:
-        if self._direct_rest and not self._flush_scheduled:
-            self.flush()
-
     def flush(self) -> None:
         self._flush_scheduled = False
         if self._lazy_timer is not None:  # what it waited for leaves now
             self._lazy_timer.cancel()
             self._lazy_timer = None
-        out = self._out
-        if not out and not self._direct_rest or self.closed or self.transport is None:
+        if not self._out or self.closed or self.transport is None:
             return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out.clear()
         if self._write_paused:
             # The peer does not read: only so much more may wait for it.
             self._queued_while_paused += len(data)
@@ -477,14 +403,7 @@ class Connection(asyncio.Protocol):
                 )
                 self.abort()
                 return
-        lock = self._direct
-        if lock is None:
-            self.transport.write(data)
-            return
-        with lock:
-            if self._direct_rest:  # the rest of a frame the store's thread began
-                data, self._direct_rest = self._direct_rest + data, b""
-            self.transport.write(data)
+        self.transport.write(data)
 
     def _arm_drain_timer(self, buffered: int) -> None:
         if self._drain_timer is not None:
@@ -538,11 +457,7 @@ class Connection(asyncio.Protocol):
         self._cancel_timers()
         if transport.can_write_eof():
             try:
-                if self._direct is None:
-                    transport.write_eof()
-                else:
-                    with self._direct:  # not while the store's thread writes a reply
-                        transport.write_eof()
+                transport.write_eof()
             except OSError:  # the peer is gone already (its reset came in): nothing to linger for
                 transport.abort()
                 return
@@ -573,7 +488,6 @@ class Connection(asyncio.Protocol):
         """Close now, discarding whatever is queued."""
         self.closed = True
         self._out.clear()
-        self._direct_rest = b""
         if self.transport is not None:
             self.transport.abort()
 

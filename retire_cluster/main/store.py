@@ -7,9 +7,6 @@ thread as a single transaction (while one is under way, the queue waits for
 it) and its end resolves those futures, so a burst of N submissions costs
 one commit, not N (group commit). Callers send their acknowledgements only
 after the future resolves: nothing is acknowledged before it is on disk.
-A reply that is ready before its commit (a waited submission's end) may be
-handed over with :meth:`Store.reply_after_commit`: aiosqlite's thread writes
-it as soon as the commit returns, before the loop wakes up to hear of it.
 
 Reads that must see earlier writes call :meth:`Store.flush` first. SQL uses
 placeholders only. The schema carries a version (``PRAGMA user_version``) and
@@ -25,7 +22,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol, Union
+from typing import Any, Union
 
 import aiosqlite
 
@@ -343,33 +340,6 @@ def _unj(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-class DirectWriter(Protocol):
-    """Where the SQLite thread may write a reply (``server.Connection``)."""
-
-    def write_from_thread(self, frame: bytes) -> bool: ...
-
-
-class Reply:
-    """A frame for the SQLite thread to write after a commit (:meth:`Store.reply_after_commit`).
-
-    ``sent`` is set in that thread, before the loop is told of the commit.
-    """
-
-    __slots__ = ("writer", "frame", "sent")
-
-    def __init__(self, writer: DirectWriter, frame: bytes) -> None:
-        self.writer, self.frame, self.sent = writer, frame, False
-
-
-def _write_replies(replies: list[Reply]) -> None:
-    """In the SQLite thread, right after a commit: write each reply its writer takes now."""
-    for reply in replies:
-        try:
-            reply.sent = reply.writer.write_from_thread(reply.frame)
-        except Exception:  # the loop sends it instead
-            log.exception("writing a reply after the commit failed; the event loop sends it")
-
-
 class Store:
     """SQLite persistence of tasks, attempts and devices.
 
@@ -386,7 +356,6 @@ class Store:
         self._queue: list[Op] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._spans: list[tuple[int, int]] = []  # each waiter's writes: a slice of _queue
-        self._replies: list[Reply] = []  # written by the SQLite thread once the next batch commits
         self._urgent = False  # a write that wants its own commit is queued
         self._start_handle: asyncio.Handle | None = None
         self._in_flight = False  # a batch is in the SQLite thread
@@ -582,10 +551,8 @@ class Store:
         self._start_handle = None
         if self._in_flight or not self._waiters or self._db is None:
             return
-        ops, waiters, spans, replies = self._queue, self._waiters, self._spans, self._replies
+        ops, waiters, spans = self._queue, self._waiters, self._spans
         self._queue, self._waiters, self._spans, self._urgent = [], [], [], False
-        if replies:
-            self._replies = []
         self.next_batch += 1
         if self._lazy_timer is not None:  # what it was armed for is in this commit
             self._lazy_timer.cancel()
@@ -608,8 +575,6 @@ class Store:
                     outcome = _apply_each(db, ops, spans) if len(spans) > 1 else exc
                 except BaseException as exc:  # noqa: B036 - every waiter must hear it
                     outcome = exc
-                if outcome is None and replies:
-                    _write_replies(replies)
                 loop.call_soon_threadsafe(self._finish, waiters, outcome, len(ops))
 
             tx.put_nowait((None, job))
@@ -619,20 +584,6 @@ class Store:
             lambda t: self._finish(waiters, asyncio.CancelledError() if t.cancelled() else t.exception()
                                    or t.result(), len(ops))  # fmt: skip
         )
-
-    def reply_after_commit(self, writer: DirectWriter, frame: bytes) -> Reply:
-        """Have the SQLite thread write ``frame`` to ``writer`` once the next batch has committed.
-
-        The write comes before the event loop hears of the commit (see
-        ``Connection.write_from_thread``); the returned :class:`Reply` says,
-        when the batch's waiters are told, whether it went out. It does not
-        when the commit fails, when the writer's socket is busy, or on the
-        path without aiosqlite's queue: the caller then sends ``frame`` (or
-        the error) itself, as it would have without this.
-        """
-        reply = Reply(writer, frame)
-        self._replies.append(reply)
-        return reply
 
     def _finish(self, waiters: list[asyncio.Future[None]], outcome: Outcome, count: int) -> None:
         """A commit ended: resolve its waiters, then start the next one if anything is queued.
