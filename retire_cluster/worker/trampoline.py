@@ -149,9 +149,9 @@ class Limits:
 
     A limit of 0 or None is not set. ``cpu_s`` None means the task's timeout
     rounded up plus :data:`DERIVED_CPU_SLACK_S`, so a busy loop ends even if
-    the wall clock is not watched; the slack keeps that backstop from beating
-    the worker's own wall-clock timeout when its event loop wakes late (a
-    race that made such a task end "failed" (SIGXCPU) instead of "timeout").
+    the wall clock is not watched. The slack lets the worker's own timeout
+    come first when its event loop wakes late, so such a task ends "timeout",
+    not "failed" by SIGXCPU.
 
     Attributes:
         cpu_s: CPU seconds (RLIMIT_CPU); SIGXCPU at the limit, SIGKILL a second later.
@@ -173,10 +173,11 @@ class Limits:
 
     def rlimits(self, timeout_s: float) -> Dict[str, Tuple[int, int]]:
         """The (soft, hard) pairs by ``resource`` constant name, for a task of ``timeout_s``."""
-        cpu = timeout_s if self.cpu_s is None else self.cpu_s
+        derived = self.cpu_s is None
+        cpu = timeout_s if derived else self.cpu_s
         out: Dict[str, Tuple[int, int]] = {"RLIMIT_CORE": (0, 0)}
         if cpu and math.isfinite(cpu) and cpu > 0:
-            seconds = max(1, math.ceil(cpu)) + (DERIVED_CPU_SLACK_S if self.cpu_s is None else 0)
+            seconds = max(1, math.ceil(cpu)) + (DERIVED_CPU_SLACK_S if derived else 0)
             out["RLIMIT_CPU"] = (seconds, seconds + 1)
         for name, value in (("RLIMIT_AS", self.memory_bytes), ("RLIMIT_NOFILE", self.open_files),
                             ("RLIMIT_FSIZE", self.file_size_bytes)):
