@@ -36,10 +36,20 @@ except ImportError:  # pragma: no cover
     loads = json.loads
 
 
+#: A KVM guest's halt polling (the haltpoll cpuidle driver): how long an idle virtual CPU polls before it
+#: halts, which decides what waking it costs (halt_polling.py measures it).
+HALT_POLL_KNOB = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+
+
 def machine_line() -> str:
+    """The machine in one line; on a KVM guest with the haltpoll driver, its idle CPUs' polling too."""
     cpu = platform.processor() or platform.machine()
-    return (f"{os.cpu_count()} cores {cpu}, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+    line = (f"{os.cpu_count()} cores {cpu}, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
             f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+    try:
+        return f"{line}, idle vCPUs poll {int(HALT_POLL_KNOB.read_text()):,} ns before halting"
+    except (OSError, ValueError):  # not such a guest
+        return line
 
 
 def raise_nofile() -> int:
