@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import argparse
 import signal
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 from _harness import emit
-from placement import floor, ours
+from placement import compare, floor, ours
 
 #: The knob of the haltpoll cpuidle driver (a KVM guest's), in nanoseconds.
 KNOB = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
@@ -88,14 +87,9 @@ def main() -> None:
     table: list[tuple[str, Any]] = []
     results: list[dict[str, Any]] = []
     for name, ns in settings.items():
-        mine, theirs = statistics.median(p50s["ours"][name]), statistics.median(p50s["floor"][name])
-        table.append((name, f"ours p50 {mine:.3f} ms  the throwaway's {theirs:.3f} ms  ({mine / theirs:.2f}x)  "
-                            f"[ours {', '.join(f'{v:.3f}' for v in p50s['ours'][name])}; "
-                            f"the throwaway's {', '.join(f'{v:.3f}' for v in p50s['floor'][name])}]"))
-        results.append({"guest_halt_poll_ns": ns, "round_trip_p50_ms": round(mine, 3),
-                        "floor_round_trip_p50_ms": round(theirs, 3),
-                        "round_trip_p50s_ms": [round(v, 3) for v in p50s["ours"][name]],
-                        "floor_round_trip_p50s_ms": [round(v, 3) for v in p50s["floor"][name]]})
+        text, result = compare(p50s, name)
+        table.append((name, text))
+        results.append({"guest_halt_poll_ns": ns, **result})
     emit("halt_polling", table, {"round_trips": count, "rounds": rounds, "machine_halt_poll_ns": own,
                                  "results": results})
 

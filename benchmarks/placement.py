@@ -132,6 +132,17 @@ def floor(placement: tuple[set[int] | None, set[int] | None, set[int] | None], c
     return samples[len(samples) // 2] * 1e3
 
 
+def compare(p50s: dict[str, dict[str, list[float]]], name: str) -> tuple[str, dict[str, Any]]:
+    """One arrangement's medians, ours and the throwaway's: the table's text and the JSON line's fields."""
+    ours_, floors = p50s["ours"][name], p50s["floor"][name]
+    mine, theirs = statistics.median(ours_), statistics.median(floors)
+    text = (f"ours p50 {mine:.3f} ms  the throwaway's {theirs:.3f} ms  ({mine / theirs:.2f}x)  "
+            f"[ours {', '.join(f'{v:.3f}' for v in ours_)}; the throwaway's {', '.join(f'{v:.3f}' for v in floors)}]")
+    return text, {"round_trip_p50_ms": round(mine, 3), "floor_round_trip_p50_ms": round(theirs, 3),
+                  "round_trip_p50s_ms": [round(v, 3) for v in ours_],
+                  "floor_round_trip_p50s_ms": [round(v, 3) for v in floors]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="300 round trips per measure, 2 rounds")
@@ -154,14 +165,9 @@ def main() -> None:
     table: list[tuple[str, Any]] = []
     results: list[dict[str, Any]] = []
     for name in PLACEMENTS:
-        mine, theirs = statistics.median(p50s["ours"][name]), statistics.median(p50s["floor"][name])
-        table.append((name, f"ours p50 {mine:.3f} ms  the throwaway's {theirs:.3f} ms  ({mine / theirs:.2f}x)  "
-                            f"[ours {', '.join(f'{v:.3f}' for v in p50s['ours'][name])}; "
-                            f"the throwaway's {', '.join(f'{v:.3f}' for v in p50s['floor'][name])}]"))
-        results.append({"placement": name, "round_trip_p50_ms": round(mine, 3),
-                        "floor_round_trip_p50_ms": round(theirs, 3),
-                        "round_trip_p50s_ms": [round(v, 3) for v in p50s["ours"][name]],
-                        "floor_round_trip_p50s_ms": [round(v, 3) for v in p50s["floor"][name]]})
+        text, result = compare(p50s, name)
+        table.append((name, text))
+        results.append({"placement": name, **result})
     emit("placement", table, {"round_trips": count, "rounds": rounds, "results": results})
 
 
