@@ -41,6 +41,7 @@ try:
     from celery import Celery
     from celery.result import ResultSet
 except ImportError:  # pragma: no cover
+    comparison_args(__doc__)  # --help works without the bench extra (it prints the usage and exits)
     sys.exit("vs_celery.py needs Celery and redis-py, from the bench extra: pip install -e '.[bench]'")
 
 #: The worker reads the broker's address from this variable (it imports this module by name).
