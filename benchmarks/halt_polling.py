@@ -32,15 +32,13 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
+from _harness import HALT_POLL_KNOB as KNOB
 from _harness import emit
 from placement import compare, floor, ours
 
-#: The knob of the haltpoll cpuidle driver (a KVM guest's), in nanoseconds.
-KNOB = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
-#: Linux's own default for it (drivers/cpuidle/governors/haltpoll.c).
+#: Linux's own default for guest_halt_poll_ns (drivers/cpuidle/governors/haltpoll.c).
 LINUX_DEFAULT_NS = 200_000
 FREE = (None, None, None)
 
