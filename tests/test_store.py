@@ -295,3 +295,39 @@ async def test_one_bad_write_fails_alone_and_the_rest_of_its_group_commit_lands(
     with pytest.raises(sqlite3.IntegrityError):
         await store.write([Store.insert_task(make_task(6, timeout_s=None))])
     assert len(await store.list_tasks()) == 4
+
+
+async def test_hooks_after_a_commit_run_in_write_order_before_any_callback(store: Store,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Store.after_commit: in the pass that hears of the commit, its futures settled, a failing hook alone."""
+    seen: list[str] = []
+    first = store.write([Store.insert_task(make_task(1))])
+    second = store.write([Store.insert_task(make_task(2))])
+    first.add_done_callback(lambda f: seen.append("callback"))  # a loop pass after the commit's end
+
+    def failing() -> None:
+        raise RuntimeError("a bug in a hook")
+
+    assert store.after_commit(second, lambda: seen.append(f"second done={second.done()}"))
+    assert store.after_commit(first, lambda: seen.append(f"first done={first.done()}"))
+    assert store.after_commit(first, failing)
+    assert store.after_commit(first, lambda: seen.append("first again"))
+    await asyncio.gather(first, second)
+    assert seen[:3] == ["first done=True", "first again", "second done=True"]
+    assert "callback" in seen[3:]
+    assert "a hook run after a commit failed" in caplog.text
+    assert not store.after_commit(first, lambda: seen.append("too late"))  # committed already: not kept
+    await store.write([])
+    assert "too late" not in seen and not store._hooks
+
+
+async def test_hooks_of_writes_that_were_not_committed_are_dropped(store: Store) -> None:
+    await store.write([Store.insert_task(make_task(1))])
+    seen: list[str] = []
+    good = store.write([Store.insert_task(make_task(2))])
+    dup = store.write([Store.insert_task(make_task(1))])  # fails: the batch is committed write by write
+    store.after_commit(good, lambda: seen.append("good"))
+    store.after_commit(dup, lambda: seen.append("dup"))
+    outcomes = await asyncio.gather(good, dup, return_exceptions=True)
+    assert outcomes[0] is None and isinstance(outcomes[1], sqlite3.IntegrityError)
+    assert seen == [] and not store._hooks  # not a whole commit: the futures' callbacks answer

@@ -10,7 +10,7 @@ two. The reply still waits for that commit, and carries the final record.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import pytest
 from conftest import Peer, fake_worker, settle
@@ -18,7 +18,10 @@ from test_commit_order import HeldCommits, on_disk
 from test_node import report, take_assignment
 
 from retire_cluster.main import MainNode
-from retire_cluster.protocol.messages import TaskStatus
+from retire_cluster.main.dispatch import REPLIED
+from retire_cluster.main.server import Connection
+from retire_cluster.protocol.messages import Message, TaskStatus
+from retire_cluster.web.app import HttpPeer
 
 
 def spec(**extra: Any) -> Dict[str, Any]:
@@ -188,3 +191,83 @@ async def test_an_end_decided_in_memory_is_told_only_once_stored(node: MainNode)
     stored.set_result(None)
     assert (await asyncio.wait_for(answer, 10))["task"]["status"] == "completed"
     assert not node._end_waiters
+
+
+async def test_the_reply_leaves_in_the_pass_that_hears_of_the_commit(node: MainNode, monkeypatch: Any) -> None:
+    """Written while the store handles the commit's end, not two loop passes later; and written once."""
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    await settle(node)
+    during_finish: List[bytes] = []
+    finishing = [False]
+    send_now = Connection.send_now
+
+    def spied_send_now(conn: Connection, frame: bytes) -> None:
+        if finishing[0]:
+            during_finish.append(frame)
+        send_now(conn, frame)
+
+    finish = node.store._finish
+
+    def spied_finish(*args: Any) -> None:
+        finishing[0] = True
+        try:
+            finish(*args)
+        finally:
+            finishing[0] = False
+
+    monkeypatch.setattr(Connection, "send_now", spied_send_now)
+    monkeypatch.setattr(node.store, "_finish", spied_finish)
+    mid = await client.send("task_submit", {"task": spec(), "wait": 30})
+    task = await take_assignment(worker)
+    await report(worker, task, output="hi")
+    reply = await client.reply_to(mid)
+    assert reply["data"]["result"]["task"]["status"] == "completed"
+    assert reply["data"]["result"]["task"]["result"]["output"] == "hi"
+    assert [f for f in during_finish if mid.encode() in f], during_finish  # the reply left inside _finish
+    await client.ok("cluster_status", {})  # whatever came before this reply is read by now
+    assert not [m for m in client.pushed if m["data"].get("original_message_id") == mid]  # no second reply
+    assert not node._end_waiters and not node.store._hooks
+
+
+async def test_an_end_whose_commit_fails_is_told_once_written_again(node: MainNode, monkeypatch: Any) -> None:
+    """The early reply is dropped with the failed commit; the end is written again and told then, once."""
+    monkeypatch.setattr(node, "wait_hold_s", 0.0)  # the insert commits on its own, before the end
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    mid = await client.send("task_submit", {"task": spec(), "wait": 30})
+    task = await take_assignment(worker)
+    for _ in range(200):
+        if on_disk(node, task["task_id"]) is not None:
+            break
+        await asyncio.sleep(0.01)
+    held = HeldCommits(monkeypatch)
+    result_mid = await worker.send("task_result", {"task_id": task["task_id"], "attempt": task["attempt"],
+                                                   "status": "completed", "result": {"output": "ok"}})
+    await held.started.wait()
+    held.release(fail=True)  # the commit that carries the end fails
+    assert (await worker.reply_to(result_mid))["data"]["code"] == "internal"
+    for _ in range(200):
+        if node._unstored:
+            break
+        await asyncio.sleep(0.01)
+    assert task["task_id"] in node._unstored and not node.store._hooks
+    monkeypatch.undo()  # commits work again
+    node.tick(node.clock())  # writes the end again
+    reply = await client.reply_to(mid)
+    assert reply["message_type"] == "ack" and reply["data"]["result"]["task"]["status"] == "completed"
+    assert on_disk(node, task["task_id"])["status"] == "completed"
+    await client.ok("cluster_status", {})
+    assert not [m for m in client.pushed if m["data"].get("original_message_id") == mid]
+
+
+async def test_a_waited_reply_over_http_is_not_answered_by_the_store(node: MainNode) -> None:
+    """An HTTP request's waiter has no connection to write to: its answer is the record, as before."""
+    worker = await fake_worker(node)
+    peer = HttpPeer("127.0.0.1:1")
+    message = Message("task_submit", "m-http", "web", {"task": spec(), "wait": 30})
+    answer = node.handlers.handle(peer, message)  # type: ignore[arg-type]
+    task = await take_assignment(worker)
+    await report(worker, task)
+    result = await asyncio.wait_for(answer, 10)  # type: ignore[arg-type]
+    assert result is not REPLIED and result["task"]["status"] == "completed"

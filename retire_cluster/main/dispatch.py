@@ -45,6 +45,17 @@ LAZY_REPLIES = frozenset({"task_result"})
 _new_object = object.__new__
 
 
+class _Replied:
+    """The type of :data:`REPLIED`."""
+
+    def __repr__(self) -> str:
+        return "REPLIED"
+
+
+#: What a handler's future resolves to when its reply has been written already (MainNode.wait_for_end).
+REPLIED: Any = _Replied()
+
+
 def _message(obj: dict[str, Any]) -> Message:
     """The :class:`Message` of a frame valid against its schema, made as decode_message makes it."""
     get = obj.get
@@ -250,7 +261,10 @@ class Dispatcher:
         try:
             if exc is not None:
                 raise exc
-            frame = encode_ack(msg.message_id, fut.result(), utc_timestamp(self.clock()))
+            result = fut.result()
+            if result is REPLIED:
+                return
+            frame = encode_ack(msg.message_id, result, utc_timestamp(self.clock()))
             if msg.message_type in LAZY_REPLIES:
                 conn.send_lazy(frame)
             else:

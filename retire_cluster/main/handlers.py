@@ -298,7 +298,7 @@ class Handlers:
                 return self._existing(node._idempotency[key], wait_s, owner=conn)
             if key in node._old_keys or key in node._key_lookups:
                 return self._submit_seen_key(spec, priority, key, wait_s, conn)
-        return self._new_task(spec, priority, key, wait_s, conn)
+        return self._new_task(spec, priority, key, wait_s, conn, msg.message_id)
 
     def _submit_many(self, conn: Connection, specs: list[dict[str, Any]]) -> Result:
         """``task_submit`` with ``tasks``: each queued as one ``task`` would be; ``{"task_ids"}`` once all are committed.
@@ -395,8 +395,14 @@ class Handlers:
         return await self._existing(stored.task_id, wait_s, stored, owner=owner)
 
     def _new_task(
-        self, spec: dict[str, Any], priority: int, key: str | None, wait_s: Any, owner: Any = None
+        self, spec: dict[str, Any], priority: int, key: str | None, wait_s: Any, owner: Any = None,
+        request_id: str | None = None,
     ) -> asyncio.Future[Any]:
+        """Queue a new task; the future of the request's answer.
+
+        ``request_id``: the id of the request, when ``owner`` is a TCP connection
+        that the end waiter may answer itself (MainNode.wait_for_end).
+        """
         node = self.node
         node.refuse_when_full()
         now = node.clock()
@@ -442,7 +448,8 @@ class Handlers:
         fut.add_done_callback(not_stored)
         if wait_s is None:
             return node.then(fut, committed)
-        return node.wait_for_end(task, float(wait_s), node.then(fut, committed), owner)
+        reply_to = request_id if getattr(owner, "send_now", None) is not None else None  # not an HttpPeer
+        return node.wait_for_end(task, float(wait_s), node.then(fut, committed), owner, reply_to)
 
     async def task_status(self, conn: Connection, msg: Message) -> dict[str, Any]:
         if "task_ids" in msg.data:

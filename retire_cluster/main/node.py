@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..protocol.codec import encode_frame
+from ..protocol.codec import encode_ack, encode_frame
 from ..protocol.errors import (
     Overloaded,
 )
@@ -40,7 +40,7 @@ from ..protocol.messages import (
 )
 from ..protocol.validation import MessageValidator
 from .config import ConfigError, MainConfig
-from .dispatch import Dispatcher
+from .dispatch import REPLIED, Dispatcher
 from .handlers import Handlers
 from .health import CircuitBreaker, device_at_fault
 from .keyfilter import KeyFilter
@@ -178,7 +178,7 @@ class MainNode(Dispatcher):
         self._subs_all: set[Connection] = set()
         self._subs: dict[str, set[Connection]] = {}
         #: task_id -> callbacks run when the task's end is committed (task_submit with wait)
-        self._end_waiters: dict[str, list[Callable[[], None]]] = {}
+        self._end_waiters: dict[str, list[_EndWaiter]] = {}
         self.wait_hold_s = WAIT_HOLD_S
         self._held: list[Task] = []  # submissions with wait, until the next scheduling pass
         #: (task, its version) marked running in this loop pass: written at its end (write_running)
@@ -748,6 +748,10 @@ class MainNode(Dispatcher):
         self.let_go(task)
         self._keep_recent(task)
         fut = self.write_task(task)
+        waiters = self._end_waiters.get(task.task_id)
+        if waiters:
+            for waiter in waiters:
+                waiter.ending(fut)
         self.schedule_soon()
         return fut
 
@@ -1001,8 +1005,8 @@ class MainNode(Dispatcher):
                 log.exception("listener %r failed on a %s change", callback, kind)
 
     def wait_for_end(
-        self, task: Task, seconds: float, stored: asyncio.Future[Any], owner: Any = None
-    ) -> asyncio.Future[dict[str, Any]]:
+        self, task: Task, seconds: float, stored: asyncio.Future[Any], owner: Any = None, reply_to: str | None = None
+    ) -> asyncio.Future[Any]:
         """A future of ``{"task_id", "task"}`` once ``task``'s end is committed, or after ``seconds``.
 
         ``stored`` is a commit that carries the task's insert, and its end
@@ -1013,8 +1017,12 @@ class MainNode(Dispatcher):
         goes out before the device's own ack in the same pass.
         ``owner`` (a Connection or HttpPeer, with an ``end_waits`` set) is who
         waits: :meth:`abandon_waits` drops its waits once it has gone.
+        ``reply_to``: the id of the request whose reply this is, when ``owner``
+        is a Connection. The reply to an end then leaves the moment the end's
+        commit is heard of (Store.after_commit, set up when the task ends), and
+        the future resolves to :data:`REPLIED` instead of the answer.
         """
-        waiter = _EndWaiter(self, task, stored, seconds, owner)
+        waiter = _EndWaiter(self, task, stored, seconds, owner, reply_to)
         return waiter.out
 
     @staticmethod
@@ -1032,8 +1040,8 @@ class MainNode(Dispatcher):
     def publish(self, task: Task) -> None:
         """Push ``task_update`` to the connections subscribed to this task."""
         if task.terminal and task.task_id in self._end_waiters:
-            for answer in list(self._end_waiters[task.task_id]):
-                answer()
+            for waiter in list(self._end_waiters[task.task_id]):
+                waiter.answer()
         if self._listeners:
             self._notify("task", task)
         if not self._subs_all and task.task_id not in self._subs:  # nobody subscribed (the common case)
@@ -1054,19 +1062,24 @@ class _EndWaiter:
     """One ``task_submit`` with ``wait``: answered at the task's committed end, or when the wait runs out."""
 
     def __init__(
-        self, node: MainNode, task: Task, stored: asyncio.Future[Any], seconds: float, owner: Any = None
+        self, node: MainNode, task: Task, stored: asyncio.Future[Any], seconds: float, owner: Any = None,
+        reply_to: str | None = None,
     ) -> None:
         self.node, self.task, self.stored = node, task, stored
         loop = node._loop or asyncio.get_running_loop()
-        self.out: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.out: asyncio.Future[Any] = loop.create_future()
         self.due = task.terminal  # answer once stored: it ended (stored carries that end), or the wait ran out
         self.timer = loop.call_later(seconds, self.ran_out)
         if not self.due:
-            node._end_waiters.setdefault(task.task_id, []).append(self.answer)
+            node._end_waiters.setdefault(task.task_id, []).append(self)
         #: the owner's set of waits (MainNode.abandon_waits), None without an owner
         self.owned: set[_EndWaiter] | None = getattr(owner, "end_waits", None)
         if self.owned is not None:
             self.owned.add(self)
+        #: who is answered at the end's commit, and the id answered (see MainNode.wait_for_end)
+        self.conn = owner if reply_to is not None else None
+        self.reply_to = reply_to
+        self.replied = False
         stored.add_done_callback(self.after_store)
 
     def abandon(self) -> None:
@@ -1079,15 +1092,43 @@ class _EndWaiter:
         if self.owned is not None:
             self.owned.discard(self)
         waiters = self.node._end_waiters.get(self.task.task_id)
-        if waiters is not None and self.answer in waiters:
-            waiters.remove(self.answer)
+        if waiters is not None and self in waiters:
+            waiters.remove(self)
             if not waiters:
                 del self.node._end_waiters[self.task.task_id]
 
     def answer(self) -> None:
         self.forget()
         if not self.out.done():
-            self.out.set_result({"task_id": self.task.task_id, "task": self.task.to_record()})
+            self.out.set_result(REPLIED if self.replied else {"task_id": self.task.task_id,
+                                                              "task": self.task.to_record()})
+
+    def ending(self, committed: asyncio.Future[None]) -> None:
+        """The task ended, and the write ``committed`` carries its end: have the reply leave when it is committed.
+
+        The reply is encoded now, while the commit is still ahead, and written by
+        the store's hook the moment the commit's end is heard of, before the
+        futures' callbacks (two loop passes later) would have written it. An end
+        is final: the record does not change until then. After a failed commit
+        the hook is dropped and :meth:`answer` is never called for it; the
+        failure reaches ``out`` as before.
+        """
+        if self.conn is None or self.out.done():
+            return
+        task = self.task
+        try:
+            frame = encode_ack(self.reply_to, {"task_id": task.task_id, "task": task.to_record()},
+                               utc_timestamp(self.node.clock()))
+        except Exception:  # the usual way answers, and reports what failed
+            return
+        self.node.store.after_commit(committed, lambda: self._reply(frame))
+
+    def _reply(self, frame: bytes) -> None:
+        if self.out.done():  # its client has gone, or the wait ran out in the meantime
+            return
+        assert self.conn is not None
+        self.conn.send_now(frame)
+        self.replied = True
 
     def after_store(self, f: asyncio.Future[Any]) -> None:
         if self.out.done():

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -361,6 +361,8 @@ class Store:
         self._in_flight = False  # a batch is in the SQLite thread
         self._lazy_timer: asyncio.TimerHandle | None = None  # the deadline of lazy and held writes
         self._lazy_due_at = 0.0
+        #: write future -> what runs the moment its commit is known to have succeeded (after_commit)
+        self._hooks: dict[asyncio.Future[None], list[Callable[[], None]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._closed: asyncio.Future[None] | None = None
@@ -514,6 +516,19 @@ class Store:
             self._kick()
         return fut
 
+    def after_commit(self, fut: asyncio.Future[None], hook: Callable[[], None]) -> bool:
+        """Run ``hook`` in the loop pass that learns ``fut``'s write was committed, before its callbacks run.
+
+        ``fut`` is a future of :meth:`write` not resolved yet (otherwise False, and nothing is kept).
+        The hook runs only if that write was committed; after a failed commit it is dropped, and
+        the future's callbacks say what happened, as they always do. A reply that only waits for
+        the commit leaves in the very pass that hears of it, not two passes later (MainNode.finish).
+        """
+        if fut.done():
+            return False
+        self._hooks.setdefault(fut, []).append(hook)
+        return True
+
     def hurry(self) -> None:
         """Commit what is queued at the next loop pass instead of at its deadline."""
         if self._waiters:
@@ -616,8 +631,22 @@ class Store:
             for fut in waiters:
                 if not fut.done():
                     fut.set_exception(outcome)
+        if self._hooks:
+            self._run_hooks(waiters, outcome is None)
         if self._urgent:
             self._kick()
+
+    def _run_hooks(self, waiters: list[asyncio.Future[None]], committed: bool) -> None:
+        """The hooks of a batch's writes (after_commit): run in the order of the writes when the batch was
+        committed whole; dropped when it was not (committed one by one, or not at all: the callbacks answer)."""
+        hooks = self._hooks
+        for fut in waiters:
+            due = hooks.pop(fut, ())
+            for hook in due if committed else ():
+                try:
+                    hook()
+                except Exception:  # one hook's bug must not keep the others, or the commit's callbacks, from running
+                    log.exception("a hook run after a commit failed")
 
     async def _commit_slow_each(self, db: aiosqlite.Connection, ops: Sequence[Op],
                                 groups: list[tuple[str, list[Sequence[Any]]]],
