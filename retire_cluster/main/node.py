@@ -177,7 +177,7 @@ class MainNode(Dispatcher):
         self._background: set[asyncio.Task[Any]] = set()
         self._subs_all: set[Connection] = set()
         self._subs: dict[str, set[Connection]] = {}
-        #: task_id -> callbacks run when the task's end is committed (task_submit with wait)
+        #: task_id -> the waits answered when the task's end is committed (task_submit with wait)
         self._end_waiters: dict[str, list[_EndWaiter]] = {}
         self.wait_hold_s = WAIT_HOLD_S
         self._held: list[Task] = []  # submissions with wait, until the next scheduling pass
@@ -1110,8 +1110,8 @@ class _EndWaiter:
         the store's hook the moment the commit's end is heard of, before the
         futures' callbacks (two loop passes later) would have written it. An end
         is final: the record does not change until then. After a failed commit
-        the hook is dropped and :meth:`answer` is never called for it; the
-        failure reaches ``out`` as before.
+        the hook is dropped; the end is written again (MainNode.tick), and that
+        commit's callbacks answer, as they did before this hook.
         """
         if self.conn is None or self.out.done():
             return
