@@ -48,6 +48,7 @@ from _harness import (
     spawn_ready,
     stop_all,
     timed_lines,
+    user_kernel_s,
 )
 
 try:
@@ -172,9 +173,10 @@ def spawn(*args: str) -> subprocess.Popen[str]:
 WARM_UP = 50
 
 
-def floor(count: int) -> tuple[list[float], float, float, float, float]:
-    """The throwaway's round trips (seconds), and the CPU seconds its main node, its worker, this process
-    and its main node's event loop thread spent on them."""
+def floor(count: int) -> tuple[list[float], float, float, float, float, tuple[float, float], tuple[float, float]]:
+    """The throwaway's round trips (seconds), the CPU seconds its main node, its worker, this process
+    and its main node's event loop thread spent on them, and the (user, kernel) seconds of that thread
+    and of the worker."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         procs = [spawn("--serve", str(port), os.path.join(tmp, "floor.db"))]
@@ -184,9 +186,12 @@ def floor(count: int) -> tuple[list[float], float, float, float, float]:
             run(floor_client(port, WARM_UP))  # first statements prepared, first pages of the WAL written
             main, worker, me = (psutil.Process(p.pid) for p in (*procs, psutil.Process()))
             main_cpu0, worker_cpu0, my_cpu0, loop_cpu0 = cpu_s(main), cpu_s(worker), cpu_s(me), loop_thread_cpu_s(main)
+            loop_uk0, worker_uk0 = user_kernel_s(main.pid, thread_only=True), user_kernel_s(worker.pid)
             samples = run(floor_client(port, count))
+            loop_uk, worker_uk = user_kernel_s(main.pid, thread_only=True), user_kernel_s(worker.pid)
             return (samples, cpu_s(main) - main_cpu0, cpu_s(worker) - worker_cpu0, cpu_s(me) - my_cpu0,
-                    loop_thread_cpu_s(main) - loop_cpu0)
+                    loop_thread_cpu_s(main) - loop_cpu0, (loop_uk[0] - loop_uk0[0], loop_uk[1] - loop_uk0[1]),
+                    (worker_uk[0] - worker_uk0[0], worker_uk[1] - worker_uk0[1]))
         finally:
             stop_all(procs)
 
@@ -215,6 +220,8 @@ def main() -> None:
     floor_main_us, floor_worker_us, floor_submitter_us, floor_loop_us = (
         round(1e6 * (first[i] + second[i]) / count) for i in (1, 2, 3, 4))
     floor_total_us = floor_main_us + floor_worker_us + floor_submitter_us
+    floor_loop_user_us, floor_loop_kernel_us, floor_worker_user_us, floor_worker_kernel_us = (
+        round(1e6 * (first[i][j] + second[i][j]) / count) for i in (5, 6) for j in (0, 1))
     ours_total_us = sum(ours[f"round_trip_{k}_cpu_us"] for k in ("main", "worker", "submitter"))
     ratio = round(ours["round_trip_p50_ms"] / p50, 2)
 
@@ -222,25 +229,38 @@ def main() -> None:
         return (f"CPU per round trip: main {main_us} µs (event loop {loop_us}, other threads {main_us - loop_us}), "
                 f"worker {worker_us}, submitter {submitter_us}; together {total_us}")
 
+    def user_kernel(loop_user: int, loop_kernel: int, worker_user: int, worker_kernel: int) -> str:
+        return (f"user / kernel: event loop {loop_user} / {loop_kernel} µs, worker {worker_user} / {worker_kernel} "
+                "(10 ms clock ticks)")
+
     # The CPU figures are per round trip on average: the mean is what they add up to, not the p50
     # (the throwaway's round trips have a long tail, so its p50 is well under its mean).
     emit("durable_floor", [
         ("the throwaway node (floor)", f"round trip p50 {p50:.3f} ms  p99 {p99:.3f} ms  mean {mean:.3f} ms"),
         ("", cpu(floor_main_us, floor_loop_us, floor_worker_us, floor_submitter_us, floor_total_us)),
+        ("", user_kernel(floor_loop_user_us, floor_loop_kernel_us, floor_worker_user_us, floor_worker_kernel_us)),
         ("retire-cluster", f"round trip p50 {ours['round_trip_p50_ms']} ms  p99 {ours['round_trip_p99_ms']} ms  "
                            f"mean {ours['round_trip_mean_ms']} ms"),
         ("", cpu(ours["round_trip_main_cpu_us"], ours["round_trip_main_loop_cpu_us"],
                  ours["round_trip_worker_cpu_us"], ours["round_trip_submitter_cpu_us"], ours_total_us)),
+        ("", user_kernel(ours["round_trip_main_loop_user_us"], ours["round_trip_main_loop_kernel_us"],
+                         ours["round_trip_worker_user_us"], ours["round_trip_worker_kernel_us"])),
         ("ours / floor", f"{ratio}x  (ours above the floor: {ours['round_trip_p50_ms'] - p50:.3f} ms)"),
     ], {"round_trips": count, "floor": {"round_trip_p50_ms": round(p50, 3), "round_trip_p99_ms": round(p99, 3),
                                         "round_trip_mean_ms": round(mean, 3),
                                         "round_trip_main_cpu_us": floor_main_us,
                                         "round_trip_main_loop_cpu_us": floor_loop_us,
                                         "round_trip_worker_cpu_us": floor_worker_us,
-                                        "round_trip_submitter_cpu_us": floor_submitter_us},
+                                        "round_trip_submitter_cpu_us": floor_submitter_us,
+                                        "round_trip_main_loop_user_us": floor_loop_user_us,
+                                        "round_trip_main_loop_kernel_us": floor_loop_kernel_us,
+                                        "round_trip_worker_user_us": floor_worker_user_us,
+                                        "round_trip_worker_kernel_us": floor_worker_kernel_us},
         "retire_cluster": {k: ours[k] for k in ("round_trip_p50_ms", "round_trip_p99_ms", "round_trip_mean_ms",
                                                 "round_trip_main_cpu_us", "round_trip_main_loop_cpu_us",
-                                                "round_trip_worker_cpu_us", "round_trip_submitter_cpu_us")},
+                                                "round_trip_worker_cpu_us", "round_trip_submitter_cpu_us",
+                                                "round_trip_main_loop_user_us", "round_trip_main_loop_kernel_us",
+                                                "round_trip_worker_user_us", "round_trip_worker_kernel_us")},
         "ratio": ratio})
 
 

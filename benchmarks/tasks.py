@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 import psutil
-from _harness import MainNode, Requester, cpu_s, emit, env, loop_thread_cpu_s, percentile, run
+from _harness import MainNode, Requester, cpu_s, emit, env, loop_thread_cpu_s, percentile, run, user_kernel_s
 
 #: The round trips run in this many alternating blocks of each kind.
 ROUND_TRIP_BLOCKS = 5
@@ -120,6 +120,8 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
     # main node, workers, this process (the submitter), the main node's event loop thread: CPU seconds
     # spent during the waited round trips
     waited_cpu = [0.0, 0.0, 0.0, 0.0]
+    # user and kernel seconds of the main node's event loop thread, and of the workers
+    loop_user_kernel, worker_user_kernel = [0.0, 0.0], [0.0, 0.0]
     me = psutil.Process()
     block = max(1, round_trips // ROUND_TRIP_BLOCKS)
     for done_trips in range(0, round_trips, block):
@@ -131,7 +133,14 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
         waiter = await Requester(node.token, lambda _msg: None, sender_id="bench-wait").open(node.port)
         main_cpu0, worker_cpu0, my_cpu0 = node.cpu_s(), sum(map(cpu_s, workers)), cpu_s(me)
         loop_cpu0 = loop_thread_cpu_s(node.process)
+        loop_uk0 = user_kernel_s(node.process.pid, thread_only=True)
+        worker_uk0 = [user_kernel_s(w.pid) for w in workers]
         samples += await waited_round_trips(waiter.request, echo, count)
+        for i, value in enumerate(user_kernel_s(node.process.pid, thread_only=True)):
+            loop_user_kernel[i] += value - loop_uk0[i]
+        for w, before in zip(workers, worker_uk0):
+            for i, value in enumerate(user_kernel_s(w.pid)):
+                worker_user_kernel[i] += value - before[i]
         waited_cpu[0] += node.cpu_s() - main_cpu0
         waited_cpu[1] += sum(map(cpu_s, workers)) - worker_cpu0
         waited_cpu[2] += cpu_s(me) - my_cpu0
@@ -159,6 +168,12 @@ async def drive(node: MainNode, tasks: int, round_trips: int, window: int,
             "round_trip_main_loop_cpu_us": round(1e6 * waited_cpu[3] / round_trips),
             "round_trip_worker_cpu_us": round(1e6 * waited_cpu[1] / round_trips),
             "round_trip_submitter_cpu_us": round(1e6 * waited_cpu[2] / round_trips),
+            # user and kernel time (in 10 ms clock ticks, so rough below a thousand round trips): how much
+            # of the event loop's and the workers' CPU is our own code, and how much the system calls
+            "round_trip_main_loop_user_us": round(1e6 * loop_user_kernel[0] / round_trips),
+            "round_trip_main_loop_kernel_us": round(1e6 * loop_user_kernel[1] / round_trips),
+            "round_trip_worker_user_us": round(1e6 * worker_user_kernel[0] / round_trips),
+            "round_trip_worker_kernel_us": round(1e6 * worker_user_kernel[1] / round_trips),
             "round_trip_update_p50_ms": round(1000 * percentile(updated, 0.5), 3),
             "round_trip_update_p99_ms": round(1000 * percentile(updated, 0.99), 3),
             "round_trip_client_p50_ms": round(1000 * percentile(through_client, 0.5), 3),
