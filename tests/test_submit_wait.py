@@ -10,6 +10,7 @@ two. The reply still waits for that commit, and carries the final record.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any, Dict, List
 
 import pytest
@@ -271,3 +272,70 @@ async def test_a_waited_reply_over_http_is_not_answered_by_the_store(node: MainN
     await report(worker, task)
     result = await asyncio.wait_for(answer, 10)  # type: ignore[arg-type]
     assert result is not REPLIED and result["task"]["status"] == "completed"
+
+
+async def test_a_read_leaves_the_loop_no_pass_of_its_own(node: MainNode, monkeypatch: Any) -> None:
+    """A submission, then a worker's accept and result in one write: each read places its work, writes
+    the running state and starts its commit when it ends, with no callback queued for the end of the pass."""
+    client = await Peer.connect(node)
+    worker = await fake_worker(node)
+    await settle(node)
+    loop = asyncio.get_running_loop()
+    queued_in_reads: List[str] = []
+    reading = [False]
+    call_soon = loop.call_soon
+
+    def spied_call_soon(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        if reading[0]:
+            queued_in_reads.append(getattr(callback, "__name__", repr(callback)))
+        return call_soon(callback, *args, **kwargs)
+
+    received = Connection.data_received
+
+    def spied_received(conn: Connection, data: bytes) -> None:
+        reading[0] = True
+        try:
+            received(conn, data)
+        finally:
+            reading[0] = False
+
+    monkeypatch.setattr(loop, "call_soon", spied_call_soon)
+    monkeypatch.setattr(Connection, "data_received", spied_received)
+    mid = await client.send("task_submit", {"task": spec(), "wait": 30})
+    push = await worker.next_push("task_assign")
+    task = push["data"]["task"]
+    accept = {"message_type": "ack", "message_id": "a-1", "sender_id": worker.sender_id,
+              "data": {"original_message_id": push["message_id"], "result": {"task_id": task["task_id"]}}}
+    result = {"message_type": "task_result", "message_id": "r-1", "sender_id": worker.sender_id,
+              "data": {"task_id": task["task_id"], "attempt": task["attempt"], "status": "completed",
+                       "result": {"output": "hi"}}}
+    await worker.send_raw(json.dumps(accept).encode() + b"\n" + json.dumps(result).encode() + b"\n")
+    reply = await client.reply_to(mid)
+    assert reply["data"]["result"]["task"]["status"] == "completed"
+    assert not {"_schedule", "_start", "_write_running"} & set(queued_in_reads), queued_in_reads
+    assert not node.in_read and not node.store.in_read
+
+
+async def test_a_read_that_fails_midway_still_ends_as_a_read(node: MainNode, monkeypatch: Any,
+                                                             caplog: Any) -> None:
+    """A bug that escapes a read's handling closes that connection; the node does not stay "in a read"
+    (which would leave the scheduling passes and commits of every later callback waiting for one)."""
+    client = await Peer.connect(node)
+    await client.ok("cluster_status", {})  # authenticated: the next read takes the express lane
+    worker = await fake_worker(node)
+    await settle(node)
+
+    def broken(conn: Any, data: bytes) -> bytes:
+        node.schedule_soon()  # asked for during the read, as a handler would
+        raise RuntimeError("a bug in a read")
+
+    monkeypatch.setattr(node, "express", broken)
+    await client.send("task_submit", {"task": spec()})
+    assert await client.closed_by_peer()
+    assert not node.in_read and not node.store.in_read
+    monkeypatch.undo()
+    other = await Peer.connect(node, "client-2")
+    mid = await other.send("task_submit", {"task": spec(), "wait": 30})
+    task = await take_assignment(worker)
+    await report(worker, task, output="after")
+    assert (await other.reply_to(mid))["data"]["result"]["task"]["status"] == "completed"

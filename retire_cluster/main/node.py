@@ -171,6 +171,10 @@ class MainNode(Dispatcher):
         self._schedule_handle: asyncio.Handle | None = None  # a scheduling pass is due at the end of this loop pass
         #: work arrived in the read being handled (a task, a free slot): place it when that read ends
         self._place_after_read = False
+        #: a connection's read is being handled (begin_read .. after_read): what it asks of the end of
+        #: the loop pass (a scheduling pass, the running states' write, a commit) is done when it ends
+        self.in_read = False
+        self._schedule_due = False  # schedule_soon() was called during the read
         self._dirty_devices: set[str] = set()  # heartbeats to write
         self._heartbeats_written_at = 0.0
         self._changed_devices: set[str] = set()  # to re-index in the scheduler
@@ -429,10 +433,11 @@ class MainNode(Dispatcher):
         both come in one read. The result's write carries the whole row and
         the attempt (``started_at`` included): the running state's own write
         would be folded into it in the transaction and its publication skipped
-        as outdated. So it is made at the end of the pass, and only when
-        nothing newer of the task was queued by then.
+        as outdated. So it is made at the end of the pass (of the read, when
+        a read marked it: :meth:`after_read`), and only when nothing newer of
+        the task was queued by then.
         """
-        if not self._running:
+        if not self._running and not self.in_read:  # (after a read, after_read writes them)
             (self._loop or asyncio.get_running_loop()).call_soon(self._write_running)
         self._running.append((task, task.version))
 
@@ -481,14 +486,24 @@ class MainNode(Dispatcher):
         self.schedule_soon()
 
     def schedule_soon(self) -> None:
-        """Run a scheduling pass at the end of this loop pass (coalesced)."""
-        if self._schedule_handle is None and not self._stopping:
+        """Run a scheduling pass at the end of this loop pass (coalesced).
+
+        Asked during a read, it is arranged when the read ends (:meth:`after_read`),
+        so that a read that places its work itself leaves no loop pass behind.
+        """
+        if self.in_read:
+            self._schedule_due = True
+        elif self._schedule_handle is None and not self._stopping:
             self._schedule_handle = (self._loop or asyncio.get_running_loop()).call_soon(self._schedule)
 
     def schedule_after_read(self) -> None:
         """Work arrived (a task, a free slot): run the scheduling pass when the read being handled ends."""
         self._place_after_read = True
         self.schedule_soon()
+
+    def begin_read(self) -> None:
+        """A connection's read is about to be handled; :meth:`after_read` follows it, whatever happens."""
+        self.in_read = self.store.in_read = True
 
     def after_read(self) -> None:
         """A read was handled: place the work it brought and start its commit now, not at the end of the pass.
@@ -497,19 +512,34 @@ class MainNode(Dispatcher):
         the loop has queued, and a result's commit starts at once. Reads that
         only change devices (heartbeats) keep their pass at the end of the
         loop pass, so a thousand of them still cost one scheduling pass.
-        A failure here is logged, as the loop logs a failed callback: it is
-        not the connection's doing, which carries on.
+        What the read asked of the end of the pass is done here (the running
+        states it marked, written unless a newer state was queued; its
+        scheduling pass; its commit), not by callbacks queued for it: a
+        read that brings a submission, or a worker's accept and result,
+        leaves the loop no pass of its own to run (benchmarks/README.md,
+        "Eighth pass"). A failure here is logged, as the loop logs a failed
+        callback: it is not the connection's doing, which carries on.
         """
+        self.in_read = self.store.in_read = False
         try:
+            if self._running:
+                self._write_running()
+            due, self._schedule_due = self._schedule_due, False
             if self._place_after_read:
                 self._place_after_read = False
                 handle = self._schedule_handle
                 if handle is not None:
                     handle.cancel()
+                if (due or handle is not None) and not self._stopping:
                     self._schedule()
+            elif due:
+                self.schedule_soon()  # devices changed (heartbeats): one pass at the end of the loop pass
+        except Exception:
+            log.exception("scheduling after a read failed")
+        try:  # whatever failed above, what the read queued is committed
             self.store.start_now()
         except Exception:
-            log.exception("scheduling or starting a commit after a read failed")
+            log.exception("starting a commit after a read failed")
 
     def hold_insert(self, task: Task) -> None:
         """``task`` was submitted with ``wait``: its insert waits for the next scheduling pass.

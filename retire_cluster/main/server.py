@@ -149,13 +149,17 @@ class Connection(asyncio.Protocol):
                 self._refuse_http()
                 return
         if not self.authenticated:
-            self._receive_preauth(data)
-            self.node.after_read()
+            self.node.begin_read()
+            try:
+                self._receive_preauth(data)
+            finally:
+                self.node.after_read()
             return
         # The replies to what this read brought are written once, right after
         # it (no call_soon per connection); pushes queued later in the pass
         # still go out at its end.
         self._reading = True
+        self.node.begin_read()
         try:
             if self.stream.at_frame_end(data):
                 data = self.node.express(self, data)  # whole frames: the common ones skip the layers
@@ -163,7 +167,7 @@ class Connection(asyncio.Protocol):
                 self._handle(self._feed(data))
         finally:
             self._reading = False
-        self.node.after_read()  # the tasks it brought are placed, its commit started
+            self.node.after_read()  # the tasks it brought are placed, its commit started
         if self._out and not self._flush_scheduled:
             self.flush()
 

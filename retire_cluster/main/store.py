@@ -358,6 +358,10 @@ class Store:
         self._spans: list[tuple[int, int]] = []  # each waiter's writes: a slice of _queue
         self._urgent = False  # a write that wants its own commit is queued
         self._start_handle: asyncio.Handle | None = None
+        #: a connection's read is being handled (MainNode.begin_read): a commit asked for meanwhile is
+        #: started when the read ends (start_now), not by a callback queued for the next loop pass
+        self.in_read = False
+        self._kick_due = False
         self._in_flight = False  # a batch is in the SQLite thread
         self._lazy_timer: asyncio.TimerHandle | None = None  # the deadline of lazy and held writes
         self._lazy_due_at = 0.0
@@ -541,15 +545,22 @@ class Store:
         Waiting one pass lets what the same burst of events queues next (a
         submission's assignment, say) join this commit.
         """
-        if self._start_handle is None and not self._in_flight:
+        if self.in_read:
+            self._kick_due = True
+        elif self._start_handle is None and not self._in_flight:
             assert self._loop is not None
             self._start_handle = self._loop.call_soon(self._start)
 
     def start_now(self) -> None:
-        """Start the commit that :meth:`_kick` arranged for the next loop pass now (see MainNode.after_read)."""
+        """Start the commit asked for during the read that ended, or arranged for the next loop pass, now.
+
+        See MainNode.after_read. One under way is left to end first (its end starts the next).
+        """
+        due, self._kick_due = self._kick_due, False
         handle = self._start_handle
         if handle is not None:
             handle.cancel()
+        if due or handle is not None:
             self._start()
 
     def _lazy_due(self) -> None:
