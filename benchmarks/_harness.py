@@ -79,11 +79,17 @@ def cpu_s(proc: psutil.Process) -> float:
     psutil's user and system times come in clock ticks of 10 ms, as coarse as a
     few dozen round trips. Elsewhere psutil's.
     """
-    tasks = f"/proc/{proc.pid}/task"
-    if not os.path.isdir(tasks):
+    tids = _thread_ids(proc.pid)
+    if not tids:
         t = proc.cpu_times()
         return t.user + t.system
-    return sum(_thread_cpu_ns(proc.pid, tid) for tid in os.listdir(tasks)) / 1e9
+    return sum(_thread_cpu_ns(proc.pid, tid) for tid in tids) / 1e9
+
+
+def _thread_ids(pid: int) -> list[str]:
+    """The ids of process ``pid``'s live threads; none off Linux."""
+    tasks = f"/proc/{pid}/task"
+    return os.listdir(tasks) if os.path.isdir(tasks) else []
 
 
 def loop_thread_cpu_s(proc: psutil.Process) -> float:
@@ -106,8 +112,7 @@ def user_kernel_s(pid: int, thread_only: bool = False) -> tuple[float, float]:
     From ``/proc/PID/task/TID/stat`` in clock ticks (10 ms): take it over a thousand round trips or more.
     Which part of a round trip's CPU is our own code (user) and which the system calls it makes (kernel).
     """
-    tids = [str(pid)] if thread_only else (os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task")
-                                           else [])
+    tids = [str(pid)] if thread_only else _thread_ids(pid)
     user = kernel = 0
     for tid in tids:
         try:

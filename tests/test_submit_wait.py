@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import pytest
 from conftest import Peer, fake_worker, settle
@@ -23,6 +23,14 @@ from retire_cluster.main.dispatch import REPLIED
 from retire_cluster.main.server import Connection
 from retire_cluster.protocol.messages import Message, TaskStatus
 from retire_cluster.web.app import HttpPeer
+
+
+async def until(predicate: Callable[[], Any], tries: int = 500) -> None:
+    """Wait (up to ``tries`` x 10 ms) for what the main node does in its own time; the caller asserts it."""
+    for _ in range(tries):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
 
 
 def spec(**extra: Any) -> Dict[str, Any]:
@@ -81,10 +89,7 @@ async def test_held_insert_is_committed_by_its_deadline(node: MainNode, monkeypa
     worker = await fake_worker(node)
     mid = await client.send("task_submit", {"task": spec(), "wait": 30})
     task = await take_assignment(worker)
-    for _ in range(500):
-        if on_disk(node, task["task_id"]) is not None:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: on_disk(node, task["task_id"]) is not None)
     assert on_disk(node, task["task_id"]) is not None  # the worker never answered; the insert is stored
     await report(worker, task)
     assert (await client.reply_to(mid))["data"]["result"]["task"]["status"] == "completed"
@@ -238,20 +243,14 @@ async def test_an_end_whose_commit_fails_is_told_once_written_again(node: MainNo
     worker = await fake_worker(node)
     mid = await client.send("task_submit", {"task": spec(), "wait": 30})
     task = await take_assignment(worker)
-    for _ in range(200):
-        if on_disk(node, task["task_id"]) is not None:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: on_disk(node, task["task_id"]) is not None)
     held = HeldCommits(monkeypatch)
     result_mid = await worker.send("task_result", {"task_id": task["task_id"], "attempt": task["attempt"],
                                                    "status": "completed", "result": {"output": "ok"}})
     await held.started.wait()
     held.release(fail=True)  # the commit that carries the end fails
     assert (await worker.reply_to(result_mid))["data"]["code"] == "internal"
-    for _ in range(200):
-        if node._unstored:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: node._unstored)
     assert task["task_id"] in node._unstored and not node.store._hooks
     monkeypatch.undo()  # commits work again
     node.tick(node.clock())  # writes the end again
